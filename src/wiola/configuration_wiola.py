@@ -1,0 +1,197 @@
+"""`WiolaConfig`: one flat, serialisable config whose components are chosen by string, and the presets.
+
+Every switch of SPEC §2 is a string field; `WiolaConfig.from_preset(name, **overrides)` builds the
+named sizes of SPEC §3 and a `llama-` baseline beside each (every novelty off, SwiGLU width matched
+to the same parameter budget). Invalid values raise a `ValueError` that lists the valid choices.
+"""
+
+from __future__ import annotations
+
+
+from transformers import PreTrainedConfig
+
+POSITION_ENCODINGS = ("rope", "spiral", "srpe")
+ATTENTION_GATES = ("none", "gsa")
+CROSS_LAYER_CONTEXTS = ("none", "gcla")
+TOKEN_MERGINGS = ("none", "atm")
+MLPS = ("swiglu", "butterfly", "dsff", "gelu")
+NORMS = ("rmsnorm", "wiola_rmsnorm")
+
+_CHOICES = {
+    "position_encoding": POSITION_ENCODINGS,
+    "attention_gate": ATTENTION_GATES,
+    "cross_layer_context": CROSS_LAYER_CONTEXTS,
+    "token_merging": TOKEN_MERGINGS,
+    "mlp": MLPS,
+    "norm": NORMS,
+}
+
+
+class WiolaConfig(PreTrainedConfig):
+    """Configuration of a Wiola decoder. With every novelty off (`rope`, `none`, `none`, `none`,
+    `swiglu`, `rmsnorm`) the model is exactly a LLaMA decoder of the same shape."""
+
+    model_type = "wiola"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int = 512
+    dsff_wide_size: int | None = None
+    max_position_embeddings: int = 1024
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    use_cache: bool = True
+    # components (SPEC §2)
+    position_encoding: str = "rope"
+    spiral_alpha: float = 0.05
+    srpe_k: float = 8.0
+    srpe_amplitude: float = 0.1
+    srpe_frequency: float = 0.01
+    attention_gate: str = "none"
+    gate_pre_rope: bool = True
+    cross_layer_context: str = "none"
+    gcla_lookback: int = 2
+    gcla_gate_init: float = -3.0
+    token_merging: str = "none"
+    atm_threshold: float = 0.92
+    atm_layers: list[int] | None = None
+    mlp: str = "swiglu"
+    norm: str = "rmsnorm"
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads and self.hidden_size % self.num_attention_heads == 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.mlp == "dsff" and self.dsff_wide_size is None:
+            self.dsff_wide_size = 4 * self.hidden_size
+        super().__post_init__(**kwargs)
+        self.check()
+
+    def check(self) -> None:
+        """Raise a `ValueError` naming the first invalid value or shape."""
+        for field, choices in _CHOICES.items():
+            value = getattr(self, field)
+            if value not in choices:
+                raise ValueError(f"{field}={value!r} is not valid; choose one of: {', '.join(choices)}")
+        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "max_position_embeddings"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{field} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} does not divide hidden_size={self.hidden_size}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads={self.num_key_value_heads} does not divide num_attention_heads={self.num_attention_heads}"
+            )
+        if self.head_dim != self.hidden_size // self.num_attention_heads:
+            raise ValueError(f"head_dim={self.head_dim} must equal hidden_size // num_attention_heads = {self.hidden_size // self.num_attention_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} is odd; rotary encodings need an even head dimension")
+        if self.gcla_lookback < 1:
+            raise ValueError(f"gcla_lookback must be >= 1, got {self.gcla_lookback}")
+        for name in ("attention_dropout", "hidden_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.atm_layers is not None:
+            bad = [i for i in self.atm_layers if not 0 <= i < self.num_hidden_layers]
+            if bad:
+                raise ValueError(f"atm_layers {bad} are outside 0..{self.num_hidden_layers - 1}")
+        if self.mlp == "dsff" and (self.dsff_wide_size or 0) <= 0:
+            raise ValueError(f"dsff_wide_size must be a positive integer, got {self.dsff_wide_size!r}")
+
+    @property
+    def merge_layers(self) -> list[int]:
+        """Indices of the layers where ATM is active (SPEC §2.3: ⌊L/3⌋ ≤ i < ⌊2L/3⌋ by default)."""
+        if self.token_merging != "atm":
+            return []
+        if self.atm_layers is not None:
+            return sorted(set(self.atm_layers))
+        n = self.num_hidden_layers
+        return list(range(n // 3, (2 * n) // 3))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "WiolaConfig":
+        """Build a named preset (see `list_presets()`), with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+_SEED = dict(position_encoding="spiral", attention_gate="gsa", cross_layer_context="none", token_merging="none", mlp="butterfly", norm="rmsnorm", max_position_embeddings=1024)
+_PAPER = dict(position_encoding="srpe", attention_gate="none", cross_layer_context="gcla", token_merging="atm", mlp="dsff", norm="wiola_rmsnorm", max_position_embeddings=2048)
+
+PRESETS: dict[str, dict] = {
+    "wiola-nano": dict(_SEED, hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8, intermediate_size=512),
+    "wiola-micro": dict(_SEED, hidden_size=384, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=12, intermediate_size=768),
+    "wiola-small": dict(_SEED, hidden_size=512, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=16, intermediate_size=1024),
+    "wiola-120m": dict(_PAPER, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, intermediate_size=768, dsff_wide_size=3072),
+    "wiola-360m": dict(_PAPER, hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4, intermediate_size=1024, dsff_wide_size=4096),
+    "wiola-700m": dict(_PAPER, hidden_size=1536, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8, intermediate_size=1536, dsff_wide_size=6144),
+    "wiola-1.5b": dict(_PAPER, hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, intermediate_size=2048, dsff_wide_size=8192),
+}
+
+
+def count_parameters(config: WiolaConfig) -> int:
+    """Parameter count of the model `config` builds, from the shapes alone (tied embeddings counted once)."""
+    d, h, kv, dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    attn = d * h * dh * 2 + d * kv * dh * 2
+    if config.attention_gate == "gsa":
+        attn += h * dh + h * h + h
+    if config.cross_layer_context == "gcla":
+        attn += 2 * d * kv * dh + d * h * dh + 1
+    w = config.intermediate_size
+    mlp = {
+        "swiglu": 3 * d * w,
+        "gelu": 2 * d * w,
+        "butterfly": d * 2 * w + d * w + w * d,
+        "dsff": 3 * d * w + 2 * d * (config.dsff_wide_size or 0) + 2 * d * d,
+    }[config.mlp]
+    norm = d * (2 if config.norm == "wiola_rmsnorm" else 1)
+    embed = config.vocab_size * d * (1 if config.tie_word_embeddings else 2)
+    return embed + config.num_hidden_layers * (attn + mlp + 2 * norm) + norm
+
+
+def _llama_baseline(preset: dict) -> dict:
+    """Same shape with every novelty off; SwiGLU width chosen (multiple of 8) to match the parameter budget."""
+    target = count_parameters(WiolaConfig(**preset))
+    base = dict(preset, position_encoding="rope", attention_gate="none", cross_layer_context="none", token_merging="none", mlp="swiglu", norm="rmsnorm", dsff_wide_size=None, intermediate_size=8)
+    per_width = 3 * preset["hidden_size"] * preset["num_hidden_layers"]
+    missing = target - count_parameters(WiolaConfig(**base))
+    base["intermediate_size"] = 8 + 8 * round(missing / per_width / 8)
+    return base
+
+
+for _name in list(PRESETS):
+    PRESETS["llama-" + _name.split("-", 1)[1]] = _llama_baseline(PRESETS[_name])
+
+
+def list_presets() -> dict[str, int]:
+    """Preset names mapped to their real parameter counts."""
+    return {name: count_parameters(WiolaConfig.from_preset(name)) for name in PRESETS}
+
+
+def presets_command() -> None:
+    """List the named presets with their components and real parameter counts."""
+    print(f"{'preset':<12} {'params':>15}  d     L   H/Hkv  components")
+    for name, params in list_presets().items():
+        c = WiolaConfig.from_preset(name)
+        comps = f"{c.position_encoding} + {c.attention_gate} + {c.cross_layer_context} + {c.token_merging} + {c.mlp} {c.intermediate_size} + {c.norm}"
+        print(f"{name:<12} {params:>15,}  {c.hidden_size:<5} {c.num_hidden_layers:<3} {c.num_attention_heads}/{c.num_key_value_heads:<4} {comps}")
+
+
+__all__ = ["WiolaConfig", "PRESETS", "list_presets", "count_parameters"]

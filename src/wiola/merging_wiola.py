@@ -1,0 +1,112 @@
+"""Causal Adaptive Token Merging (SPEC §2.3 "ATM"), usable in training and inference alike.
+
+For an ATM layer, adjacent real tokens whose attention inputs have cosine similarity above τ are
+paired greedily left to right without overlap (vectorised: inside a run of above-threshold edges every
+other edge is taken, found with a cumulative sum). Only keys/values merge — a pair's key/value is the
+mean of its two tokens' rotated keys/values and its *end* is the pair's second token; queries stay one
+per token. Query t sees every group whose end ≤ t, plus its own raw key/value when t opens a pair that
+ends at t+1. Nothing depends on a later token, so the layer is strictly causal.
+
+The same function serves a full forward, chunked prefill and token-by-token decoding: the cache of an
+ATM layer stores only the groups (`T' ≤ T` entries per row, compacted, pads never stored); when the first
+new token pairs with the last cached (raw) token, that entry is replaced in place by the pair's mean.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .components_wiola import attend, repeat_kv
+
+
+def take_edges(similarity_ok: torch.Tensor, prev_taken: torch.Tensor) -> torch.Tensor:
+    """Greedy non-overlapping pairing without a loop over tokens.
+
+    `similarity_ok[b, t]`: edge (t−1, t) qualifies (ρ > τ, both tokens real); `prev_taken[b]`: the edge
+    into the token before this chunk was taken. Edge t is taken iff it qualifies and edge t−1 was not
+    taken — inside a run of qualifying edges that is every other edge, counted from the run's start
+    (a taken edge just before the chunk counts as the run's first). Returns a bool `[B, T]`.
+    """
+    e = torch.cat([prev_taken[:, None], similarity_ok], dim=1).long()
+    c = e.cumsum(dim=1)
+    run_start = torch.where(e == 0, c, torch.zeros_like(c)).cummax(dim=1).values
+    return ((e == 1) & ((c - run_start) % 2 == 1))[:, 1:]
+
+
+def merged_attention(q, k, v, x, real, threshold: float, n_rep: int, implementation: str, dropout: float = 0.0, cache=None):
+    """ATM attention for one layer.
+
+    q `[B,H,T,d]` (rotated, gated), k/v `[B,H_kv,T,d]` (k rotated), x `[B,T,D]` the layer's attention
+    input, real `[B,T]` bool. `cache` is the layer's `WiolaCacheLayer` (or None) and is updated in place.
+    Returns the attention output `[B,H,T,d]` and the joiner mask `[B,T]` (token t merged into its
+    predecessor's group; its sum is the number of merged pairs).
+    """
+    b, _, t, d = k.shape
+    device = k.device
+    has_past = cache is not None and cache.lengths is not None
+    if has_past:
+        last_x, last_real, last_taken = cache.last_x, cache.last_real, cache.last_taken
+    else:
+        last_x = x.new_zeros(b, x.shape[-1])
+        last_real = torch.zeros(b, dtype=torch.bool, device=device)
+        last_taken = torch.zeros(b, dtype=torch.bool, device=device)
+
+    # 1-2: similarities of adjacent real tokens and greedy pairing
+    prev_x = torch.cat([last_x[:, None].to(x.dtype), x[:, :-1]], dim=1)
+    prev_real = torch.cat([last_real[:, None], real[:, :-1]], dim=1)
+    rho = F.cosine_similarity(prev_x.float(), x.float(), dim=-1)
+    joins = take_edges((rho > threshold) & real & prev_real, last_taken)  # token t joins t−1's group
+
+    # 3: one slot per group starter; a starter followed by a joiner holds the pair's mean
+    next_joins = torch.cat([joins[:, 1:], torch.zeros(b, 1, dtype=torch.bool, device=device)], dim=1)
+    pair = next_joins[:, None, :, None]
+    k_next = torch.cat([k[:, :, 1:], k[:, :, -1:]], dim=2)
+    v_next = torch.cat([v[:, :, 1:], v[:, :, -1:]], dim=2)
+    k_slot = torch.where(pair, (k + k_next) * 0.5, k)
+    v_slot = torch.where(pair, (v + v_next) * 0.5, v)
+    slot_valid = real & ~joins
+    pos = torch.arange(t, device=device)
+    slot_end = pos[None, :] + next_joins.long()
+
+    # 4: visibility — cached groups (all past), new groups ended by t, own raw entry when t opens a pair
+    slot_vis = slot_valid[:, None, :] & (slot_end[:, None, :] <= pos[None, :, None])
+    raw_vis = (pos[None, :, None] == pos[None, None, :]) & (next_joins | ~real)[:, :, None]
+    keys, values, vis = [k_slot, k], [v_slot, v], [slot_vis, raw_vis]
+    if has_past:
+        ck, cv, lengths = cache.keys, cache.values, cache.lengths
+        # 5: the first new token pairs with the last cached entry -> replace that entry by the mean
+        last = (torch.arange(ck.shape[2], device=device)[None, :] == (lengths - 1)[:, None]) & joins[:, :1]
+        sel = last[:, None, :, None]
+        ck = torch.where(sel, (ck + k[:, :, :1]) * 0.5, ck)
+        cv = torch.where(sel, (cv + v[:, :, :1]) * 0.5, cv)
+        cache_valid = torch.arange(ck.shape[2], device=device)[None, :] < lengths[:, None]
+        keys, values = [ck] + keys, [cv] + values
+        vis = [cache_valid[:, None, :].expand(b, t, -1)] + vis
+    mask = torch.cat(vis, dim=2)[:, None]  # [B, 1, T, S]
+    out = attend(q, repeat_kv(torch.cat(keys, dim=2), n_rep), repeat_kv(torch.cat(values, dim=2), n_rep), mask, False, implementation, dropout)
+
+    if cache is not None:
+        _store(cache, k_slot, v_slot, slot_valid, ck if has_past else None, cv if has_past else None, cache_valid if has_past else None)
+        cache.last_x = x[:, -1].detach()
+        cache.last_real = real[:, -1]
+        cache.last_taken = joins[:, -1]
+    return out, joins & real
+
+
+def _store(cache, k_slot, v_slot, slot_valid, ck, cv, cache_valid) -> None:
+    """Compact valid groups to the front of each row: cached groups first, then the new ones."""
+    if ck is not None:
+        k_all, v_all = torch.cat([ck, k_slot], dim=2), torch.cat([cv, v_slot], dim=2)
+        valid = torch.cat([cache_valid, slot_valid], dim=1)
+    else:
+        k_all, v_all, valid = k_slot, v_slot, slot_valid
+    if not cache.is_initialized:
+        cache.lazy_initialization(k_slot, v_slot)
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+    lengths = valid.sum(dim=1)
+    width = int(lengths.max()) if lengths.numel() else 0
+    idx = order[:, :width][:, None, :, None].expand(-1, k_all.shape[1], -1, k_all.shape[3])
+    cache.keys = torch.gather(k_all, 2, idx)
+    cache.values = torch.gather(v_all, 2, idx)
+    cache.lengths = lengths

@@ -1,0 +1,350 @@
+"""Wiola decoder: attention (GQA + GSA gate + GCLA context + ATM merging), decoder layer, `WiolaModel`
+and `WiolaForCausalLM` (SPEC §1–§4).
+
+Attention goes through `scaled_dot_product_attention` (config `attn_implementation="sdpa"`, default) or an
+eager softmax kept as the reference (`"eager"`); both take the same boolean masks. Positions count real
+(non-padding) tokens from 0, so a left-padded row computes exactly what it computes alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .cache_wiola import WiolaCache, WiolaCacheLayer
+from .components_wiola import WiolaRMSNorm, WiolaRotaryEmbedding, apply_rotary, attend, build_mlp, build_norm, repeat_kv
+from .configuration_wiola import WiolaConfig
+from .merging_wiola import merged_attention
+
+
+@dataclass
+class WiolaModelOutput(BaseModelOutputWithPast):
+    """`merge_ratios`: per ATM layer index, μ = 1 − T'/T of this forward (batch mean, a 0-d tensor)."""
+
+    merge_ratios: dict | None = None
+
+
+@dataclass
+class WiolaCausalLMOutput(CausalLMOutputWithPast):
+    merge_ratios: dict | None = None
+
+
+@dataclass
+class StepInfo:
+    """Per-forward facts shared by every layer (computed once in `WiolaModel.forward`)."""
+
+    real: torch.Tensor  # [B, T] bool, real (non-padding) new tokens
+    cum_real: torch.Tensor  # [B, T] long, real tokens up to and including t, cached prefix included
+    mask: torch.Tensor | None  # [B or 1, 1, T, S] bool for plain layers, or None
+    is_causal: bool  # plain layers: no mask needed beyond plain causality
+
+
+class WiolaAttention(nn.Module):
+    """Grouped-query attention with the optional GSA gate (folded into the queries), GCLA context
+    attention with a learned blend and output gate, and ATM key/value merging."""
+
+    def __init__(self, config: WiolaConfig, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        d, self.num_heads, self.num_kv_heads, self.head_dim = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_rep = self.num_heads // self.num_kv_heads
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        self.gated = config.attention_gate == "gsa"
+        if self.gated:
+            self.gate_fc1 = nn.Linear(self.head_dim, self.num_heads, bias=False)
+            self.gate_fc2 = nn.Linear(self.num_heads, self.num_heads, bias=True)
+        self.cross_layer = config.cross_layer_context == "gcla"
+        if self.cross_layer:
+            self.k_ctx_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+            self.v_ctx_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+            self.output_gate_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
+            self.blend_logit = nn.Parameter(torch.tensor(float(config.gcla_gate_init)))
+        self.merging = layer_idx in config.merge_layers and config.atm_threshold < 1.0
+
+    def _gate(self, m: torch.Tensor, step: StepInfo, cache: WiolaCacheLayer | None) -> torch.Tensor:
+        """GSA: g_t = σ(W2 SiLU(W1 c_t) + b2), c_t the causal mean of head-mean queries over real tokens."""
+        running = (m.float() * step.real[..., None]).cumsum(dim=1)
+        if cache is not None and cache.gsa_sum is not None:
+            running = running + cache.gsa_sum[:, None]
+        if cache is not None:
+            cache.gsa_sum = running[:, -1]
+        c = running / step.cum_real.clamp(min=1)[..., None]
+        g = torch.sigmoid(self.gate_fc2(F.silu(self.gate_fc1(c.to(self.gate_fc1.weight.dtype)))))
+        return g.transpose(1, 2)[..., None]  # [B, H, T, 1]
+
+    def _context(self, q: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """GCLA: per head, softmax over the ≤Λ layer summaries with the rotated query."""
+        b, t, n, _ = context.shape
+        kc = self.k_ctx_proj(context).view(b, t, n, self.num_kv_heads, self.head_dim)
+        vc = self.v_ctx_proj(context).view(b, t, n, self.num_kv_heads, self.head_dim)
+        kc = kc.repeat_interleave(self.n_rep, dim=3).to(q.dtype)
+        vc = vc.repeat_interleave(self.n_rep, dim=3).to(q.dtype)
+        scores = torch.einsum("bhtd,btnhd->bhtn", q, kc) * self.head_dim**-0.5
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        return torch.einsum("bhtn,btnhd->bhtd", probs, vc)
+
+    def forward(self, x, cos, sin, step: StepInfo, context=None, cache: WiolaCacheLayer | None = None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        m = q.float().mean(dim=1) if self.gated and self.config.gate_pre_rope else None
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.gated:
+            q_self = q * self._gate(q.float().mean(dim=1) if m is None else m, step, cache).to(q.dtype)
+        else:
+            q_self = q
+        implementation = self.config._attn_implementation or "sdpa"
+        implementation = "eager" if implementation == "eager" else "sdpa"
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if self.merging:
+            out, merged = merged_attention(q_self, k, v, x, step.real, self.config.atm_threshold, self.n_rep, implementation, dropout, cache)
+        else:
+            merged = None
+            if cache is not None:
+                k, v = cache.update(k, v)
+            out = attend(q_self, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep), step.mask, step.is_causal, implementation, dropout)
+        if self.cross_layer:
+            if context is not None:
+                beta = torch.sigmoid(self.blend_logit.float()).to(out.dtype)
+                out = (1.0 - beta) * out + beta * self._context(q, context)
+            out = out.transpose(1, 2).reshape(b, t, -1)
+            out = torch.sigmoid(self.output_gate_proj(x)) * out
+        else:
+            out = out.transpose(1, 2).reshape(b, t, -1)
+        return self.o_proj(out), merged
+
+
+class WiolaDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: WiolaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = build_norm(config)
+        self.self_attn = WiolaAttention(config, layer_idx)
+        self.post_attention_layernorm = build_norm(config)
+        self.mlp = build_mlp(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden_states, cos, sin, step, context=None, past_key_values=None):
+        cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        attn, merged = self.self_attn(self.input_layernorm(hidden_states), cos, sin, step, context, cache)
+        hidden_states = hidden_states + self.dropout(attn)
+        hidden_states = hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
+        return hidden_states, merged
+
+
+class WiolaPreTrainedModel(PreTrainedModel):
+    config_class = WiolaConfig
+    config: WiolaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["WiolaDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _is_stateful = True  # running sums cannot be cropped: generate refuses assisted decoding up front
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, WiolaRMSNorm) and module.offset is not None:
+            init.zeros_(module.offset)
+        elif isinstance(module, WiolaAttention):
+            if module.gated:
+                init.zeros_(module.gate_fc2.bias)
+            if module.cross_layer:
+                init.constant_(module.blend_logit, float(self.config.gcla_gate_init))
+        elif isinstance(module, WiolaRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq())
+
+
+class WiolaModel(WiolaPreTrainedModel):
+    def __init__(self, config: WiolaConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([WiolaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = build_norm(config)
+        self.rotary_emb = WiolaRotaryEmbedding(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.gradient_checkpointing = False
+        self.last_merge_ratios: dict[int, torch.Tensor] = {}
+        self.post_init()
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past: int) -> tuple[int, int]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        if len(shape) != 2:
+            raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(shape)}")
+        b, t = shape
+        if b == 0 or t == 0:
+            raise ValueError(f"empty input: input_ids has shape {tuple(shape)}")
+        if past + t > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {past + t} tokens ({past} cached + {t} new) exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}"
+            )
+        if input_ids is not None and not torch.compiler.is_compiling():
+            bad = (input_ids < 0) | (input_ids >= self.config.vocab_size)
+            if bad.any():
+                raise ValueError(f"token id {int(input_ids[bad][0])} is outside the vocabulary [0, {self.config.vocab_size})")
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] not in (t, past + t):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({b}, {past + t}) "
+                    f"(batch, cached + new tokens)" + (f" or ({b}, {t})" if past else "")
+                )
+        return b, t
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: WiolaCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> WiolaModelOutput:
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        if past_key_values is not None and not isinstance(past_key_values, WiolaCache):
+            if past_key_values.get_seq_length() != 0:
+                raise ValueError(f"WiolaForCausalLM needs a WiolaCache, got a non-empty {type(past_key_values).__name__}")
+            past_key_values = None
+        if use_cache and past_key_values is None:
+            past_key_values = WiolaCache(self.config)
+        cache = past_key_values if use_cache else None
+        past = cache.seen_tokens if cache is not None else 0
+        b, t = self._check_inputs(input_ids, inputs_embeds, attention_mask, past)
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        device = hidden.device
+
+        # real-token bookkeeping: positions count real tokens, cumulative means divide by real counts
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        real = attention_mask[:, -t:].bool() if attention_mask is not None else torch.ones(b, t, dtype=torch.bool, device=device)
+        past_count = cache.real_count if cache is not None and cache.real_count is not None else torch.zeros(b, dtype=torch.long, device=device)
+        cum_real = past_count[:, None] + real.long().cumsum(dim=1)
+        if position_ids is None:
+            position_ids = (cum_real - 1).clamp(min=0)
+        past_real = cache.real_mask if cache is not None and cache.real_mask is not None else torch.ones(b, past, dtype=torch.bool, device=device)
+        key_real = torch.cat([past_real, real], dim=1)
+        padded = padded or (past > 0 and not bool(past_real.all()))
+        step = StepInfo(real=real, cum_real=cum_real, mask=None, is_causal=False)
+        query_pos = torch.arange(past, past + t, device=device)
+        if padded:
+            key_pos = torch.arange(past + t, device=device)
+            causal = key_pos[None, :] <= query_pos[:, None]
+            step.mask = ((causal[None] & key_real[:, None, :]) | (key_pos[None, None, :] == query_pos[None, :, None]))[:, None]
+        elif past == 0:
+            step.is_causal = t > 1
+        elif t > 1:
+            step.mask = (torch.arange(past + t, device=device)[None, :] <= query_pos[:, None])[None, None]
+
+        cos, sin = self.rotary_emb(position_ids, hidden.dtype)
+        hidden = self.dropout(hidden)
+        all_hidden = (hidden,) if output_hidden_states else None
+        summaries: list[torch.Tensor] = []  # GCLA μ_i over this chunk, one per finished layer
+        lookback = self.config.gcla_lookback
+        gcla = self.config.cross_layer_context == "gcla"
+        merge_ratios: dict[int, torch.Tensor] = {}
+        denom = cum_real.clamp(min=1)[..., None].to(torch.float32)
+        for i, layer in enumerate(self.layers):
+            context = torch.stack(summaries[-lookback:], dim=2).to(hidden.dtype) if gcla and summaries else None
+            hidden, merged = layer(hidden, cos, sin, step, context=context, past_key_values=cache)
+            if merged is not None:
+                merge_ratios[i] = merged.sum() / real.sum().clamp(min=1)
+            if gcla and i < len(self.layers) - 1:
+                running = (hidden.float() * real[..., None]).cumsum(dim=1)
+                if cache is not None:
+                    layer_cache = cache.layers[i]
+                    if layer_cache.out_sum is not None:
+                        running = running + layer_cache.out_sum[:, None]
+                    layer_cache.out_sum = running[:, -1]
+                summaries.append(running / denom)
+            if output_hidden_states:
+                all_hidden += (hidden,)
+        hidden = self.norm(hidden)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (hidden,)
+        if cache is not None:
+            cache.seen_tokens = past + t
+            cache.real_mask = key_real
+            cache.real_count = cum_real[:, -1]
+        self.last_merge_ratios = merge_ratios
+        return WiolaModelOutput(last_hidden_state=hidden, past_key_values=cache, hidden_states=all_hidden, merge_ratios=merge_ratios or None)
+
+
+class WiolaForCausalLM(WiolaPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: WiolaConfig):
+        super().__init__(config)
+        self.model = WiolaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: WiolaCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> WiolaCausalLMOutput:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return WiolaCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            merge_ratios=outputs.merge_ratios,
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+        """Generation always runs on a `WiolaCache` (unless the user passed a cache or use_cache=False)."""
+        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+        if generation_config.cache_implementation is not None:
+            raise ValueError("WiolaForCausalLM uses its own WiolaCache; cache_implementation is not supported")
+        model_kwargs["past_key_values"] = WiolaCache(self.config)
+
+
+__all__ = ["WiolaForCausalLM", "WiolaModel", "WiolaPreTrainedModel", "WiolaCache"]

@@ -1,0 +1,224 @@
+"""Training checkpoints: atomic directories that are also ordinary pretrained models.
+
+A checkpoint directory (`out/checkpoints/{latest,best,final}`) holds
+
+* `config.json`, `model.safetensors`, `generation_config.json` (from `save_pretrained`)
+  and the tokenizer files, so `from_pretrained`, `wiola eval` and `wiola generate` load it;
+* `trainer_state.pt`: optimizer and scheduler state, the data sampler's position, every
+  rank's RNG states (python, numpy, torch, cuda), the step, the best validation loss and
+  the training options; `trainer_state.json` repeats the scalars for people.
+
+Writes are atomic: everything goes into a temporary sibling directory, each file and the
+directory are fsynced, then the old checkpoint is moved aside, the new one renamed into
+place and the old one deleted. A crash at any point leaves either the previous or the new
+checkpoint loadable (`resolve` also recovers the moved-aside copy if the crash fell
+between the two renames).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from wiola.errors import WiolaError
+
+STATE_FILE = "trainer_state.pt"
+STATE_JSON = "trainer_state.json"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def _aside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def atomic_write_dir(path: Path, write: Callable[[Path], None]) -> None:
+    """Create directory `path` atomically: `write(tmp)` fills a temporary sibling first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by an earlier crash
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    aside = _aside(path)
+    if aside.exists():
+        if path.exists():
+            shutil.rmtree(aside)
+        else:  # a crash fell between the renames last time: the aside copy is the real one
+            os.replace(aside, path)
+    if path.exists():
+        os.replace(path, aside)
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def resolve(path: str | Path) -> Path:
+    """The checkpoint directory to read at `path`, recovering a moved-aside copy if needed."""
+    path = Path(path)
+    if not path.exists() and _aside(path).is_dir():
+        os.replace(_aside(path), path)
+    return path
+
+
+def copy_dir_atomic(src: Path, dst: Path) -> None:
+    """Atomically make `dst` a copy of checkpoint `src` (hard links where possible: files are never rewritten)."""
+
+    def write(tmp: Path) -> None:
+        for item in src.iterdir():
+            if item.is_file():
+                try:
+                    os.link(item, tmp / item.name)
+                except OSError:
+                    shutil.copy2(item, tmp / item.name)
+
+    atomic_write_dir(dst, write)
+
+
+def copy_tokenizer(tokenizer_dir: Path | None, dst: Path) -> None:
+    """Copy the tokenizer files (flat) next to a model so AutoTokenizer loads them from there."""
+    if tokenizer_dir is None or not tokenizer_dir.is_dir():
+        return
+    for item in tokenizer_dir.iterdir():
+        if item.is_file():
+            shutil.copy2(item, dst / item.name)
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states in a form `torch.load(weights_only=True)` accepts."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, gauss = state["python"][0], state["python"][2]
+    random.setstate((version, tuple(state["python"][1]), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        states = state["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def save(
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    model_state: dict[str, torch.Tensor],
+    trainer_state: dict[str, Any],
+    tokenizer_dir: Path | None,
+) -> None:
+    """Write a full training checkpoint to `path` atomically (call on rank 0 only)."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, state_dict=model_state)
+        copy_tokenizer(tokenizer_dir, tmp)
+        torch.save(trainer_state, tmp / STATE_FILE)
+        summary = {k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str, type(None)))}
+        summary["train_config"] = trainer_state.get("train_config")
+        summary["saved_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        (tmp / STATE_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+
+    atomic_write_dir(path, write)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """The trainer state of checkpoint `path` (optimizer, scheduler, sampler, RNG, step, ...)."""
+    file = Path(path) / STATE_FILE
+    if not file.is_file():
+        raise WiolaError(f"{path} is not a training checkpoint (no {STATE_FILE})")
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model tensors of checkpoint `path` (all safetensors shards)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise WiolaError(f"{path}: no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    return state
+
+
+def read_config_dict(path: Path) -> dict[str, Any]:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise WiolaError(f"{path}: no config.json")
+    return json.loads(file.read_text())
+
+
+def find_model_dir(path: str | Path) -> Path:
+    """A directory with config.json: `path` itself, or a training run's newest checkpoint."""
+    path = resolve(path)
+    if (path / "config.json").is_file():
+        return path
+    for name in ("final", "latest"):
+        candidate = resolve(path / "checkpoints" / name)
+        if (candidate / "config.json").is_file():
+            return candidate
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    raise WiolaError(f"{path} holds no model (no config.json, and no checkpoints/final or checkpoints/latest)")
+
+
+def load_for_inference(path: str | Path, device: torch.device):
+    """(model in eval mode on `device`, tokenizer, model dir) for any checkpoint or trained output directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import wiola  # noqa: F401  (registers the wiola model type with the Auto classes)
+
+    model_dir = find_model_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        raise WiolaError(f"cannot load a model from {model_dir}: {exc}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError) as exc:
+        raise WiolaError(f"cannot load the tokenizer from {model_dir}: {exc}") from exc
+    return model.to(device).eval(), tokenizer, model_dir

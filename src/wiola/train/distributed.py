@@ -1,0 +1,214 @@
+"""Process groups, devices and data-parallel wrapping.
+
+`wiola train` runs as a single process, or under `torchrun` (which sets RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR/PORT): then each process joins a process group (NCCL on CUDA,
+Gloo on CPU) and the model is wrapped with DDP or FSDP2 (`fully_shard` on every decoder
+layer, then on the whole model). Everything here works unchanged when world_size is 1.
+Full (unsharded) state dicts for checkpoints come from `torch.distributed.checkpoint.state_dict`,
+which handles plain, DDP and FSDP2 models alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from wiola.errors import WiolaError
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process sits: rank among world_size processes, and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; anything else is passed to torch.device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise WiolaError(f"unknown device {name!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WiolaError("--device cuda requested but CUDA is not available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise WiolaError("--device mps requested but MPS is not available")
+    return device
+
+
+def setup(device_name: str = "auto") -> Dist:
+    """Join the torchrun process group if launched by torchrun; pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            backend = "nccl"
+        elif device.type == "cpu":
+            backend = "gloo"
+        else:
+            raise WiolaError(f"multi-process training supports cuda and cpu devices, not {device.type}")
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend,
+                rank=rank,
+                world_size=world_size,
+                timeout=timedelta(minutes=30),
+                device_id=device if device.type == "cuda" else None,
+            )
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def teardown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, d: Dist, strategy: str, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """DDP or FSDP2 when world_size > 1; the model itself otherwise."""
+    if not d.enabled:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [d.device.index] if d.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        for block in decoder_layers(model):
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
+    raise WiolaError(f"unknown distributed strategy {strategy!r} (ddp or fsdp)")
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: the first nn.ModuleList found (LLaMA-style `model.layers`)."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return list(module)
+    return []
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The underlying model of a DDP wrapper (FSDP2 shards in place, so nothing to undo)."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on accumulation micro-steps that are not the last."""
+    if enabled:
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum a tensor over ranks (in place); a no-op for a single process."""
+    if d.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_object(obj: Any, d: Dist) -> list[Any]:
+    if not d.enabled:
+        return [obj]
+    out: list[Any] = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, d: Dist) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU state dict with plain parameter names (collective under FSDP: call on every rank)."""
+    return get_model_state_dict(model, options=_FULL)
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Unsharded optimizer state keyed by parameter name (collective under FSDP)."""
+    return get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict, optim_state: dict | None) -> None:
+    """Load full state dicts into a (possibly wrapped or sharded) model and its optimizer, on every rank."""
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    result = set_model_state_dict(model, model_state, options=options)
+    missing = [k for k in result.missing_keys if k not in _tied_names(unwrap(model))]
+    if missing or result.unexpected_keys:
+        raise WiolaError(f"checkpoint weights do not fit the model (missing {missing}, unexpected {result.unexpected_keys})")
+    if optimizer is not None and optim_state is not None:
+        set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Parameter names that alias another parameter (tied LM head), which safetensors stores once."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        else:
+            seen[id(param)] = name
+    return tied
