@@ -209,8 +209,11 @@ def find_model_dir(path: str | Path) -> Path:
 def load_for_inference(path: str | Path, device: torch.device):
     """(model in eval mode on `device`, tokenizer, model dir) for any checkpoint or trained output directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     import wiola  # noqa: F401  (registers the wiola model type with the Auto classes)
+
+    hf_logging.disable_progress_bar()
 
     model_dir = find_model_dir(path)
     try:
@@ -222,3 +225,14 @@ def load_for_inference(path: str | Path, device: torch.device):
     except (OSError, ValueError, TypeError) as exc:
         raise WiolaError(f"cannot load the tokenizer from {model_dir}: {exc}") from exc
     return model.to(device).eval(), tokenizer, model_dir
+
+
+def load_weights_into(model: torch.nn.Module, path: Path) -> None:
+    """Load checkpoint weights into an unwrapped model; only tied aliases (e.g. the LM head) may be absent."""
+    result = model.load_state_dict(load_weights(path), strict=False)
+    aliases, seen = set(), set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        (aliases.add(name) if id(param) in seen else seen.add(id(param)))
+    missing = [k for k in result.missing_keys if k not in aliases]
+    if missing or result.unexpected_keys:
+        raise WiolaError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})")

@@ -23,7 +23,6 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
-    set_model_state_dict,
     set_optimizer_state_dict,
 )
 
@@ -191,24 +190,6 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     return get_optimizer_state_dict(model, optimizer, options=_FULL)
 
 
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict, optim_state: dict | None) -> None:
-    """Load full state dicts into a (possibly wrapped or sharded) model and its optimizer, on every rank."""
-    options = StateDictOptions(full_state_dict=True, strict=False)
-    result = set_model_state_dict(model, model_state, options=options)
-    missing = [k for k in result.missing_keys if k not in _tied_names(unwrap(model))]
-    if missing or result.unexpected_keys:
-        raise WiolaError(f"checkpoint weights do not fit the model (missing {missing}, unexpected {result.unexpected_keys})")
-    if optimizer is not None and optim_state is not None:
-        set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
-
-
-def _tied_names(model: nn.Module) -> set[str]:
-    """Parameter names that alias another parameter (tied LM head), which safetensors stores once."""
-    seen: dict[int, str] = {}
-    tied = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            tied.add(name)
-        else:
-            seen[id(param)] = name
-    return tied
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a full (parameter-name keyed) optimizer state into the optimizer of a plain, DDP or FSDP2 model."""
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -129,8 +129,9 @@ def extra_metrics(output: Any) -> dict[str, float]:
         elif isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float, torch.Tensor)) for v in value):
             values = [float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v) for v in value]
             single = False
-        elif isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
-            metrics.update({f"{key}/{k}": float(v) for k, v in value.items()})
+        elif isinstance(value, dict) and all(isinstance(v, (int, float, torch.Tensor)) for v in value.values()):
+            for k, v in value.items():
+                metrics[f"{key}/{k}"] = float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
             continue
         else:
             continue

@@ -1,0 +1,137 @@
+"""`wiola eval`: loss, perplexity and bits per byte of a checkpoint on a prepared split.
+
+The split is read in consecutive windows of `seq_len` tokens (see `wiola.train.batches`);
+each window predicts its tokens 2..seq_len from the ones before, with the model's own
+loss. Bits per byte divide the total negative log-likelihood (in bits) by the UTF-8 length
+of the predicted tokens, decoded with the data's tokenizer, so models with different
+tokenizers compare on the same text. `evaluate_batches` is shared with the training loop's
+validation and splits the batches over ranks when run under torchrun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json as _json
+import math
+from typing import Any, Iterable
+
+import torch
+
+from wiola.errors import WiolaError
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: torch.nn.Module,
+    batches: Iterable[torch.Tensor],
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    dist: Any = None,
+    tokenizer: Any = None,
+) -> dict[str, float]:
+    """Mean next-token loss over `batches` of token windows [B, T] (and bytes when a tokenizer is given).
+
+    With a multi-process `dist`, rank r evaluates batches r, r+W, ...; every rank runs the
+    same number of forward passes (a repeated batch with weight 0 pads the last round, as
+    FSDP needs collective forwards) and the sums are all-reduced.
+    """
+    from wiola.train import distributed
+
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    was_training = model.training
+    model.eval()
+    all_batches = list(batches)
+    if not all_batches:
+        raise WiolaError("no evaluation batches (the split is empty or max_batches is 0)")
+    rounds = math.ceil(len(all_batches) / world)
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    sums = torch.zeros(2, dtype=torch.float64)  # predicted tokens, bytes
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    with autocast:
+        for r in range(rounds):
+            index = r * world + rank
+            weight = 1.0 if index < len(all_batches) else 0.0
+            ids = all_batches[min(index, len(all_batches) - 1)].to(device)
+            output = model(input_ids=ids, labels=ids, use_cache=False)
+            count = ids.shape[0] * (ids.shape[1] - 1)
+            nll += weight * output.loss.double() * count
+            sums[0] += weight * count
+            if tokenizer is not None and weight:
+                sums[1] += sum(len(tokenizer.decode(row[1:].tolist()).encode("utf-8")) for row in ids.cpu())
+    model.train(was_training)
+    if dist is not None and dist.enabled:
+        packed = torch.cat([nll.reshape(1), sums.to(device)])
+        distributed.all_reduce_sum(packed, dist)
+        nll, sums = packed[0], packed[1:].cpu()
+    total_nll, tokens, n_bytes = float(nll), int(sums[0]), int(sums[1])
+    loss = total_nll / max(tokens, 1)
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
+    if tokenizer is not None:
+        result["bytes"] = n_bytes
+        result["bits_per_byte"] = total_nll / math.log(2) / max(n_bytes, 1)
+    return result
+
+
+def eval_command(
+    checkpoint: str,
+    data: str,
+    split: str = "val",
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    max_batches: int | None = None,
+    device: str = "auto",
+    dtype: str = "fp32",
+    json: bool = False,
+) -> dict[str, float]:
+    """Evaluate a model on a prepared split: loss, perplexity and bits per byte.
+
+    Args:
+        checkpoint: a model directory (a training `out/`, or one of its checkpoints/...).
+        data: directory written by `wiola prepare`.
+        split: which split to read (default val).
+        batch_size: sequences per forward pass.
+        seq_len: tokens per sequence (default the model's max_position_embeddings).
+        max_batches: evaluate at most this many batches (default the whole split).
+        device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.
+        dtype: fp32, or bf16 autocast.
+        json: print one JSON object instead of a table.
+    """
+    from wiola.train import batches as batch_io
+    from wiola.train.checkpoint import load_for_inference
+    from wiola.train.distributed import resolve_device
+
+    if dtype not in ("fp32", "bf16"):
+        raise WiolaError(f"--dtype must be fp32 or bf16, got {dtype!r}")
+    if batch_size <= 0 or (max_batches is not None and max_batches <= 0):
+        raise WiolaError("--batch-size and --max-batches must be positive")
+    dev = resolve_device(device)
+    manifest = batch_io.read_manifest(data)
+    model, _, model_dir = load_for_inference(checkpoint, dev)
+    if model.config.vocab_size < manifest["vocab_size"]:
+        raise WiolaError(f"the data's vocabulary ({manifest['vocab_size']}) is larger than the model's ({model.config.vocab_size})")
+    context = model.config.max_position_embeddings
+    seq_len = seq_len or context
+    if seq_len > context:
+        raise WiolaError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {context}")
+    tok_dir = batch_io.tokenizer_dir(data)
+    if tok_dir is None:
+        raise WiolaError(f"{data} has no tokenizer/ directory, needed to count bytes")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    result = evaluate_batches(
+        model,
+        batch_io.eval_batches(data, split, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches),
+        dev,
+        torch.bfloat16 if dtype == "bf16" else None,
+        tokenizer=tokenizer,
+    )
+    result = {"checkpoint": str(model_dir), "split": split, "seq_len": seq_len, **result}
+    if json:
+        print(_json.dumps(result))
+    else:
+        print(f"{model_dir} on {split} ({result['tokens']:,} tokens, {result['bytes']:,} bytes, seq_len {seq_len})")
+        print(f"  loss           {result['loss']:.4f}")
+        print(f"  perplexity     {result['perplexity']:.3f}")
+        print(f"  bits per byte  {result['bits_per_byte']:.4f}")
+    return result

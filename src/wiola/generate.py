@@ -1,0 +1,101 @@
+"""`wiola generate`: sample text from any checkpoint directory.
+
+The model and tokenizer load through the Auto classes (`import wiola` registers the wiola
+model type, so LLaMA-style and Wiola checkpoints both work). A single sample streams to the
+terminal token by token through transformers' `TextStreamer`; several samples are drawn
+in one batch and printed one after another. Sampling is seeded for repeatability.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from wiola.errors import WiolaError
+
+
+def encode_prompt(tokenizer, prompt: str, context: int, device: torch.device) -> torch.Tensor:
+    """Prompt ids [1, n]; an empty prompt starts from the BOS (or EOS) token."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids if prompt else torch.empty(1, 0, dtype=torch.long)
+    if ids.shape[1] == 0:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise WiolaError("empty prompt and the tokenizer has no BOS or EOS token to start from")
+        ids = torch.tensor([[start]])
+    if ids.shape[1] > context:
+        raise WiolaError(f"the prompt is {ids.shape[1]} tokens, longer than the model's context of {context} (max_position_embeddings)")
+    return ids.to(device)
+
+
+def generate_command(
+    checkpoint: str,
+    prompt: str = "",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    greedy: bool = False,
+    num_samples: int = 1,
+    seed: int = 1337,
+    device: str = "auto",
+    stream: bool = True,
+) -> list[str]:
+    """Generate text from a trained model, streaming it to the terminal.
+
+    Args:
+        checkpoint: a model directory (a training `out/`, one of its checkpoints/..., or any saved model).
+        prompt: text to continue (default: start from the BOS token).
+        max_new_tokens: tokens to generate per sample; capped so prompt + output fit the context.
+        temperature: sampling temperature; 0 means greedy decoding.
+        top_k: sample from the k most likely tokens only (0 or unset: no limit).
+        top_p: nucleus sampling: smallest set of tokens with this total probability.
+        greedy: always take the most likely token (no sampling).
+        num_samples: independent samples to draw.
+        seed: random seed for sampling.
+        device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.
+        stream: print tokens as they are generated (single sample).
+    """
+    from transformers import GenerationConfig, TextStreamer, set_seed
+
+    from wiola.train.checkpoint import load_for_inference
+    from wiola.train.distributed import resolve_device
+
+    if max_new_tokens <= 0 or num_samples <= 0:
+        raise WiolaError("--max-new-tokens and --num-samples must be positive")
+    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1):
+        raise WiolaError("--temperature must be >= 0 and --top-p in (0, 1]")
+    dev = resolve_device(device)
+    model, tokenizer, _ = load_for_inference(checkpoint, dev)
+    context = model.config.max_position_embeddings
+    ids = encode_prompt(tokenizer, prompt, context, dev)
+    room = context - ids.shape[1]
+    if room <= 0:
+        raise WiolaError(f"the prompt fills the model's whole context of {context} tokens; nothing can be generated")
+    if max_new_tokens > room:
+        print(f"wiola generate: note: max_new_tokens capped at {room} to stay within the context of {context}", file=sys.stderr)
+        max_new_tokens = room
+
+    do_sample = not greedy and temperature > 0
+    gen = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_k=(top_k or None) if do_sample else None,
+        top_p=top_p if do_sample else None,
+        num_return_sequences=num_samples,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    set_seed(seed)
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True) if stream and num_samples == 1 else None
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen, streamer=streamer)
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out]
+    if streamer is None:
+        for i, text in enumerate(texts):
+            if num_samples > 1:
+                print(f"--- sample {i + 1} ---")
+            print(text)
+    return texts

@@ -1,0 +1,444 @@
+"""`wiola train`: the training loop.
+
+`train_command` (the CLI entry) resolves options and the model config, then `Trainer`
+runs: gradient accumulation over micro-batches, gradient clipping, AdamW with a warmup +
+cosine/WSD/constant schedule, periodic validation, checkpoints (`latest` every
+`save_every` steps, `best` on a new lowest validation loss, `final` at the end), logs and a
+live progress bar. The model is any transformers causal LM; the loop knows nothing of its
+internals. Under torchrun every rank runs this file; rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from wiola.errors import WiolaError
+from wiola.train import batches, checkpoint, distributed
+from wiola.train.config import (
+    TrainConfig,
+    architecture_dict,
+    build_model,
+    config_differences,
+    make_model_config,
+    parse_overrides,
+    split_config_source,
+)
+from wiola.train.metrics import RunLog, extra_metrics, plot_losses, truncate_log
+from wiola.train.optim import build_optimizer, build_scheduler
+from wiola.train.signals import GracefulStop
+
+
+@dataclass
+class TrainResult:
+    """What a run did: steps completed, last losses, where things were written, and why it stopped."""
+
+    step: int
+    loss: float | None
+    best_val_loss: float | None
+    out: Path
+    stopped_by: str | None = None  # "SIGINT"/"SIGTERM" when interrupted
+    exit_code: int = 0
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA for `auto`; none (fp32) elsewhere unless asked."""
+    if name == "bf16" or (name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def ensure_writable(out: Path) -> None:
+    """Create `out` and prove that files can be written there, or raise a clear WiolaError."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise WiolaError(f"output directory {out} is not writable ({exc.strerror or exc})") from exc
+
+
+class NonFiniteLoss(WiolaError):
+    """Training produced a NaN/inf loss or gradient norm."""
+
+
+class Trainer:
+    """One training run on one rank. Build with `Trainer.create`, run with `fit`."""
+
+    def __init__(self, *, cfg: TrainConfig, model_config, data_dir: Path, out: Path, dist: distributed.Dist, resume_from: Path | None):
+        self.cfg, self.model_config, self.data_dir, self.out, self.dist = cfg, model_config, data_dir, out, dist
+        self.device = dist.device
+        self.amp_dtype = autocast_dtype(cfg.dtype, self.device)
+        self.accum = cfg.grad_accum_steps(dist.world_size)
+        self.tokenizer_dir = batches.tokenizer_dir(data_dir)
+        self.step, self.tokens_seen, self.best_val_loss = 0, 0, math.inf
+        self.model_overrides: dict[str, Any] = {}  # the --set values, kept in checkpoints for --resume
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = build_model(model_config)
+        if resume_from is not None:
+            checkpoint.load_weights_into(model, resume_from)
+        model.to(self.device)
+        if cfg.compile:
+            model.compile()
+        self.model = distributed.wrap_model(model, dist, cfg.distributed)
+        self.raw_model = distributed.unwrap(self.model)
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.train_batches = batches.TrainBatches(
+            data_dir, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size
+        )
+        # every rank draws different dropout masks; the data order does not depend on these
+        torch.manual_seed(cfg.seed + 1000 * (dist.rank + 1))
+        if resume_from is not None:
+            self._restore(checkpoint.load_state(resume_from))
+
+    # ------------------------------------------------------------------ state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_batches.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        best = state.get("best_val_loss")
+        self.best_val_loss = math.inf if best is None else float(best)
+        rngs = state.get("rng") or []
+        if len(rngs) == self.dist.world_size:
+            checkpoint.restore_rng(rngs[self.dist.rank])
+
+    def save(self, names: list[str]) -> None:
+        """Write checkpoint `names[0]` (and copies as the other names); a collective under FSDP."""
+        model_state = distributed.full_model_state(self.model)
+        optim_state = distributed.full_optimizer_state(self.model, self.optimizer)
+        rngs = distributed.all_gather_object(checkpoint.capture_rng(), self.dist)
+        if self.dist.is_main:
+            state = {
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
+                "world_size": self.dist.world_size,
+                "optimizer": optim_state,
+                "scheduler": self.scheduler.state_dict(),
+                "data": self.train_batches.state_dict(),
+                "rng": rngs,
+                "train_config": self.cfg.to_dict(),
+                "model_overrides": self.model_overrides,
+            }
+            root = self.out / "checkpoints"
+            checkpoint.save(root / names[0], model=self.raw_model, model_state=model_state, trainer_state=state, tokenizer_dir=self.tokenizer_dir)
+            for name in names[1:]:
+                checkpoint.copy_dir_atomic(root / names[0], root / name)
+        distributed.barrier(self.dist)
+
+    def export_final(self) -> None:
+        """Make `out/` itself a loadable model: the final checkpoint's model and tokenizer files."""
+        if not self.dist.is_main:
+            return
+        src = self.out / "checkpoints" / "final"
+        for item in src.iterdir():
+            if item.is_file() and not item.name.startswith("trainer_state"):
+                tmp = self.out / f".{item.name}.tmp"
+                shutil.copy2(item, tmp)
+                os.replace(tmp, self.out / item.name)
+
+    # ------------------------------------------------------------------ steps
+
+    def train_step(self) -> tuple[float, float, dict[str, float]]:
+        """One optimizer step over `accum` micro-batches; returns (mean loss over all ranks, grad norm, extras)."""
+        self.model.train()
+        batch = self.train_batches.next().to(self.device, non_blocking=True)
+        micro = batch.split(self.cfg.micro_batch_size)
+        loss_sum = torch.zeros((), device=self.device)
+        extras: dict[str, float] = {}
+        for i, ids in enumerate(micro):
+            with distributed.gradient_sync(self.model, i == len(micro) - 1), autocast(self.device, self.amp_dtype):
+                output = self.model(input_ids=ids, labels=ids, use_cache=False)
+                (output.loss / len(micro)).backward()
+            loss_sum += output.loss.detach().float()
+            for key, value in extra_metrics(output).items():
+                extras[key] = extras.get(key, 0.0) + value / len(micro)
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        # one all-reduce carries the loss and whether any rank was asked to stop
+        packed = torch.stack([loss_sum / len(micro), torch.tensor(float(self._stop.requested), device=self.device)])
+        distributed.all_reduce_sum(packed, self.dist)
+        loss = packed[0].item() / self.dist.world_size
+        self._stop_everywhere = packed[1].item() > 0
+        norm = float(grad_norm)
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            what = "loss" if not math.isfinite(loss) else "gradient norm"
+            raise NonFiniteLoss(
+                f"non-finite {what} ({loss if what == 'loss' else norm}) at step {self.step + 1}; stopped without updating."
+                f" The last good checkpoint is {self.out / 'checkpoints' / 'latest'}"
+                f"{'' if (self.out / 'checkpoints' / 'latest').exists() else ' (none written yet)'}."
+                " Try a lower --lr, more --warmup-steps or --grad-clip."
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += batch.numel() * self.dist.world_size
+        return loss, norm, extras
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        from wiola.evaluate import evaluate_batches
+
+        eval_iter = batches.eval_batches(
+            self.data_dir, "val", batch_size=self.cfg.micro_batch_size, seq_len=self.cfg.seq_len, max_batches=self.cfg.eval_batches
+        )
+        result = evaluate_batches(self.model, eval_iter, self.device, self.amp_dtype, self.dist)
+        return result["loss"]
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        cfg, main = self.cfg, self.dist.is_main
+        log = RunLog(self.out, enabled=main, tensorboard=cfg.tensorboard)
+        result = TrainResult(step=self.step, loss=None, best_val_loss=None, out=self.out)
+        self._stop_everywhere = False
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not main, unit="step", dynamic_ncols=True, desc="train")
+        window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+        started = time.perf_counter()
+        if main:
+            log.log({"event": "start", "step": self.step, "world_size": self.dist.world_size, "grad_accum": self.accum,
+                     "parameters": sum(p.numel() for p in self.raw_model.parameters()), "device": str(self.device)})
+        try:
+            with GracefulStop() as stop:
+                self._stop = stop
+                interrupted = False
+                while self.step < cfg.max_steps:
+                    tokens_before = self.tokens_seen
+                    loss, norm, extras = self.train_step()
+                    result.loss = loss
+                    window_loss += loss
+                    window_steps += 1
+                    window_tokens += self.tokens_seen - tokens_before
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                        elapsed = time.perf_counter() - window_start
+                        record = {"step": self.step, "loss": window_loss / window_steps, "lr": self.scheduler.get_last_lr()[0],
+                                  "grad_norm": norm, "tokens": self.tokens_seen, "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                                  "elapsed_s": time.perf_counter() - started, **extras}
+                        log.log(record)
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                        window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+                    names = []
+                    if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                        val = self.validate()
+                        log.log({"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+                        if main:
+                            bar.write(f"step {self.step}: val loss {val:.4f}")
+                        if val < self.best_val_loss:
+                            self.best_val_loss = val
+                            names.append("best")
+                    interrupted = self._stop_everywhere and self.step < cfg.max_steps
+                    if self.step < cfg.max_steps and (interrupted or self.step % cfg.save_every == 0):
+                        names.insert(0, "latest")
+                    if names:
+                        self.save(names)
+                    if interrupted:
+                        break
+                if interrupted:
+                    result.stopped_by = stop.name or "signal"
+                    result.exit_code = stop.exit_code or 130
+                    if main:
+                        log.log({"event": "interrupted", "step": self.step, "signal": result.stopped_by})
+                        bar.write(f"{result.stopped_by}: saved {self.out / 'checkpoints' / 'latest'} at step {self.step};"
+                                  " continue with --resume")
+                else:
+                    self.save(["final", "latest"])
+                    self.export_final()
+                    if main:
+                        log.log({"event": "done", "step": self.step,
+                                 "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss})
+        except NonFiniteLoss as exc:
+            log.log({"event": "non_finite", "step": self.step + 1, "message": str(exc)})
+            raise
+        finally:
+            bar.close()
+            log.close()
+            if main:
+                plot_losses(self.out / "log.jsonl", self.out / "loss.png")
+        result.step = self.step
+        result.best_val_loss = None if math.isinf(self.best_val_loss) else self.best_val_loss
+        return result
+
+
+# ---------------------------------------------------------------------- entry points
+
+
+def train(config: str, data: str, out: str, *, overrides: dict[str, Any] | None = None,
+          options: dict[str, Any] | None = None, resume: bool = False) -> TrainResult:
+    """Programmatic `wiola train`: resolve everything, run, return a `TrainResult`."""
+    data_dir, out_dir = Path(data), Path(out)
+    manifest = batches.read_manifest(data_dir)
+    model_spec, file_options = split_config_source(config)
+    ckpt_dir = checkpoint.resolve(out_dir / "checkpoints" / "latest")
+    ckpt_state: dict[str, Any] | None = None
+    if resume:
+        if not (ckpt_dir / checkpoint.STATE_FILE).is_file():
+            raise WiolaError(f"--resume: no checkpoint at {ckpt_dir}")
+        ckpt_state = checkpoint.load_state(ckpt_dir)
+    elif (out_dir / "checkpoints").exists():
+        raise WiolaError(f"{out_dir} already holds a training run; pass --resume to continue it, or choose a new --out")
+    cfg = TrainConfig.layered((ckpt_state or {}).get("train_config"), file_options, options)
+    # like the training options, --set overrides of the resumed run stay in force unless given again
+    overrides = {**(ckpt_state or {}).get("model_overrides", {}), **(overrides or {})}
+
+    model_config = make_model_config(model_spec, _data_defaults(model_spec, overrides, manifest, data_dir))
+    if model_config.vocab_size < manifest["vocab_size"]:
+        raise WiolaError(f"model vocab_size {model_config.vocab_size} is smaller than the data's {manifest['vocab_size']}")
+    if ckpt_state is not None:
+        diffs = config_differences(checkpoint.read_config_dict(ckpt_dir), _json_roundtrip(architecture_dict(model_config)))
+        if diffs:
+            raise WiolaError(f"--resume: the model config differs from the checkpoint's in {len(diffs)} field(s): " + "; ".join(diffs))
+        saved = ckpt_state["train_config"]
+        changed = [k for k in TrainConfig.DATA_LAYOUT if saved.get(k) is not None and saved.get(k) != getattr(cfg, k)]
+        if changed:
+            raise WiolaError("--resume: cannot change " + ", ".join(f"{k} ({saved[k]} -> {getattr(cfg, k)})" for k in changed))
+
+    d = distributed.setup(cfg.device)
+    try:
+        if d.is_main:
+            ensure_writable(out_dir)
+        distributed.barrier(d)
+        cfg = cfg.finalize(d.world_size, model_config.max_position_embeddings)
+        if resume and d.is_main:
+            truncate_log(out_dir / "log.jsonl", int(ckpt_state["step"]))
+        _quiet_transformers()
+        trainer = Trainer(cfg=cfg, model_config=model_config, data_dir=data_dir, out=out_dir, dist=d,
+                          resume_from=ckpt_dir if resume else None)
+        trainer.model_overrides = overrides
+        return trainer.fit()
+    finally:
+        distributed.teardown(d)
+
+
+def _data_defaults(spec: Any, overrides: dict[str, Any], manifest: dict[str, Any], data_dir: Path) -> dict[str, Any]:
+    """Take vocab size and special-token ids from the data unless the config sets them explicitly."""
+    explicit = set(overrides) | (set(spec) if isinstance(spec, dict) else set())
+    merged = dict(overrides)
+    token_ids = batches.special_token_ids(data_dir, manifest)
+    defaults = {"vocab_size": manifest["vocab_size"], **token_ids}
+    for key, value in defaults.items():
+        if key not in explicit and value is not None:
+            merged[key] = value
+    return merged
+
+
+def _json_roundtrip(obj: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(obj))
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def train_command(
+    config: str,
+    data: str,
+    out: str,
+    set: list[str] | None = None,
+    max_steps: int | None = None,
+    batch_size: int | None = None,
+    micro_batch_size: int | None = None,
+    seq_len: int | None = None,
+    lr: float | None = None,
+    min_lr: float | None = None,
+    warmup_steps: int | None = None,
+    schedule: Literal["cosine", "wsd", "constant"] | None = None,
+    decay_fraction: float | None = None,
+    weight_decay: float | None = None,
+    beta1: float | None = None,
+    beta2: float | None = None,
+    grad_clip: float | None = None,
+    eval_every: int | None = None,
+    eval_batches: int | None = None,
+    log_every: int | None = None,
+    save_every: int | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    dtype: Literal["auto", "fp32", "bf16"] | None = None,
+    compile: bool | None = None,
+    distributed: Literal["ddp", "fsdp"] | None = None,
+    tensorboard: bool | None = None,
+    resume: bool = False,
+) -> int:
+    """Train a model on prepared token data; `out/` ends as a loadable model with its tokenizer.
+
+    Options left unset come from the config file's `train:` section, then (with --resume)
+    from the checkpoint, then from the defaults shown. Under `torchrun --nproc_per_node=N
+    -m wiola train ...` each process trains on its share of every batch (DDP or FSDP2).
+    Writes out/log.jsonl, out/tensorboard/, out/loss.png and out/checkpoints/{latest,best,final}.
+    SIGINT/SIGTERM save `latest` and exit; `--resume` continues exactly from it.
+
+    Args:
+        config: preset name (see `wiola presets`), a JSON/YAML file of model config fields
+            (optionally with "preset", or with `model:`/`train:` sections), or a model directory.
+        data: directory written by `wiola prepare` (manifest.json, train.bin, val.bin, tokenizer/).
+        out: output directory.
+        set: model config overrides, key=value with JSON values (e.g. --set hidden_size=128 mlp=swiglu).
+        max_steps: optimizer steps in total (default 1000).
+        batch_size: sequences per optimizer step over all processes (default 32).
+        micro_batch_size: sequences per forward pass on one process; smaller than
+            batch_size/processes means gradient accumulation (default batch_size/processes).
+        seq_len: tokens per sequence (default the model's max_position_embeddings).
+        lr: peak learning rate (default 6e-4).
+        min_lr: final learning rate of cosine/wsd decay (default lr/10).
+        warmup_steps: linear warmup steps (default min(100, max_steps/10)).
+        schedule: cosine, wsd (warmup-stable-decay) or constant after warmup (default cosine).
+        decay_fraction: share of the steps spent decaying in the wsd schedule (default 0.2).
+        weight_decay: AdamW weight decay of matrices; norms, biases and embeddings get none (default 0.1).
+        beta1: AdamW beta1 (default 0.9).
+        beta2: AdamW beta2 (default 0.95).
+        grad_clip: clip the global gradient norm to this; 0 disables (default 1.0).
+        eval_every: validate every N steps (default 250).
+        eval_batches: validation batches of micro_batch_size sequences (default 20).
+        log_every: log line every N steps (default 10).
+        save_every: write checkpoints/latest every N steps (default 500).
+        seed: seed of weights, data order and dropout (default 1337).
+        device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default auto).
+        dtype: auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16 (default auto).
+        compile: torch.compile the model (default off).
+        distributed: multi-process strategy under torchrun: ddp or fsdp (FSDP2) (default ddp).
+        tensorboard: also write TensorBoard logs when tensorboard is installed (default on).
+        resume: continue the run in `out` from checkpoints/latest.
+    """
+    options = {
+        "max_steps": max_steps, "batch_size": batch_size, "micro_batch_size": micro_batch_size, "seq_len": seq_len,
+        "lr": lr, "min_lr": min_lr, "warmup_steps": warmup_steps, "schedule": schedule, "decay_fraction": decay_fraction,
+        "weight_decay": weight_decay, "beta1": beta1, "beta2": beta2, "grad_clip": grad_clip, "eval_every": eval_every,
+        "eval_batches": eval_batches, "log_every": log_every, "save_every": save_every, "seed": seed, "device": device,
+        "dtype": dtype, "compile": compile, "distributed": distributed, "tensorboard": tensorboard,
+    }
+    result = train(config, data, out, overrides=parse_overrides(set), options=options, resume=resume)
+    if result.stopped_by is None and result.loss is not None and int(os.environ.get("RANK", "0")) == 0:
+        best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
+        print(f"trained {result.step} steps, final loss {result.loss:.4f}{best}; model saved to {result.out}")
+    return result.exit_code
