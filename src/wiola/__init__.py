@@ -19,3 +19,10 @@ else:
     AutoModelForCausalLM.register(WiolaConfig, WiolaForCausalLM, exist_ok=True)
 
 from wiola.errors import WiolaError  # noqa: E402,F401
+
+try:  # saved checkpoints carry the modeling code (auto_map) so they load with trust_remote_code=True
+    WiolaConfig.register_for_auto_class()
+    WiolaModel.register_for_auto_class("AutoModel")
+    WiolaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+except NameError:  # pragma: no cover
+    pass

@@ -155,6 +155,10 @@ class WiolaPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _is_stateful = True  # running sums cannot be cropped: generate refuses assisted decoding up front
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return True  # attention reads `config._attn_implementation` on every call ("sdpa" or "eager")
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, WiolaRMSNorm) and module.offset is not None:

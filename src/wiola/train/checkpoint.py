@@ -152,6 +152,9 @@ def save(
 ) -> None:
     """Write a full training checkpoint to `path` atomically (call on rank 0 only)."""
 
+    aliases = tied_aliases(model)
+    model_state = {k: v for k, v in model_state.items() if k not in aliases}
+
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, state_dict=model_state)
         copy_tokenizer(tokenizer_dir, tmp)
@@ -230,9 +233,17 @@ def load_for_inference(path: str | Path, device: torch.device):
 def load_weights_into(model: torch.nn.Module, path: Path) -> None:
     """Load checkpoint weights into an unwrapped model; only tied aliases (e.g. the LM head) may be absent."""
     result = model.load_state_dict(load_weights(path), strict=False)
-    aliases, seen = set(), set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        (aliases.add(name) if id(param) in seen else seen.add(id(param)))
+    aliases = tied_aliases(model)
     missing = [k for k in result.missing_keys if k not in aliases]
     if missing or result.unexpected_keys:
         raise WiolaError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})")
+
+
+def tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Names of parameters that are the same tensor as an earlier one (a tied LM head); saved once."""
+    aliases, seen = set(), set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(name)
+        seen.add(id(param))
+    return aliases

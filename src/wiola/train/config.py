@@ -64,7 +64,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     eval_every: int = 250
-    eval_batches: int = 20
+    eval_batches: int = 10
     log_every: int = 10
     save_every: int = 500
     seed: int = 1337

@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -204,7 +205,9 @@ class Trainer:
         from wiola.evaluate import evaluate_batches
 
         eval_iter = batches.eval_batches(
-            self.data_dir, "val", batch_size=self.cfg.micro_batch_size, seq_len=self.cfg.seq_len, max_batches=self.cfg.eval_batches
+            self.data_dir, "val", batch_size=self.cfg.micro_batch_size, seq_len=self.cfg.seq_len,
+            # eval_batches full batches, run micro-batch by micro-batch: the same tokens for any process count
+            max_batches=self.cfg.eval_batches * (self.cfg.batch_size // self.cfg.micro_batch_size),
         )
         result = evaluate_batches(self.model, eval_iter, self.device, self.amp_dtype, self.dist)
         return result["loss"]
@@ -266,7 +269,7 @@ class Trainer:
                     if main:
                         log.log({"event": "interrupted", "step": self.step, "signal": result.stopped_by})
                         bar.write(f"{result.stopped_by}: saved {self.out / 'checkpoints' / 'latest'} at step {self.step};"
-                                  " continue with --resume")
+                                  " continue with --resume", file=sys.stderr)
                 else:
                     self.save(["final", "latest"])
                     self.export_final()
@@ -419,7 +422,7 @@ def train_command(
         beta2: AdamW beta2 (default 0.95).
         grad_clip: clip the global gradient norm to this; 0 disables (default 1.0).
         eval_every: validate every N steps (default 250).
-        eval_batches: validation batches of micro_batch_size sequences (default 20).
+        eval_batches: validation batches of batch_size sequences, run in micro-batches (default 10).
         log_every: log line every N steps (default 10).
         save_every: write checkpoints/latest every N steps (default 500).
         seed: seed of weights, data order and dropout (default 1337).
