@@ -1,0 +1,53 @@
+"""Two CPU processes (torchrun, gloo) give the single-process loss curve at the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from wiola.cli import main
+from wiola.train import checkpoint
+
+from .tinyrun import FAST, read_log, train_losses
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+STEPS = ["--max-steps", "5", "--eval-every", "5", "--save-every", "3"]
+
+
+def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "wiola", "train", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def single(dataset, model_config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    assert main(["train", str(model_config), str(dataset), str(out), *FAST, *STEPS]) == 0
+    return out
+
+
+@pytest.mark.parametrize("strategy, micro", [("ddp", "2"), ("fsdp", "4")])
+def test_two_processes_match_one(single, dataset, model_config, tmp_path, strategy, micro):
+    out = tmp_path / strategy
+    # ddp with micro-batch 2 also exercises gradient accumulation without per-micro-step all-reduce
+    proc = torchrun([str(model_config), str(dataset), str(out), *FAST, *STEPS, "--distributed", strategy, "--micro-batch-size", micro])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    a, b = train_losses(single), train_losses(out)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    assert all(abs(a[k] - b[k]) <= 1e-5 for k in a), (a, b)
+    val = lambda o: [r["val_loss"] for r in read_log(o) if "val_loss" in r]  # noqa: E731
+    assert val(out) == pytest.approx(val(single), abs=1e-5)
+    start = [r for r in read_log(out) if r.get("event") == "start"]
+    assert len(start) == 1 and start[0]["world_size"] == 2  # rank 0 alone writes the log
+    # rank 0 saved full (unsharded) weights, equal to the single-process ones
+    w1, w2 = checkpoint.load_weights(single / "checkpoints" / "final"), checkpoint.load_weights(out / "checkpoints" / "final")
+    assert w1.keys() == w2.keys()
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    assert len(checkpoint.load_state(out / "checkpoints" / "latest")["rng"]) == 2  # one RNG state per rank
