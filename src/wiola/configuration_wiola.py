@@ -12,6 +12,7 @@ from transformers import PreTrainedConfig
 
 POSITION_ENCODINGS = ("rope", "spiral", "srpe")
 ATTENTION_GATES = ("none", "gsa")
+ATM_KERNELS = ("auto", "mask", "flex")
 CROSS_LAYER_CONTEXTS = ("none", "gcla")
 TOKEN_MERGINGS = ("none", "atm")
 MLPS = ("swiglu", "butterfly", "dsff", "gelu")
@@ -24,6 +25,7 @@ _CHOICES = {
     "token_merging": TOKEN_MERGINGS,
     "mlp": MLPS,
     "norm": NORMS,
+    "atm_kernel": ATM_KERNELS,
 }
 
 
@@ -64,6 +66,7 @@ class WiolaConfig(PreTrainedConfig):
     token_merging: str = "none"
     atm_threshold: float = 0.92
     atm_layers: list[int] | None = None
+    atm_kernel: str = "auto"  # "flex": FlexAttention over compacted groups; "mask": SDPA/eager with a mask; "auto": flex on CUDA
     mlp: str = "swiglu"
     norm: str = "rmsnorm"
     pad_token_id: int | None = None

@@ -1,8 +1,7 @@
 """`wiola eval`: loss, perplexity and bits per byte of a checkpoint on a prepared split.
 
-The split is read in consecutive windows of `seq_len` tokens (see `wiola.train.batches`);
-each window predicts its tokens 2..seq_len from the ones before, with the model's own
-loss. Bits per byte divide the total negative log-likelihood (in bits) by the UTF-8 length
+The split is read in consecutive windows of `seq_len + 1` tokens (`wiola.data.loader`);
+each window's last `seq_len` tokens are predicted from the ones before them. Bits per byte divide the total negative log-likelihood (in bits) by the UTF-8 length
 of the predicted tokens, decoded with the data's tokenizer, so models with different
 tokenizers compare on the same text. `evaluate_batches` is shared with the training loop's
 validation and splits the batches over ranks when run under torchrun.
@@ -29,13 +28,14 @@ def evaluate_batches(
     dist: Any = None,
     tokenizer: Any = None,
 ) -> dict[str, float]:
-    """Mean next-token loss over `batches` of token windows [B, T] (and bytes when a tokenizer is given).
+    """Mean next-token loss over `(input_ids, labels)` batches (and the labels' UTF-8 bytes when a tokenizer is given).
 
     With a multi-process `dist`, rank r evaluates batches r, r+W, ...; every rank runs the
     same number of forward passes (a repeated batch with weight 0 pads the last round, as
     FSDP needs collective forwards) and the sums are all-reduced.
     """
     from wiola.train import distributed
+    from wiola.train.batches import causal_lm_loss
 
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     was_training = model.training
@@ -51,13 +51,13 @@ def evaluate_batches(
         for r in range(rounds):
             index = r * world + rank
             weight = 1.0 if index < len(all_batches) else 0.0
-            ids = all_batches[min(index, len(all_batches) - 1)].to(device)
-            output = model(input_ids=ids, labels=ids, use_cache=False)
-            count = ids.shape[0] * (ids.shape[1] - 1)
-            nll += weight * output.loss.double() * count
+            ids, labels = (t.to(device) for t in all_batches[min(index, len(all_batches) - 1)])
+            output = model(input_ids=ids, use_cache=False)
+            count = labels.numel()
+            nll += weight * causal_lm_loss(output.logits, labels).double() * count
             sums[0] += weight * count
             if tokenizer is not None and weight:
-                sums[1] += sum(len(tokenizer.decode(row[1:].tolist()).encode("utf-8")) for row in ids.cpu())
+                sums[1] += sum(len(tokenizer.decode(row).encode("utf-8")) for row in labels.tolist())
     model.train(was_training)
     if dist is not None and dist.enabled:
         packed = torch.cat([nll.reshape(1), sums.to(device)])

@@ -34,11 +34,13 @@ def take_edges(similarity_ok: torch.Tensor, prev_taken: torch.Tensor) -> torch.T
     return ((e == 1) & ((c - run_start) % 2 == 1))[:, 1:]
 
 
-def merged_attention(q, k, v, x, real, threshold: float, n_rep: int, implementation: str, dropout: float = 0.0, cache=None):
+def merged_attention(q, k, v, x, real, threshold: float, n_rep: int, implementation: str, dropout: float = 0.0, cache=None, kernel: str = "mask"):
     """ATM attention for one layer.
 
     q `[B,H,T,d]` (rotated, gated), k/v `[B,H_kv,T,d]` (k rotated), x `[B,T,D]` the layer's attention
     input, real `[B,T]` bool. `cache` is the layer's `WiolaCacheLayer` (or None) and is updated in place.
+    `kernel="flex"` attends over the compacted groups with FlexAttention (work falls with T'); it serves
+    forwards without cached groups and without attention dropout, else the explicit-mask path runs.
     Returns the attention output `[B,H,T,d]` and the joiner mask `[B,T]` (token t merged into its
     predecessor's group; its sum is the number of merged pairs).
     """
@@ -68,6 +70,14 @@ def merged_attention(q, k, v, x, real, threshold: float, n_rep: int, implementat
     slot_valid = real & ~joins
     pos = torch.arange(t, device=device)
     slot_end = pos[None, :] + next_joins.long()
+
+    flex_ok = q.device.type == "cuda" or not (torch.is_grad_enabled() and q.requires_grad)  # no flex backward on CPU
+    if kernel == "flex" and flex_ok and not has_past and not dropout and implementation != "eager":
+        out = _flex_groups(q, k, v, k_slot, v_slot, slot_valid, slot_end, next_joins | ~real)
+        if cache is not None:
+            _store(cache, k_slot, v_slot, slot_valid, None, None, None)
+            cache.last_x, cache.last_real, cache.last_taken = x[:, -1].detach(), real[:, -1], joins[:, -1]
+        return out, joins & real
 
     # 4: visibility — cached groups (all past), new groups ended by t, own raw entry when t opens a pair
     slot_vis = slot_valid[:, None, :] & (slot_end[:, None, :] <= pos[None, :, None])
@@ -110,3 +120,50 @@ def _store(cache, k_slot, v_slot, slot_valid, ck, cv, cache_valid) -> None:
     cache.keys = torch.gather(k_all, 2, idx)
     cache.values = torch.gather(v_all, 2, idx)
     cache.lengths = lengths
+
+
+_compiled_flex = None
+
+
+def _flex_attention(*args, **kwargs):
+    """FlexAttention, compiled once on CUDA (its fast kernel); eager elsewhere (a correct reference)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if args[0].device.type != "cuda":
+        return flex_attention(*args, **kwargs)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(*args, **kwargs)
+
+
+def _flex_groups(q, k, v, k_slot, v_slot, slot_valid, slot_end, use_own):
+    """Attention over the compacted groups (FlexAttention block mask from group ends), plus each
+    query's own raw key/value where `use_own` (it opens a pair, or it is padding), merged exactly
+    through the log-sum-exp of the group attention."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, h, t, d = q.shape
+    order = torch.sort((~slot_valid).to(torch.int8), dim=1, stable=True).indices
+    idx = order[:, None, :, None].expand(-1, k_slot.shape[1], -1, d)
+    k_groups, v_groups = torch.gather(k_slot, 2, idx), torch.gather(v_slot, 2, idx)
+    # visible[b, t] = number of valid groups with end <= t; groups are sorted by end, so they form a prefix
+    ends = torch.where(slot_valid, slot_end, torch.full_like(slot_end, t))
+    visible = torch.zeros(b, t + 1, dtype=torch.long, device=q.device).scatter_add_(1, ends, torch.ones_like(ends))
+    visible = visible[:, :t].cumsum(dim=1)
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        return kv_idx < visible[batch, q_idx]
+
+    block_mask = create_block_mask(mask_mod, b, None, t, t, device=q.device)
+    out, lse = _flex_attention(q, k_groups, v_groups, block_mask=block_mask, enable_gqa=k.shape[1] != h, return_lse=True)
+    own_k, own_v = repeat_kv(k, h // k.shape[1]), repeat_kv(v, h // k.shape[1])
+    own = (q.float() * own_k.float()).sum(-1) * d**-0.5  # [B, H, T]
+    own = torch.where(use_own[:, None, :], own, torch.full_like(own, float("-inf")))
+    lse = lse.float()
+    top = torch.maximum(lse, own)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    w_groups, w_own = torch.exp(lse - top), torch.exp(own - top)
+    total = w_groups + w_own
+    mixed = (out.float() * w_groups[..., None] + own_v.float() * w_own[..., None]) / total[..., None]
+    return mixed.to(q.dtype)

@@ -108,7 +108,10 @@ class WiolaAttention(nn.Module):
         implementation = "eager" if implementation == "eager" else "sdpa"
         dropout = self.config.attention_dropout if self.training else 0.0
         if self.merging:
-            out, merged = merged_attention(q_self, k, v, x, step.real, self.config.atm_threshold, self.n_rep, implementation, dropout, cache)
+            kernel = self.config.atm_kernel
+            if kernel == "auto":
+                kernel = "flex" if x.device.type == "cuda" else "mask"
+            out, merged = merged_attention(q_self, k, v, x, step.real, self.config.atm_threshold, self.n_rep, implementation, dropout, cache, kernel)
         else:
             merged = None
             if cache is not None:

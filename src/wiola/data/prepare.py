@@ -253,7 +253,8 @@ def prepare(source: str = "shakespeare", out: str | Path = "data/shakespeare", t
     try:
         if tokenizer is None:
             train_texts = (text for name, text in iter_pieces(corpus, plan, seed) if name == "train")
-            tok = train_tokenizer(train_texts, kind=tokenizer_kind, vocab_size=vocab_size, show_progress=progress and sys.stderr.isatty())
+            tok = train_tokenizer(train_texts, kind=tokenizer_kind, vocab_size=vocab_size,
+                                  show_progress=progress and sys.stderr.isatty())
         else:
             tok = load_tokenizer(tokenizer)
         save_tokenizer(tok, staging / "tokenizer")
@@ -268,7 +269,7 @@ def prepare(source: str = "shakespeare", out: str | Path = "data/shakespeare", t
             "format": FORMAT, "version": VERSION, "dtype": dtype.name, "vocab_size": vocab,
             "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
             "splits": counts,
-            "tokenizer": {"path": "tokenizer", "sha256": tokenizer_hash(staging / "tokenizer"), **tokenizer_spec},
+            "tokenizer": {"path": "tokenizer", "sha256": tokenizer_hash(staging / "tokenizer"), "source": tokenizer_spec},
             "sources": sources, "options": options, "split_method": plan.method,
             "documents": len(plan.scores), "replaced_bytes": plan.replaced_bytes, "fingerprint": fp,
         }

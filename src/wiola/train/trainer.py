@@ -101,7 +101,7 @@ class Trainer:
         self.raw_model = distributed.unwrap(self.model)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.train_batches = batches.TrainBatches(
+        self.train_batches = batches.train_sampler(
             data_dir, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size
         )
         # every rank draws different dropout masks; the data order does not depend on these
@@ -163,15 +163,16 @@ class Trainer:
     def train_step(self) -> tuple[float, float, dict[str, float]]:
         """One optimizer step over `accum` micro-batches; returns (mean loss over all ranks, grad norm, extras)."""
         self.model.train()
-        batch = self.train_batches.next().to(self.device, non_blocking=True)
-        micro = batch.split(self.cfg.micro_batch_size)
+        inputs, labels = (t.to(self.device, non_blocking=True) for t in next(self.train_batches))
+        micro = list(zip(inputs.split(self.cfg.micro_batch_size), labels.split(self.cfg.micro_batch_size)))
         loss_sum = torch.zeros((), device=self.device)
         extras: dict[str, float] = {}
-        for i, ids in enumerate(micro):
+        for i, (ids, targets) in enumerate(micro):
             with distributed.gradient_sync(self.model, i == len(micro) - 1), autocast(self.device, self.amp_dtype):
-                output = self.model(input_ids=ids, labels=ids, use_cache=False)
-                (output.loss / len(micro)).backward()
-            loss_sum += output.loss.detach().float()
+                output = self.model(input_ids=ids, use_cache=False)
+                loss = batches.causal_lm_loss(output.logits, targets)
+            (loss / len(micro)).backward()
+            loss_sum += loss.detach()
             for key, value in extra_metrics(output).items():
                 extras[key] = extras.get(key, 0.0) + value / len(micro)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
@@ -197,7 +198,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += batch.numel() * self.dist.world_size
+        self.tokens_seen += labels.numel() * self.dist.world_size
         return loss, norm, extras
 
     @torch.no_grad()

@@ -1,0 +1,124 @@
+"""Causal Adaptive Token Merging: pairing rule, cache size, exact no-merge limit, kernels, merge ratios.
+
+(Causality, cache consistency and padding invariance with merging forced on are covered for every
+component combination in test_modeling.py; beam search and batched generation in test_generation.py.)
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from wiola.merging_wiola import take_edges
+
+from .conftest import build, random_ids
+
+warnings.filterwarnings("ignore", message=".*flex_attention.*")
+PAPER = dict(position_encoding="srpe", cross_layer_context="gcla", mlp="dsff", norm="wiola_rmsnorm", token_merging="atm")
+
+
+def greedy_pairing_loop(ok: list[bool], prev_taken: bool) -> list[bool]:
+    """The rule of SPEC §2.3 step 2 written as the obvious loop: take edge t iff it qualifies and edge t−1 was not taken."""
+    taken, last = [], prev_taken
+    for edge_ok in ok:
+        last = bool(edge_ok and not last)
+        taken.append(last)
+    return taken
+
+
+def test_vectorised_pairing_equals_the_loop():
+    g = torch.Generator().manual_seed(0)
+    for density in (0.2, 0.5, 0.9, 1.0):
+        ok = torch.rand(64, 33, generator=g) < density
+        prev = torch.rand(64, generator=g) < 0.5
+        got = take_edges(ok, prev)
+        for row in range(64):
+            assert got[row].tolist() == greedy_pairing_loop(ok[row].tolist(), bool(prev[row]))
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.0, 0.4])
+def test_cache_holds_t_minus_merged_pairs(threshold):
+    model = build(**PAPER, atm_threshold=threshold)
+    ids = random_ids(3, 21)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    out = model(ids, attention_mask=mask, use_cache=True)
+    cache = out.past_key_values
+    real = mask.sum(1)
+    for i, layer in enumerate(cache.layers):
+        if i in model.config.merge_layers:
+            merged_pairs = torch.round(out.merge_ratios[i] * real.sum()).long()
+            assert layer.lengths.sum() == real.sum() - merged_pairs
+            assert layer.keys.shape[2] == int(layer.lengths.max())
+            ratios = cache.merge_ratios()[i]
+            torch.testing.assert_close(ratios, 1 - layer.lengths.float() / real.float())
+        else:
+            assert layer.keys.shape[2] == 21  # plain layers keep every token (pads included)
+    if threshold == -1.0:  # every other edge between real tokens: ⌊n/2⌋ pairs per row
+        for i in model.config.merge_layers:
+            torch.testing.assert_close(cache.layers[i].lengths, real - real // 2)
+
+
+def test_merge_ratio_output_with_forced_merging():
+    model = build(**PAPER, atm_threshold=-1.0)
+    out = model(random_ids(2, 12))
+    assert set(out.merge_ratios) == set(model.config.merge_layers) == {2, 3}
+    for value in out.merge_ratios.values():
+        assert value.item() == pytest.approx(0.5)
+    assert model.model.last_merge_ratios.keys() == out.merge_ratios.keys()
+    assert build(**{**PAPER, "token_merging": "none"})(random_ids(1, 5)).merge_ratios is None
+
+
+def test_threshold_above_one_is_exactly_merging_off():
+    on = build(**PAPER, atm_threshold=1.5)
+    off = build(**{**PAPER, "token_merging": "none"})
+    off.load_state_dict(on.state_dict())
+    ids = random_ids(2, 16)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    assert torch.equal(on(ids, attention_mask=mask).logits, off(ids, attention_mask=mask).logits)
+    assert torch.equal(on.generate(ids[:1], max_new_tokens=5, do_sample=False), off.generate(ids[:1], max_new_tokens=5, do_sample=False))
+
+
+def test_merging_machinery_without_merges_matches_plain_attention():
+    """τ just below 1 keeps the ATM code path but no edge qualifies on random data."""
+    on = build(**PAPER, atm_threshold=0.9999)
+    off = build(**{**PAPER, "token_merging": "none"})
+    off.load_state_dict(on.state_dict())
+    ids = random_ids(2, 16)
+    out = on(ids)
+    assert all(v.item() == 0 for v in out.merge_ratios.values())
+    torch.testing.assert_close(out.logits, off(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.0, 0.3])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])
+def test_flex_kernel_equals_eager_reference(threshold, heads):
+    kw = dict(PAPER, attention_gate="gsa", atm_threshold=threshold, num_attention_heads=heads[0], num_key_value_heads=heads[1])
+    flex, eager = build(**kw, atm_kernel="flex"), build(**kw, atm_kernel="mask")
+    eager.set_attn_implementation("eager")
+    ids = random_ids(2, 40)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    with torch.no_grad():  # FlexAttention has no CPU backward; on CUDA it trains
+        got, want = flex(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits
+        real = mask.bool()
+        torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
+        # a flex prefill leaves the same compacted cache: decoding on from it matches the full forward
+        out = flex(ids[:, :30], attention_mask=mask[:, :30], use_cache=True)
+        cache, logits = out.past_key_values, [out.logits]
+        for t in range(30, 40):
+            step = flex(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True)
+            logits.append(step.logits)
+        torch.testing.assert_close(torch.cat(logits, 1)[real], want[real], atol=1e-4, rtol=0)
+
+
+def test_training_with_merging_has_gradients():
+    model = build(**PAPER, atm_threshold=0.0).train()
+    ids = random_ids(2, 24)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "layers.2.self_attn.k_proj" in n]
+    assert torch.isfinite(loss) and grads[0].abs().sum() > 0
