@@ -16,13 +16,3 @@ def dataset(tmp_path_factory):
 def model_config(tmp_path_factory):
     return write_model_config(tmp_path_factory.mktemp("cfg") / "tiny.json")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one intra-op thread than on two contended ones."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

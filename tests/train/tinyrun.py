@@ -1,8 +1,7 @@
 """Tiny prepared datasets and model configs for the training, eval and generate tests.
 
-`make_dataset(dir)` writes the `wiola prepare` layout of docs/layout.md by hand: a byte-level
-BPE tokenizer trained on a small synthetic corpus, `train.bin`/`val.bin` (uint16 ids, documents
-separated by EOS) and `manifest.json`. `write_model_config` writes a tiny model config JSON.
+`make_dataset(dir)` runs `wiola prepare` on a small synthetic corpus (a byte-level BPE of 320
+tokens is trained on it); `write_model_config` writes a tiny model config JSON.
 """
 
 from __future__ import annotations
@@ -11,9 +10,7 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
 
-EOS = "<|endoftext|>"
 SUBJECTS = ["the king", "a fool", "my lord", "the queen", "sweet Romeo", "good Horatio", "the ghost"]
 VERBS = ["speaks to", "follows", "betrays", "loves", "fears", "greets", "mocks"]
 OBJECTS = ["the crown", "his brother", "the night", "a letter", "the sea", "her father", "the stars"]
@@ -28,37 +25,14 @@ def corpus(n_docs: int, seed: int) -> list[str]:
     return docs
 
 
-def make_tokenizer(texts: list[str], out: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def make_dataset(root: Path, n_docs: int = 440) -> Path:
+    """Prepare a synthetic corpus with `wiola prepare` (byte-level BPE, vocab 320) into `root`."""
+    from wiola.data.prepare import prepare
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=None)
-    fast.save_pretrained(out)
-    return fast
-
-
-def make_dataset(root: Path, n_train: int = 400, n_val: int = 40) -> Path:
-    """Write a prepared dataset to `root` and return it."""
     root.mkdir(parents=True, exist_ok=True)
-    train_docs, val_docs = corpus(n_train, 0), corpus(n_val, 1)
-    tok = make_tokenizer(train_docs, root / "tokenizer")
-    eos = tok.convert_tokens_to_ids(EOS)
-    splits = {}
-    for name, docs in (("train", train_docs), ("val", val_docs)):
-        ids: list[int] = []
-        for doc in docs:
-            ids.extend(tok(doc, add_special_tokens=False).input_ids)
-            ids.append(eos)
-        np.asarray(ids, dtype=np.uint16).tofile(root / f"{name}.bin")
-        splits[name] = {"file": f"{name}.bin", "num_tokens": len(ids), "num_documents": len(docs)}
-    manifest = {"dtype": "uint16", "vocab_size": len(tok), "eos_token_id": eos, "splits": splits,
-                "tokenizer": "tokenizer", "sources": ["synthetic"], "fingerprint": "test"}
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    source = root.parent / f"{root.name}-corpus.jsonl"
+    source.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in corpus(n_docs, 0)), encoding="utf-8")
+    prepare(str(source), root, tokenizer_kind="bpe", vocab_size=320, val_fraction=0.1, num_workers=1, progress=False)
     return root
 
 
