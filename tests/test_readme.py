@@ -1,0 +1,24 @@
+"""The README's quickstart runs as written, and its preset table shows the real parameter counts."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from wiola import list_presets
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_quickstart_runs(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert blocks, "README has no python quickstart"
+    monkeypatch.chdir(tmp_path)
+    for code in blocks:
+        exec(compile(code.replace("/tmp/wiola-demo", str(tmp_path / "demo")), "README.md", "exec"), {})
+    assert (tmp_path / "demo" / "model.safetensors").exists()
+
+
+def test_preset_table_matches_code():
+    rows = dict(re.findall(r"^\| `([\w.-]+)` \| ([\d,]+) \|", README.read_text(), re.M))
+    assert rows == {name: f"{count:,}" for name, count in list_presets().items()}
