@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "generate": "wiola.generate:generate_command",
     "convert": "wiola.convert:convert_command",
     "presets": "wiola.configuration_wiola:presets_command",
+    "bench": "wiola.bench:bench_command",
 }
 
 

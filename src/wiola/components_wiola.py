@@ -29,8 +29,7 @@ class WiolaRMSNorm(nn.Module):
         hidden_states = hidden_states.to(torch.float32)
         if self.offset is not None:
             hidden_states = hidden_states + self.offset.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        hidden_states = F.rms_norm(hidden_states, (hidden_states.shape[-1],), eps=self.variance_epsilon)
         return self.weight * hidden_states.to(input_dtype)
 
     def extra_repr(self) -> str:
@@ -45,8 +44,10 @@ def build_norm(config: WiolaConfig) -> WiolaRMSNorm:
 class WiolaRotaryEmbedding(nn.Module):
     """cos/sin tables (rotate-half convention, fp32) for `rope`, `spiral` and `srpe`.
 
-    `forward(position_ids)` returns `(cos, sin)` of shape `[B, T, d_h]`; for `srpe` both carry the
-    radial factor r_j(p), so applying them scales q and k as well as rotating them.
+    `forward(position_ids)` returns `(cos, sin)` of shape `[B, 1, T, d_h]` (broadcast over heads); `sin`
+    carries the sign of rotate-half, `[−sin, sin]`, so that `apply_rotary` is `x·cos + roll(x, d_h/2)·sin`
+    — bit-identical to `x·cos + rotate_half(x)·[sin, sin]`. For `srpe` both carry the radial factor
+    r_j(p), so applying them scales q and k as well as rotating them.
     """
 
     def __init__(self, config: WiolaConfig):
@@ -79,19 +80,14 @@ class WiolaRotaryEmbedding(nn.Module):
                 cos, sin = radius * torch.cos(angle), radius * torch.sin(angle)
             else:
                 cos, sin = torch.cos(freqs), torch.sin(freqs)
-            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
-        return cos.to(dtype), sin.to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` of shape `[B, heads, T, d_h]` with tables of shape `[B, T, d_h]`."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
+    """Rotate `x` `[B, heads, T, d_h]` with the tables of `WiolaRotaryEmbedding` (`[B, 1, T, d_h]`).
+    Rolling by half swaps the halves, `[x2, x1]`; the sign of rotate-half lives in `sin`."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
 
 
 # --------------------------------------------------------------------------- attention kernels (SPEC §2.3)

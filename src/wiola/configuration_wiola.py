@@ -169,9 +169,16 @@ def count_parameters(config: WiolaConfig) -> int:
     return embed + config.num_hidden_layers * (attn + mlp + 2 * norm) + norm
 
 
-def _llama_baseline(preset: dict) -> dict:
+def llama_baseline(config: "WiolaConfig") -> "WiolaConfig":
+    """The LLaMA twin of `config`: same shape, every novelty off, SwiGLU width matched to its parameter budget."""
+    keep = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "tie_word_embeddings", "initializer_range", "attention_dropout", "hidden_dropout", "bos_token_id", "eos_token_id", "pad_token_id")
+    target = count_parameters(config)
+    return WiolaConfig(**_llama_baseline({k: getattr(config, k) for k in keep}, target))
+
+
+def _llama_baseline(preset: dict, target: int | None = None) -> dict:
     """Same shape with every novelty off; SwiGLU width chosen (multiple of 8) to match the parameter budget."""
-    target = count_parameters(WiolaConfig(**preset))
+    target = count_parameters(WiolaConfig(**preset)) if target is None else target
     base = dict(preset, position_encoding="rope", attention_gate="none", cross_layer_context="none", token_merging="none", mlp="swiglu", norm="rmsnorm", dsff_wide_size=None, intermediate_size=8)
     per_width = 3 * preset["hidden_size"] * preset["num_hidden_layers"]
     missing = target - count_parameters(WiolaConfig(**base))
@@ -197,4 +204,4 @@ def presets_command() -> None:
         print(f"{name:<12} {params:>15,}  {c.hidden_size:<5} {c.num_hidden_layers:<3} {c.num_attention_heads}/{c.num_key_value_heads:<4} {comps}")
 
 
-__all__ = ["WiolaConfig", "PRESETS", "list_presets", "count_parameters"]
+__all__ = ["WiolaConfig", "PRESETS", "list_presets", "count_parameters", "llama_baseline"]

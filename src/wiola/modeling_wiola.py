@@ -42,6 +42,8 @@ class StepInfo:
 
     real: torch.Tensor  # [B, T] bool, real (non-padding) new tokens
     cum_real: torch.Tensor  # [B, T] long, real tokens up to and including t, cached prefix included
+    count: torch.Tensor  # [B, T, 1] fp32, cum_real clamped to ≥1: the divisor of every causal mean
+    padded: bool  # some token (new or cached) is padding
     mask: torch.Tensor | None  # [B or 1, 1, T, S] bool for plain layers, or None
     is_causal: bool  # plain layers: no mask needed beyond plain causality
 
@@ -70,15 +72,20 @@ class WiolaAttention(nn.Module):
             self.output_gate_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
             self.blend_logit = nn.Parameter(torch.tensor(float(config.gcla_gate_init)))
         self.merging = layer_idx in config.merge_layers and config.atm_threshold < 1.0
+        # plain attributes: reading a transformers config field costs microseconds on every decode step
+        self.gate_pre_rope, self.attention_dropout = config.gate_pre_rope, config.attention_dropout
+        self.atm_threshold, self.atm_kernel = config.atm_threshold, config.atm_kernel
 
     def _gate(self, m: torch.Tensor, step: StepInfo, cache: WiolaCacheLayer | None) -> torch.Tensor:
         """GSA: g_t = σ(W2 SiLU(W1 c_t) + b2), c_t the causal mean of head-mean queries over real tokens."""
-        running = (m.float() * step.real[..., None]).cumsum(dim=1)
+        if step.padded:
+            m = m * step.real[..., None]
+        running = m.cumsum(dim=1) if m.shape[1] > 1 else m
         if cache is not None and cache.gsa_sum is not None:
             running = running + cache.gsa_sum[:, None]
         if cache is not None:
             cache.gsa_sum = running[:, -1]
-        c = running / step.cum_real.clamp(min=1)[..., None]
+        c = running / step.count
         g = torch.sigmoid(self.gate_fc2(F.silu(self.gate_fc1(c.to(self.gate_fc1.weight.dtype)))))
         return g.transpose(1, 2)[..., None]  # [B, H, T, 1]
 
@@ -98,20 +105,19 @@ class WiolaAttention(nn.Module):
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        m = q.float().mean(dim=1) if self.gated and self.config.gate_pre_rope else None
+        m = q.float().mean(dim=1) if self.gated and self.gate_pre_rope else None
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.gated:
             q_self = q * self._gate(q.float().mean(dim=1) if m is None else m, step, cache).to(q.dtype)
         else:
             q_self = q
-        implementation = self.config._attn_implementation or "sdpa"
-        implementation = "eager" if implementation == "eager" else "sdpa"
-        dropout = self.config.attention_dropout if self.training else 0.0
+        implementation = "eager" if self.config._attn_implementation == "eager" else "sdpa"
+        dropout = self.attention_dropout if self.training else 0.0
         if self.merging:
-            kernel = self.config.atm_kernel
+            kernel = self.atm_kernel
             if kernel == "auto":
                 kernel = "flex" if x.device.type == "cuda" else "mask"
-            out, merged = merged_attention(q_self, k, v, x, step.real, self.config.atm_threshold, self.n_rep, implementation, dropout, cache, kernel)
+            out, merged = merged_attention(q_self, k, v, x, step.real, self.atm_threshold, self.n_rep, implementation, dropout, cache, kernel)
         else:
             merged = None
             if cache is not None:
@@ -136,14 +142,18 @@ class WiolaDecoderLayer(GradientCheckpointingLayer):
         self.self_attn = WiolaAttention(config, layer_idx)
         self.post_attention_layernorm = build_norm(config)
         self.mlp = build_mlp(config)
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.dropout = config.hidden_dropout
 
     def forward(self, hidden_states, cos, sin, step, context=None, past_key_values=None):
         cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
         attn, merged = self.self_attn(self.input_layernorm(hidden_states), cos, sin, step, context, cache)
-        hidden_states = hidden_states + self.dropout(attn)
-        hidden_states = hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
-        return hidden_states, merged
+        if self.dropout:  # residual dropout (nanoGPT style) on both branches; skipped entirely at p = 0
+            attn = F.dropout(attn, self.dropout, self.training)
+        hidden_states = hidden_states + attn
+        mlp = self.mlp(self.post_attention_layernorm(hidden_states))
+        if self.dropout:
+            mlp = F.dropout(mlp, self.dropout, self.training)
+        return hidden_states + mlp, merged
 
 
 class WiolaPreTrainedModel(PreTrainedModel):
@@ -184,7 +194,7 @@ class WiolaModel(WiolaPreTrainedModel):
         self.layers = nn.ModuleList([WiolaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = build_norm(config)
         self.rotary_emb = WiolaRotaryEmbedding(config)
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.dropout = nn.Dropout(config.hidden_dropout) if config.hidden_dropout else nn.Identity()
         self.gradient_checkpointing = False
         self.last_merge_ratios: dict[int, torch.Tensor] = {}
         self.post_init()
@@ -251,7 +261,8 @@ class WiolaModel(WiolaPreTrainedModel):
         past_real = cache.real_mask if cache is not None and cache.real_mask is not None else torch.ones(b, past, dtype=torch.bool, device=device)
         key_real = torch.cat([past_real, real], dim=1)
         padded = padded or (past > 0 and not bool(past_real.all()))
-        step = StepInfo(real=real, cum_real=cum_real, mask=None, is_causal=False)
+        denom = cum_real.clamp(min=1)[..., None].to(torch.float32)
+        step = StepInfo(real=real, cum_real=cum_real, count=denom, padded=padded, mask=None, is_causal=False)
         query_pos = torch.arange(past, past + t, device=device)
         if padded:
             key_pos = torch.arange(past + t, device=device)
@@ -269,14 +280,14 @@ class WiolaModel(WiolaPreTrainedModel):
         lookback = self.config.gcla_lookback
         gcla = self.config.cross_layer_context == "gcla"
         merge_ratios: dict[int, torch.Tensor] = {}
-        denom = cum_real.clamp(min=1)[..., None].to(torch.float32)
         for i, layer in enumerate(self.layers):
             context = torch.stack(summaries[-lookback:], dim=2).to(hidden.dtype) if gcla and summaries else None
             hidden, merged = layer(hidden, cos, sin, step, context=context, past_key_values=cache)
             if merged is not None:
                 merge_ratios[i] = merged.sum() / real.sum().clamp(min=1)
             if gcla and i < len(self.layers) - 1:
-                running = (hidden.float() * real[..., None]).cumsum(dim=1)
+                running = hidden.float() * real[..., None] if padded else hidden.float()
+                running = running.cumsum(dim=1) if t > 1 else running
                 if cache is not None:
                     layer_cache = cache.layers[i]
                     if layer_cache.out_sum is not None:

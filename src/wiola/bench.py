@@ -1,0 +1,214 @@
+"""`wiola bench`: speed of a Wiola model measured side by side with `transformers.LlamaForCausalLM`
+of the same shape (same d, L, H, H_kv, vocabulary; SwiGLU width matched to the Wiola parameter budget),
+in one run, on one device.
+
+Measures training tokens/s (random tokens, AdamW — fused on CUDA —, bf16 autocast on CUDA), peak memory,
+MFU on CUDA, and greedy decoding tokens/s through `generate()` at the given batch sizes. Prints a table
+with the Wiola/LLaMA ratio of each figure and writes the rows as JSON.
+
+MFU = tokens/s × (6·N + 12·L·d·T) / peak, N = parameters taking part in matmuls (embedding lookup
+excluded, LM head included), T = sequence length, peak = the device's dense bf16 peak (989.4 TFLOP/s
+for H100/H200 SXM; override with --peak-tflops).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wiola.configuration_wiola import WiolaConfig, llama_baseline
+from wiola.errors import WiolaError
+
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def llama_twin(config: WiolaConfig):
+    """`transformers.LlamaForCausalLM` config of the same shape and parameter budget."""
+    from transformers import LlamaConfig
+
+    base = llama_baseline(config)
+    return LlamaConfig(
+        vocab_size=base.vocab_size, hidden_size=base.hidden_size, intermediate_size=base.intermediate_size,
+        num_hidden_layers=base.num_hidden_layers, num_attention_heads=base.num_attention_heads,
+        num_key_value_heads=base.num_key_value_heads, max_position_embeddings=base.max_position_embeddings,
+        rms_norm_eps=base.rms_norm_eps, tie_word_embeddings=base.tie_word_embeddings, rope_theta=base.rope_theta,
+        bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id,
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Parameters used in matmuls: all, minus the embedding table unless it is tied to the LM head."""
+    total = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    return total if emb is head else total - emb.numel()
+
+
+def train_speed(model, batch: int, seq_len: int, steps: int, warmup: int, device: torch.device, compile: bool) -> dict[str, Any]:
+    """Tokens/s and peak memory of full optimizer steps on random tokens."""
+    model.train().to(device)
+    step_model = torch.compile(model) if compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    use_bf16 = device.type == "cuda"
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    vocab = model.config.vocab_size
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(warmup + steps):
+        ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
+        _sync(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = step_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    seconds = sorted(times)[len(times) // 2]  # median step
+    row = {"tokens_per_s": batch * seq_len / seconds, "step_s": seconds}
+    if device.type == "cuda":
+        row["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    model.zero_grad(set_to_none=True)
+    return row
+
+
+@torch.no_grad()
+def decode_speed(model, batch: int, prompt_len: int, new_tokens: int, device: torch.device, repeats: int = 1) -> dict[str, Any]:
+    """Greedy `generate()` tokens/s (new tokens over all rows / wall time, prefill included)."""
+    model.eval().to(device)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=gen).to(device)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            out = model.generate(ids, **kw)
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
+    return {"tokens_per_s": batch * new_tokens / best, "seconds": best, "tokens": out[:, prompt_len:].tolist() if batch == 1 else None}
+
+
+def _peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def run_bench(config: WiolaConfig, device: torch.device, *, train_batch: int, seq_len: int, train_steps: int, warmup: int,
+              compile_modes: tuple[bool, ...], decode_batches: tuple[int, ...], prompt_len: int, new_tokens: int,
+              peak_tflops: float | None = None, decode_repeats: int = 1) -> list[dict[str, Any]]:
+    """Rows of measurements for the Wiola model and its LLaMA twin, interleaved so both see the same machine."""
+    from transformers import LlamaForCausalLM
+
+    from wiola.modeling_wiola import WiolaForCausalLM
+
+    rows = []
+    peak = _peak_tflops(device, peak_tflops)
+    builders = {"wiola": lambda: WiolaForCausalLM(config), "llama": lambda: LlamaForCausalLM(llama_twin(config))}
+    for compile in compile_modes:
+        for name, build in builders.items():
+            torch.manual_seed(0)
+            model = build()
+            r = train_speed(model, train_batch, seq_len, train_steps, warmup, device, compile)
+            n = matmul_params(model)
+            if peak:
+                flops = 6 * n + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+                r["mfu"] = r["tokens_per_s"] * flops / (peak * 1e12)
+            rows.append({"model": name, "what": "train", "compiled": compile, "batch": train_batch, "seq_len": seq_len, "params": sum(p.numel() for p in model.parameters()), **r})
+            del model
+    for batch in decode_batches:
+        for name, build in builders.items():
+            torch.manual_seed(0)
+            r = decode_speed(build(), batch, prompt_len, new_tokens, device, decode_repeats)
+            rows.append({"model": name, "what": "decode", "compiled": False, "batch": batch, "new_tokens": new_tokens, **r})
+    return rows
+
+
+def ratio_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table: one line per (what, compiled, batch) with both models and wiola/llama ratios."""
+    lines = ["| measurement | wiola | llama | ratio |", "|---|---:|---:|---:|"]
+    keyed: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        keyed.setdefault((r["what"], r["compiled"], r["batch"]), {})[r["model"]] = r
+    for (what, compiled, batch), pair in keyed.items():
+        if set(pair) != {"wiola", "llama"}:
+            continue
+        label = f"{what} {'compiled' if compiled else 'eager'} batch {batch}"
+        for field, fmt in (("tokens_per_s", "{:,.0f}"), ("peak_gb", "{:.2f}"), ("mfu", "{:.1%}")):
+            if field in pair["wiola"]:
+                w, ll = pair["wiola"][field], pair["llama"][field]
+                lines.append(f"| {label} {field} | {fmt.format(w)} | {fmt.format(ll)} | {w / ll:.2f} |")
+    return "\n".join(lines)
+
+
+def bench_command(
+    config: str = "wiola-nano",
+    set: list[str] | None = None,
+    device: str = "auto",
+    train_batch: int = 8,
+    seq_len: int = 256,
+    train_steps: int = 10,
+    warmup: int = 3,
+    compile: bool = False,
+    decode_batch: list[int] | None = None,
+    prompt_len: int = 32,
+    new_tokens: int = 64,
+    decode_repeats: int = 1,
+    peak_tflops: float | None = None,
+    out: str | None = None,
+) -> int:
+    """Measure a Wiola model against the same-shape transformers LlamaForCausalLM, side by side.
+
+    Args:
+        config: preset name (see `wiola presets`).
+        set: model config overrides, key=value with JSON values.
+        device: auto (cuda > mps > cpu), cuda, mps or cpu.
+        train_batch: sequences per training step.
+        seq_len: tokens per training sequence.
+        train_steps: timed training steps (the median is reported).
+        warmup: untimed steps before timing (compilation happens here).
+        compile: also measure both models under torch.compile.
+        decode_batch: batch sizes for greedy decoding (default 1).
+        prompt_len: prompt tokens for decoding.
+        new_tokens: tokens generated per row.
+        decode_repeats: decoding runs per model (the fastest is reported).
+        peak_tflops: device peak for MFU (default: known bf16 peak of the GPU).
+        out: write the rows as JSON here.
+    """
+    from wiola.train.config import parse_overrides
+
+    try:
+        cfg = WiolaConfig.from_preset(config, **parse_overrides(set or []))
+    except ValueError as exc:
+        raise WiolaError(str(exc)) from exc
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    dev = torch.device(device)
+    rows = run_bench(cfg, dev, train_batch=train_batch, seq_len=seq_len, train_steps=train_steps, warmup=warmup,
+                     compile_modes=(False, True) if compile else (False,), decode_batches=tuple(decode_batch or [1]),
+                     prompt_len=prompt_len, new_tokens=new_tokens, peak_tflops=peak_tflops, decode_repeats=decode_repeats)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    print(f"# {config} vs LlamaForCausalLM of the same shape on {name}, torch {torch.__version__}")
+    print(ratio_table(rows))
+    if out:
+        Path(out).write_text(json.dumps({"device": name, "config": config, "rows": rows}, indent=1))
+    return 0
