@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "convert": "wiola.convert:convert_command",
     "presets": "wiola.configuration_wiola:presets_command",
     "bench": "wiola.bench:bench_command",
+    "compare": "wiola.compare:compare_command",
 }
 
 
