@@ -23,7 +23,7 @@ def trained(tmp_path_factory):
 def test_greedy_matches_argmax_loop_and_streams(trained, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    assert main(["generate", str(trained), "--prompt", "the king", "--greedy", "--max-new-tokens", "12", "--device", "cpu"]) == 0
+    assert main(["generate", str(trained), "the king", "--greedy", "--max-new-tokens", "12", "--device", "cpu"]) == 0
     streamed = capsys.readouterr().out
 
     model = AutoModelForCausalLM.from_pretrained(trained).eval()
@@ -50,7 +50,7 @@ def test_sampling_is_seeded_and_draws_several_samples(trained, capsys):
 
 def test_prompt_longer_than_context_is_an_error(trained, capsys):
     long_prompt = "the king speaks to the queen. " * 40
-    assert main(["generate", str(trained), "--prompt", long_prompt, "--device", "cpu"]) == 2
+    assert main(["generate", str(trained), long_prompt, "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "longer than the model's context of 64" in err and err.count("\n") == 1
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json as _json
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import torch
 
@@ -80,7 +80,7 @@ def eval_command(
     seq_len: int | None = None,
     max_batches: int | None = None,
     device: str = "auto",
-    dtype: str = "fp32",
+    dtype: Literal["fp32", "bf16"] = "fp32",
     json: bool = False,
 ) -> dict[str, float]:
     """Evaluate a model on a prepared split: loss, perplexity and bits per byte.
@@ -88,7 +88,7 @@ def eval_command(
     Args:
         checkpoint: a model directory (a training `out/`, or one of its checkpoints/...).
         data: directory written by `wiola prepare`.
-        split: which split to read (default val).
+        split: which split to read.
         batch_size: sequences per forward pass.
         seq_len: tokens per sequence (default the model's max_position_embeddings).
         max_batches: evaluate at most this many batches (default the whole split).

@@ -30,7 +30,7 @@ def encode_prompt(tokenizer, prompt: str, context: int, device: torch.device) ->
 
 def generate_command(
     checkpoint: str,
-    prompt: str = "",
+    prompt: str,
     max_new_tokens: int = 200,
     temperature: float = 0.8,
     top_k: int | None = 50,
@@ -45,7 +45,7 @@ def generate_command(
 
     Args:
         checkpoint: a model directory (a training `out/`, one of its checkpoints/..., or any saved model).
-        prompt: text to continue (default: start from the BOS token).
+        prompt: text to continue ("" starts from the BOS token).
         max_new_tokens: tokens to generate per sample; capped so prompt + output fit the context.
         temperature: sampling temperature; 0 means greedy decoding.
         top_k: sample from the k most likely tokens only (0 or unset: no limit).

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from wiola.cli import main
+from wiola.evaluate import eval_command
 from wiola.train import checkpoint
 from wiola.train.trainer import Trainer
 
@@ -80,6 +81,8 @@ def test_interrupt_and_resume_matches_uninterrupted_run(dataset, model_config, t
     assert not (out / "checkpoints" / "final").exists()
     assert any(r.get("event") == "interrupted" for r in read_log(out))
     monkeypatch.undo()
+    # an interrupted run's directory already works as a model: eval falls back to checkpoints/latest
+    assert eval_command(str(out), str(dataset), seq_len=32, max_batches=1, device="cpu")["checkpoint"].endswith("latest")
 
     assert run(model_config, dataset, out, "--resume") == 0  # every option comes back from the checkpoint
     assert train_losses(out) == train_losses(ref)  # bit-exact, dropout included
@@ -181,6 +184,7 @@ def test_config_file_sections_and_unknown_fields(dataset, tmp_path, capsys):
     assert sorted(train_losses(out)) == [3]  # log_every defaults to 10; the last step is always logged
     saved = checkpoint.load_state(out / "checkpoints" / "final")["train_config"]
     assert saved["schedule"] == "wsd" and saved["max_steps"] == 3 and saved["batch_size"] == 4
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard is on by default
 
     assert run(cfg, dataset, tmp_path / "typo", "--set", "hiden_size=8") == 2
     assert "did you mean 'hidden_size'" in capsys.readouterr().err

@@ -93,7 +93,13 @@ def setup(device_name: str = "auto") -> Dist:
 
 
 def teardown(d: Dist) -> None:
+    """Leave the process group after a successful run: every rank meets at a barrier first.
+
+    Destroying a group while another rank is still inside a collective can hang (with gloo
+    too), so after an error this is skipped and the launcher ends the other processes.
+    """
     if d.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

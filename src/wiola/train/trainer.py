@@ -79,16 +79,21 @@ class NonFiniteLoss(WiolaError):
 
 
 class Trainer:
-    """One training run on one rank. Build with `Trainer.create`, run with `fit`."""
+    """One training run on one rank: builds model, optimizer and data from resolved options; `fit` runs it.
 
-    def __init__(self, *, cfg: TrainConfig, model_config, data_dir: Path, out: Path, dist: distributed.Dist, resume_from: Path | None):
+    `model_overrides` (the --set values) are only stored in checkpoints, for --resume.
+    """
+
+    def __init__(self, *, cfg: TrainConfig, model_config, data_dir: Path, out: Path, dist: distributed.Dist,
+                 resume_from: Path | None = None, model_overrides: dict[str, Any] | None = None):
         self.cfg, self.model_config, self.data_dir, self.out, self.dist = cfg, model_config, data_dir, out, dist
         self.device = dist.device
         self.amp_dtype = autocast_dtype(cfg.dtype, self.device)
         self.accum = cfg.grad_accum_steps(dist.world_size)
         self.tokenizer_dir = batches.tokenizer_dir(data_dir)
         self.step, self.tokens_seen, self.best_val_loss = 0, 0, math.inf
-        self.model_overrides: dict[str, Any] = {}  # the --set values, kept in checkpoints for --resume
+        self.model_overrides = dict(model_overrides or {})
+        self._stop, self._stop_everywhere = GracefulStop(), False  # fit() installs the signal handlers
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(model_config)
@@ -324,20 +329,19 @@ def train(config: str, data: str, out: str, *, overrides: dict[str, Any] | None 
             raise WiolaError("--resume: cannot change " + ", ".join(f"{k} ({saved[k]} -> {getattr(cfg, k)})" for k in changed))
 
     d = distributed.setup(cfg.device)
-    try:
-        if d.is_main:
-            ensure_writable(out_dir)
-        distributed.barrier(d)
-        cfg = cfg.finalize(d.world_size, model_config.max_position_embeddings)
-        if resume and d.is_main:
-            truncate_log(out_dir / "log.jsonl", int(ckpt_state["step"]))
-        _quiet_transformers()
-        trainer = Trainer(cfg=cfg, model_config=model_config, data_dir=data_dir, out=out_dir, dist=d,
-                          resume_from=ckpt_dir if resume else None)
-        trainer.model_overrides = overrides
-        return trainer.fit()
-    finally:
-        distributed.teardown(d)
+    if d.is_main:
+        ensure_writable(out_dir)
+    distributed.barrier(d)
+    cfg = cfg.finalize(d.world_size, model_config.max_position_embeddings)
+    if resume and d.is_main:
+        truncate_log(out_dir / "log.jsonl", int(ckpt_state["step"]))
+    _quiet_transformers()
+    trainer = Trainer(cfg=cfg, model_config=model_config, data_dir=data_dir, out=out_dir, dist=d,
+                      resume_from=ckpt_dir if resume else None, model_overrides=overrides)
+    result = trainer.fit()
+    # no try/finally: leaving the group after an error can hang (see distributed.teardown)
+    distributed.teardown(d)
+    return result
 
 
 def _data_defaults(spec: Any, overrides: dict[str, Any], manifest: dict[str, Any], data_dir: Path) -> dict[str, Any]:
