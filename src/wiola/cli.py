@@ -79,8 +79,10 @@ def _add_argument(parser: argparse.ArgumentParser, param: inspect.Parameter, tp:
         kwargs["type"] = type(kwargs["choices"][0])
     elif get_origin(tp) in (list, tuple):
         (inner,) = get_args(tp)[:1] or (str,)
-        kwargs["nargs"] = "+" if not has_default else "*"
+        kwargs["nargs"] = "+"
         kwargs["type"] = _unwrap_optional(inner)
+        if has_default:  # repeated options accumulate: --set a=1 --set b=2
+            kwargs["action"] = "extend"
     elif tp in (int, float, str):
         kwargs["type"] = tp
     if has_default:
