@@ -60,6 +60,9 @@ class WiolaCacheLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:  # the abstract name in transformers 5.0 – 5.2x
+        return -1
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 

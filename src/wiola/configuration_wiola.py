@@ -8,6 +8,8 @@ to the same parameter budget). Invalid values raise a `ValueError` that lists th
 from __future__ import annotations
 
 
+import dataclasses
+
 from transformers import PreTrainedConfig
 
 POSITION_ENCODINGS = ("rope", "spiral", "srpe")
@@ -74,13 +76,17 @@ class WiolaConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 2
 
     def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._complete()
+
+    def _complete(self) -> None:
+        """Derive the defaults that depend on other fields, then validate."""
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads and self.hidden_size % self.num_attention_heads == 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.mlp == "dsff" and self.dsff_wide_size is None:
             self.dsff_wide_size = 4 * self.hidden_size
-        super().__post_init__(**kwargs)
         self.check()
 
     def check(self) -> None:
@@ -133,6 +139,22 @@ class WiolaConfig(PreTrainedConfig):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+if not dataclasses.is_dataclass(PreTrainedConfig):  # transformers releases before dataclass configs (5.0 …)
+    _BASE_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings")
+
+    def _init(self, **kwargs):
+        for name in WiolaConfig.__annotations__:
+            value = kwargs.pop(name, getattr(WiolaConfig, name))
+            if name in _BASE_FIELDS:
+                kwargs[name] = value  # the base class sets these itself
+            else:
+                setattr(self, name, list(value) if isinstance(value, list) else value)
+        PreTrainedConfig.__init__(self, **kwargs)
+        self._complete()
+
+    WiolaConfig.__init__ = _init
 
 
 _SEED = dict(position_encoding="spiral", attention_gate="gsa", cross_layer_context="none", token_merging="none", mlp="butterfly", norm="rmsnorm", max_position_embeddings=1024)

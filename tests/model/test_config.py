@@ -30,6 +30,7 @@ def test_built_model_has_the_counted_parameters(name):
     config = WiolaConfig.from_preset(name)
     with torch.device("meta"):
         model = WiolaForCausalLM(config)
+        model.tie_weights()  # transformers 5.0 skips tying on the meta device
     assert sum(p.numel() for p in model.parameters()) == count_parameters(config)
 
 
