@@ -71,7 +71,7 @@ WIOLA_SHAPE_FIELDS = {
     "context": ("max_position_embeddings",), "dropout": ("hidden_dropout", "attention_dropout"),
 }
 SPEC_KEYS = ("data", "train", "shape", "budget", "ablation_widths", "keep_checkpoints", "entrants")
-DATA_KEYS = ("dir", "source", "tokenizer", "tokenizer_kind", "vocab_size", "val_fraction", "seed", "doc_separator", "column", "num_workers")
+DATA_KEYS = ("dir", "source", "tokenizer", "tokenizer_kind", "vocab_size", "val_fraction", "seed", "doc_separator", "column", "num_workers", "split_at")
 ENTRANT_KEYS = {"wiola": ("name", "kind", "config", "budget", "ablations")}
 ENTRANT_KEYS.update({kind: ("name", "kind", "config", "budget") for kind in BASELINES})
 # training options that change speed or bookkeeping but not what is learned: free to differ on resume

@@ -221,3 +221,18 @@ def test_failed_rerun_keeps_the_previous_output(text_corpus, bpe_dir, tmp_path, 
 def test_token_dtype():
     assert token_dtype(400) == np.uint16 and token_dtype(65536) == np.uint16
     assert token_dtype(65537) == np.uint32
+
+
+def test_exact_split_matches_nanogpt(tmp_path):
+    """--split-at exact cuts a lone document at character int(0.9 n), like nanoGPT's data[:int(n*0.9)]."""
+    from wiola.data.prepare import prepare
+
+    text = "".join(f"line {i} of a small corpus\n" for i in range(200)) + "tail"
+    corpus = tmp_path / "one.txt"
+    corpus.write_text(text)
+    n = len(text)
+    exact = prepare(str(corpus), tmp_path / "exact", tokenizer_kind="char", val_fraction=0.1, split_at="exact", progress=False)
+    line = prepare(str(corpus), tmp_path / "line", tokenizer_kind="char", val_fraction=0.1, progress=False)
+    # char tokenizer: one token per character, plus the eos after each piece
+    assert exact["train_tokens"] == int(n * 0.9) + 1 and exact["val_tokens"] == n - int(n * 0.9) + 1
+    assert line["train_tokens"] != exact["train_tokens"]

@@ -56,12 +56,15 @@ def document_score(text: str, seed: int) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def single_document_cut(text: str, val_fraction: float) -> int:
-    """Where `val` starts in a lone document: after the first line break at or past the
-    (1 - val_fraction) point (else after the last one before it, else at that point)."""
+def single_document_cut(text: str, val_fraction: float, split_at: str = "line") -> int:
+    """Where `val` starts in a lone document: with `split_at="line"`, after the first line break at
+    or past the (1 - val_fraction) point (else after the last one before it, else at that point);
+    with `split_at="exact"`, at character `int(n * (1 - val_fraction))` (nanoGPT's split)."""
     n = len(text)
     if n < 2:
         raise WiolaError("the corpus is a single document of under 2 characters; it cannot be split (use --val-fraction 0)")
+    if split_at == "exact":
+        return min(n - 1, max(1, int(n * (1 - val_fraction))))
     target = min(n - 1, max(1, round(n * (1 - val_fraction))))
     newline = text.find("\n", target - 1)
     if newline != -1 and newline + 1 < n:
@@ -101,7 +104,7 @@ def choose_val(scores: np.ndarray, sizes: np.ndarray, val_fraction: float) -> np
     return is_val
 
 
-def plan_split(corpus: Corpus, val_fraction: float, seed: int) -> SplitPlan:
+def plan_split(corpus: Corpus, val_fraction: float, seed: int, split_at: str = "line") -> SplitPlan:
     """Assign every document of `corpus` to train or val (see the module docstring)."""
     scores: list[float] = []
     sizes: list[int] = []
@@ -114,7 +117,7 @@ def plan_split(corpus: Corpus, val_fraction: float, seed: int) -> SplitPlan:
     is_val = np.zeros(len(score), dtype=bool)
     cut = None
     if val_fraction > 0 and len(score) == 1:
-        cut = single_document_cut(first, val_fraction)
+        cut = single_document_cut(first, val_fraction, split_at)
     elif val_fraction > 0:
         is_val = choose_val(score, np.asarray(sizes, dtype=np.int64), val_fraction)
     return SplitPlan(score, is_val, cut, corpus.replaced_bytes, int(sum(sizes)))
@@ -215,12 +218,14 @@ def prepare(source: str = "shakespeare", out: str | Path = "data/shakespeare", t
             tokenizer_kind: Literal["bpe", "char"] = "bpe", vocab_size: int = 8192, val_fraction: float = 0.1,
             seed: int = 1234, num_workers: int | None = None, column: str = "text", split: str = "train",
             streaming: bool = False, doc_separator: str | None = None, force: bool = False,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, split_at: Literal["line", "exact"] = "line") -> dict[str, Any]:
     """Prepare token shards; see `prepare_command` for the arguments. Returns a summary dict."""
     if not 0 <= val_fraction < 1:
         raise WiolaError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if seed < 0:
         raise WiolaError(f"--seed must be non-negative, got {seed}")
+    if split_at not in ("line", "exact"):
+        raise WiolaError(f"--split-at must be line or exact, got {split_at!r}")
     out = Path(out).expanduser()
     corpus = Corpus(source, column=column, split=split, streaming=streaming, doc_separator=doc_separator)
     if tokenizer is None:
@@ -233,6 +238,8 @@ def prepare(source: str = "shakespeare", out: str | Path = "data/shakespeare", t
         raise WiolaError(f"tokenizer not found: {tokenizer} is not a directory (Hugging Face Hub tokenizers: hf:NAME)")
     options = {"val_fraction": val_fraction, "seed": seed, "column": column, "split": split,
                "streaming": streaming, "doc_separator": doc_separator}
+    if split_at != "line":  # absent when default, so existing manifests stay up to date
+        options["split_at"] = split_at
     sources = [{"source": source, **corpus.describe()}]
     fp = fingerprint({"sources": sources, "tokenizer": tokenizer_spec, "options": options})
 
@@ -246,7 +253,7 @@ def prepare(source: str = "shakespeare", out: str | Path = "data/shakespeare", t
             return _summary(out, old, 0.0, up_to_date=True)
 
     start = time.perf_counter()
-    plan = plan_split(corpus, val_fraction, seed)
+    plan = plan_split(corpus, val_fraction, seed, split_at)
     workers = default_num_workers(plan.num_chars) if num_workers is None else num_workers
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
@@ -283,7 +290,8 @@ def prepare(source: str = "shakespeare", out: str | Path = "data/shakespeare", t
 def prepare_command(source: str = "shakespeare", out: str = "data/shakespeare", tokenizer: str | None = None,
                     tokenizer_kind: Literal["bpe", "char"] = "bpe", vocab_size: int = 8192, val_fraction: float = 0.1,
                     seed: int = 1234, num_workers: int | None = None, column: str = "text", split: str = "train",
-                    streaming: bool = False, doc_separator: str | None = None, force: bool = False) -> dict[str, Any]:
+                    streaming: bool = False, doc_separator: str | None = None, force: bool = False,
+                    split_at: Literal["line", "exact"] = "line") -> dict[str, Any]:
     """Tokenise a corpus into train/val token shards for training (numpy memmaps + manifest.json).
 
     Documents go to train or val by a seeded hash of their text (a single-document corpus is
@@ -305,10 +313,12 @@ def prepare_command(source: str = "shakespeare", out: str = "data/shakespeare", 
         streaming: stream a Hugging Face dataset.
         doc_separator: regular expression that splits .txt files into documents (e.g. '\\n\\s*\\n').
         force: prepare again even if the output is up to date.
+        split_at: where a single-document corpus is cut: line (the next line break) or exact
+            (character int(n·(1 − val_fraction)), as nanoGPT splits tinyshakespeare).
     """
     summary = prepare(source, out, tokenizer, tokenizer_kind=tokenizer_kind, vocab_size=vocab_size,
                       val_fraction=val_fraction, seed=seed, num_workers=num_workers, column=column, split=split,
-                      streaming=streaming, doc_separator=doc_separator, force=force)
+                      streaming=streaming, doc_separator=doc_separator, force=force, split_at=split_at)
     if not summary["up_to_date"]:
         print(f"prepared {summary['out']} in {summary['seconds']:.1f} s: {summary['documents']} documents "
               f"({summary['train_documents']} train, {summary['val_documents']} val pieces), "
