@@ -8,7 +8,7 @@ __version__ = "0.2.0.dev0"
 try:  # the model files land separately from the toolchain; keep `import wiola.data` usable meanwhile
     from wiola.configuration_wiola import WiolaConfig, list_presets  # noqa: F401
     from wiola.modeling_wiola import WiolaForCausalLM, WiolaModel, WiolaPreTrainedModel  # noqa: F401
-    from wiola.cache_wiola import WiolaCache  # noqa: F401
+    from wiola.cache_wiola import WiolaCache, WiolaStaticCache  # noqa: F401
 except ImportError:  # pragma: no cover
     pass
 else:

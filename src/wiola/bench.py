@@ -3,8 +3,10 @@ of the same shape (same d, L, H, H_kv, vocabulary; SwiGLU width matched to the W
 in one run, on one device.
 
 Measures training tokens/s (random tokens, AdamW — fused on CUDA —, bf16 autocast on CUDA), peak memory,
-MFU on CUDA, and greedy decoding tokens/s through `generate()` at the given batch sizes. Prints a table
-with the Wiola/LLaMA ratio of each figure and writes the rows as JSON.
+MFU on CUDA, and greedy decoding tokens/s at the given batch sizes along two paths per model:
+transformers' `generate()`, and a preallocated-cache loop (Wiola: `StaticDecoder`; LLaMA: `StaticCache`
+and a hand-written loop), eager and — with `--compile` — with the decode step compiled (CUDA graphs on
+CUDA). Prints a table with the Wiola/LLaMA ratio of each figure and writes the rows as JSON.
 
 MFU = tokens/s × (6·N + 12·L·d·T) / peak, N = parameters taking part in matmuls (embedding lookup
 excluded, LM head included), T = sequence length, peak = the device's dense bf16 peak (989.4 TFLOP/s
@@ -84,24 +86,86 @@ def train_speed(model, batch: int, seq_len: int, steps: int, warmup: int, device
     return row
 
 
-@torch.no_grad()
-def decode_speed(model, batch: int, prompt_len: int, new_tokens: int, device: torch.device, repeats: int = 1) -> dict[str, Any]:
-    """Greedy `generate()` tokens/s (new tokens over all rows / wall time, prefill included)."""
-    model.eval().to(device)
+def _decode_inputs(model, batch: int, prompt_len: int, device: torch.device) -> torch.Tensor:
     gen = torch.Generator(device="cpu").manual_seed(1)
-    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=gen).to(device)
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
-        best = float("inf")
-        for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            out = model.generate(ids, **kw)
-            _sync(device)
-            best = min(best, time.perf_counter() - start)
-    return {"tokens_per_s": batch * new_tokens / best, "seconds": best, "tokens": out[:, prompt_len:].tolist() if batch == 1 else None}
+    return torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=gen).to(device)
+
+
+def _timed(run, device: torch.device, repeats: int) -> tuple[float, Any]:
+    run(warmup=True)  # compilation / graph capture happens here
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        out = run(warmup=False)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def llama_static_loop(model, new_tokens: int, max_cache_len: int, compile: bool, backend: str = "inductor"):
+    """The LLaMA reference loop: `StaticCache`, prefill eager, then a greedy loop over a decode step that
+    is `torch.compile`d (on CUDA mode "reduce-overhead": CUDA graphs) when `compile`. Returns
+    `run(ids) -> generated ids`."""
+    from transformers import StaticCache
+
+    from wiola.fast_decode import CompiledStep
+
+    device = next(model.parameters()).device
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+
+    def one(tokens, positions):
+        return model(input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
+
+    step = CompiledStep(one, compile, device, backend)
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        cache.reset()
+        b, n = ids.shape
+        positions = torch.arange(n, device=device)[None].expand(b, n)
+        logits = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
+        out = []
+        for i in range(new_tokens):
+            token = logits.argmax(dim=-1)
+            out.append(token[:, None])
+            if i < new_tokens - 1:
+                logits = step(token[:, None], torch.full((b, 1), n + i, dtype=torch.long, device=device))
+        return torch.cat(out, dim=1)
+
+    return run
+
+
+@torch.no_grad()
+def decode_speed(model, batch: int, prompt_len: int, new_tokens: int, device: torch.device, repeats: int = 1,
+                 method: str = "generate", compile: bool = False) -> dict[str, Any]:
+    """Greedy decoding tokens/s (new tokens over all rows / wall time, prefill included; best of `repeats`).
+
+    `method="generate"`: transformers' `generate()` with its default cache. `method="static"`: the
+    preallocated-cache loop — `StaticDecoder` for Wiola, `llama_static_loop` for LLaMA — with the step
+    compiled (CUDA graphs on CUDA) when `compile`. On CUDA the weights are cast to bf16."""
+    model.eval().to(device)
+    if device.type == "cuda":
+        model.to(torch.bfloat16)
+    ids = _decode_inputs(model, batch, prompt_len, device)
+    if method == "generate":
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+        def run(warmup: bool):
+            return model.generate(ids, **(dict(kw, max_new_tokens=4, min_new_tokens=4) if warmup else kw))[:, prompt_len:]
+    elif model.config.model_type == "wiola":
+        from wiola.fast_decode import StaticDecoder
+
+        decoder = StaticDecoder(model, max_cache_len=prompt_len + new_tokens, compile=compile)
+
+        def run(warmup: bool):
+            return decoder.generate(ids, max_new_tokens=new_tokens)[:, prompt_len:]
+    else:
+        loop = llama_static_loop(model, new_tokens, prompt_len + new_tokens, compile)
+
+        def run(warmup: bool):
+            return loop(ids)
+    seconds, out = _timed(run, device, repeats)
+    return {"tokens_per_s": batch * new_tokens / seconds, "seconds": seconds, "tokens": out.tolist() if batch == 1 else None}
 
 
 def _peak_tflops(device: torch.device, override: float | None) -> float | None:
@@ -115,8 +179,10 @@ def _peak_tflops(device: torch.device, override: float | None) -> float | None:
 
 def run_bench(config: WiolaConfig, device: torch.device, *, train_batch: int, seq_len: int, train_steps: int, warmup: int,
               compile_modes: tuple[bool, ...], decode_batches: tuple[int, ...], prompt_len: int, new_tokens: int,
-              peak_tflops: float | None = None, decode_repeats: int = 1) -> list[dict[str, Any]]:
-    """Rows of measurements for the Wiola model and its LLaMA twin, interleaved so both see the same machine."""
+              peak_tflops: float | None = None, decode_repeats: int = 1,
+              decode_methods: tuple[tuple[str, bool], ...] = (("generate", False), ("static", False))) -> list[dict[str, Any]]:
+    """Rows of measurements for the Wiola model and its LLaMA twin, interleaved so both see the same machine.
+    `decode_methods`: (method, compiled) pairs for `decode_speed`."""
     from transformers import LlamaForCausalLM
 
     from wiola.modeling_wiola import WiolaForCausalLM
@@ -136,10 +202,12 @@ def run_bench(config: WiolaConfig, device: torch.device, *, train_batch: int, se
             rows.append({"model": name, "what": "train", "compiled": compile, "batch": train_batch, "seq_len": seq_len, "params": sum(p.numel() for p in model.parameters()), **r})
             del model
     for batch in decode_batches:
-        for name, build in builders.items():
-            torch.manual_seed(0)
-            r = decode_speed(build(), batch, prompt_len, new_tokens, device, decode_repeats)
-            rows.append({"model": name, "what": "decode", "compiled": False, "batch": batch, "new_tokens": new_tokens, **r})
+        for method, compiled in decode_methods:
+            for name, build in builders.items():
+                torch.manual_seed(0)
+                r = decode_speed(build(), batch, prompt_len, new_tokens, device, decode_repeats, method, compiled)
+                what = "decode generate()" if method == "generate" else "decode static loop"
+                rows.append({"model": name, "what": what, "compiled": compiled, "batch": batch, "new_tokens": new_tokens, **r})
     return rows
 
 
@@ -157,7 +225,24 @@ def ratio_table(rows: list[dict[str, Any]]) -> str:
             if field in pair["wiola"]:
                 w, ll = pair["wiola"][field], pair["llama"][field]
                 lines.append(f"| {label} {field} | {fmt.format(w)} | {fmt.format(ll)} | {w / ll:.2f} |")
+    # Wiola's fastest decoding against LLaMA's generate(), the path most LLaMA users run
+    for batch in sorted({r["batch"] for r in rows if r["what"].startswith("decode")}):
+        fast = [r for r in rows if r["model"] == "wiola" and r["what"] == "decode static loop" and r["batch"] == batch]
+        base = [r for r in rows if r["model"] == "llama" and r["what"] == "decode generate()" and r["batch"] == batch]
+        if fast and base:
+            w = max(fast, key=lambda r: r["tokens_per_s"])
+            label = f"decode batch {batch}: wiola static loop ({'compiled' if w['compiled'] else 'eager'}) vs llama generate()"
+            lines.append(f"| {label} tokens_per_s | {w['tokens_per_s']:,.0f} | {base[0]['tokens_per_s']:,.0f} | {w['tokens_per_s'] / base[0]['tokens_per_s']:.2f} |")
+    same = identical_outputs(rows)
+    if same is not None:
+        lines.append(f"\nWiola batch-1 greedy tokens identical across decoding paths: {'yes' if same else 'NO'}")
     return "\n".join(lines)
+
+
+def identical_outputs(rows: list[dict[str, Any]]) -> bool | None:
+    """Whether every batch-1 Wiola decoding path produced the same tokens (None: fewer than two paths)."""
+    seqs = [r["tokens"] for r in rows if r["model"] == "wiola" and r["what"].startswith("decode") and r.get("tokens") is not None]
+    return None if len(seqs) < 2 else all(seq == seqs[0] for seq in seqs)
 
 
 def bench_command(
@@ -186,7 +271,8 @@ def bench_command(
         seq_len: tokens per training sequence.
         train_steps: timed training steps (the median is reported).
         warmup: untimed steps before timing (compilation happens here).
-        compile: also measure both models under torch.compile.
+        compile: also measure both models under torch.compile: training, and the static decode loops
+            with the step compiled (mode "reduce-overhead", i.e. CUDA graphs, on CUDA).
         decode_batch: batch sizes for greedy decoding (default 1).
         prompt_len: prompt tokens for decoding.
         new_tokens: tokens generated per row.
@@ -205,7 +291,8 @@ def bench_command(
     dev = torch.device(device)
     rows = run_bench(cfg, dev, train_batch=train_batch, seq_len=seq_len, train_steps=train_steps, warmup=warmup,
                      compile_modes=(False, True) if compile else (False,), decode_batches=tuple(decode_batch or [1]),
-                     prompt_len=prompt_len, new_tokens=new_tokens, peak_tflops=peak_tflops, decode_repeats=decode_repeats)
+                     prompt_len=prompt_len, new_tokens=new_tokens, peak_tflops=peak_tflops, decode_repeats=decode_repeats,
+                     decode_methods=(("generate", False), ("static", False)) + ((("static", True),) if compile else ()))
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
     print(f"# {config} vs LlamaForCausalLM of the same shape on {name}, torch {torch.__version__}")
     print(ratio_table(rows))

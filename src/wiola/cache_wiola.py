@@ -149,3 +149,223 @@ class WiolaCache(Cache):
     @property
     def is_croppable(self) -> bool:
         return False
+
+
+# --------------------------------------------------------------------------- static (preallocated) cache
+class WiolaStaticLayer(CacheLayerMixin):
+    """One layer's preallocated state for `WiolaStaticCache`: keys/values `[B, H_kv, L, d_h]` written in
+    place at the cache's position tensor (ATM layers: at the row's group count), and fixed-size running
+    sums. Nothing is reallocated between decode steps, so a captured decode step replays on the same memory."""
+
+    is_compileable = True
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, owner: "WiolaStaticCache", merging: bool):
+        super().__init__()
+        self.owner, self.merging = owner, merging
+        self.static = True
+        self._gsa: torch.Tensor | None = None
+        self._out: torch.Tensor | None = None
+        self.lengths = self.last_x = self.last_real = self.last_taken = None
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # buffers come from `WiolaStaticCache.load`
+        raise RuntimeError("a WiolaStaticCache layer is filled by WiolaStaticCache.load (the prefill), not by update()")
+
+    # running sums: attribute-style access shared with `WiolaCacheLayer`; assignment writes in place
+    @property
+    def gsa_sum(self) -> torch.Tensor | None:
+        return self._gsa
+
+    @gsa_sum.setter
+    def gsa_sum(self, value: torch.Tensor) -> None:
+        self._gsa.copy_(value)
+
+    @property
+    def out_sum(self) -> torch.Tensor | None:
+        return self._out
+
+    @out_sum.setter
+    def out_sum(self, value: torch.Tensor) -> None:
+        self._out.copy_(value)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write one decode step's keys/values `[B, H_kv, 1, d_h]` at the current position; return the buffers."""
+        self.keys.index_copy_(2, self.owner.position, key_states)
+        self.values.index_copy_(2, self.owner.position, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.owner.get_seq_length()
+
+    def get_max_length(self) -> int:
+        return self.owner.max_cache_len
+
+    def get_max_cache_shape(self) -> int:
+        return self.owner.max_cache_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.max_cache_len, 0
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        names = {"keys": self.keys, "values": self.values, "_gsa": self._gsa, "_out": self._out, "lengths": self.lengths,
+                 "last_x": self.last_x, "last_real": self.last_real, "last_taken": self.last_taken}
+        return {k: v for k, v in names.items() if v is not None}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for buf in self.buffers().values():
+            buf.copy_(buf.index_select(0, beam_idx.to(buf.device)))
+
+    def reset(self) -> None:
+        for buf in self.buffers().values():
+            buf.zero_()
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("WiolaStaticCache holds running sums and merged tokens; it cannot be cropped")
+
+
+class WiolaStaticCache(Cache):
+    """Preallocated cache for fast decoding: `WiolaStaticCache(config, max_cache_len=...)`, or
+    `model.generate(..., cache_implementation="static")`.
+
+    The prompt (any forward of more than one token) runs through the ordinary path on a `WiolaCache` and
+    is then copied into fixed buffers of `max_cache_len` slots (`load`); each single-token step afterwards
+    runs `WiolaModel`'s static decode path, which writes every piece of state in place and reads the
+    position from a device tensor — no Python number changes between steps, so the step compiles once
+    (`fullgraph=True`) and can be captured as a CUDA graph. Decode-step tokens count as real tokens (as
+    in `generate`). Logits equal those of the `WiolaCache` path (same arithmetic; attention runs over all
+    `max_cache_len` slots with the unused ones masked).
+    """
+
+    is_compileable = True
+
+    def __init__(self, config: WiolaConfig, max_cache_len: int | None = None, max_batch_size: int | None = None, **kwargs):
+        merge = set(config.merge_layers) if config.atm_threshold < 1.0 else set()
+        super().__init__(layers=[WiolaStaticLayer(self, i in merge) for i in range(config.num_hidden_layers)])
+        self.config = config
+        self.max_cache_len = int(max_cache_len or config.max_position_embeddings)
+        if self.max_cache_len > config.max_position_embeddings:
+            raise ValueError(f"max_cache_len={self.max_cache_len} exceeds max_position_embeddings={config.max_position_embeddings}")
+        self.ready = False  # buffers allocated and filled by a prefill
+        self.position: torch.Tensor | None = None  # [1] long: tokens processed, pads included
+        self.key_real: torch.Tensor | None = None  # [B, L] bool: slot holds a real token
+        self.real_count: torch.Tensor | None = None  # [B] long
+
+    # ---- transformers Cache API
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.position) if self.ready else 0  # a device sync; generate calls it only around the prefill
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.max_cache_len, 0
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.max_cache_len
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def crop(self, max_length: int) -> None:
+        if max_length == 0 and not self.ready:
+            return
+        raise NotImplementedError("WiolaStaticCache holds running sums and merged tokens; it cannot be cropped")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if not self.ready:
+            return
+        for layer in self.layers:
+            layer.reorder_cache(beam_idx)
+        for buf in (self.key_real, self.real_count):
+            buf.copy_(buf.index_select(0, beam_idx.to(buf.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rebuild(lambda cache: cache.batch_repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._rebuild(lambda cache: cache.batch_select_indices(indices))
+
+    def _rebuild(self, fn) -> None:
+        if self.ready:
+            dynamic = self.to_dynamic()
+            fn(dynamic)
+            self.load(dynamic)
+
+    def reset(self) -> None:
+        if self.ready:
+            for layer in self.layers:
+                layer.reset()
+            self.key_real.zero_()
+            self.real_count.zero_()
+            self.position.zero_()
+        self.ready = False
+
+    def merge_ratios(self) -> dict[int, torch.Tensor]:
+        if not self.ready:
+            return {}
+        count = self.real_count.clamp(min=1).to(torch.float32)
+        return {i: 1.0 - layer.lengths.to(torch.float32) / count for i, layer in enumerate(self.layers) if layer.merging}
+
+    # ---- moving state between the growing and the preallocated form
+    def to_dynamic(self) -> WiolaCache:
+        """The same state as a `WiolaCache` (views of the used slots), e.g. to run a multi-token chunk."""
+        dynamic = WiolaCache(self.config)
+        if not self.ready:
+            return dynamic
+        seen = int(self.position)
+        dynamic.seen_tokens, dynamic.real_mask, dynamic.real_count = seen, self.key_real[:, :seen].clone(), self.real_count.clone()
+        for src, dst in zip(self.layers, dynamic.layers):
+            width = int(src.lengths.max()) if src.merging else seen
+            dst.lazy_initialization(src.keys, src.values)
+            dst.keys, dst.values = src.keys[:, :, :width].clone(), src.values[:, :, :width].clone()
+            for name in ("gsa_sum", "out_sum", "lengths", "last_x", "last_real", "last_taken"):
+                value = getattr(src, name)
+                setattr(dst, name, None if value is None else value.clone())
+        return dynamic
+
+    def load(self, dynamic: WiolaCache) -> None:
+        """Copy a `WiolaCache`'s state into the buffers (allocated on first use, or when the batch changes)."""
+        seen = dynamic.seen_tokens
+        if seen > self.max_cache_len:
+            raise ValueError(f"{seen} tokens do not fit a WiolaStaticCache of max_cache_len={self.max_cache_len}")
+        first = dynamic.layers[0]
+        batch, device = dynamic.real_count.shape[0], dynamic.real_count.device
+        if not self.ready or self.key_real.shape[0] != batch or self.key_real.device != device or self.layers[0].keys.dtype != first.keys.dtype:
+            self._allocate(dynamic)
+        self.position.fill_(seen)
+        self.key_real.zero_()
+        self.key_real[:, :seen].copy_(dynamic.real_mask)
+        self.real_count.copy_(dynamic.real_count)
+        for src, dst in zip(dynamic.layers, self.layers):
+            width = src.keys.shape[2]
+            dst.keys.zero_()
+            dst.values.zero_()
+            dst.keys[:, :, :width].copy_(src.keys)
+            dst.values[:, :, :width].copy_(src.values)
+            state = {"_gsa": src.gsa_sum, "_out": src.out_sum, "lengths": src.lengths, "last_x": src.last_x,
+                     "last_real": src.last_real, "last_taken": src.last_taken}
+            for name, value in state.items():
+                buf = getattr(dst, name)
+                if buf is not None:
+                    buf.copy_(value)
+        self.ready = True
+
+    def _allocate(self, dynamic: WiolaCache) -> None:
+        def buffer(like: torch.Tensor | None, shape=None) -> torch.Tensor | None:
+            if like is None:
+                return None
+            out = torch.zeros(shape if shape is not None else like.shape, dtype=like.dtype, device=like.device)
+            if out.device.type == "cuda" and not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(out)  # CUDA graphs replay on these very buffers
+            return out
+
+        batch, device = dynamic.real_count.shape[0], dynamic.real_count.device
+        self.position = buffer(torch.zeros(1, dtype=torch.long, device=device))
+        self.key_real = buffer(dynamic.real_mask, (batch, self.max_cache_len))
+        self.real_count = buffer(dynamic.real_count)
+        for src, dst in zip(dynamic.layers, self.layers):
+            b, h, _, d = src.keys.shape
+            dst.keys = buffer(src.keys, (b, h, self.max_cache_len, d))
+            dst.values = buffer(src.values, (b, h, self.max_cache_len, d))
+            dst._gsa, dst._out = buffer(src.gsa_sum), buffer(src.out_sum)
+            dst.lengths, dst.last_x, dst.last_real, dst.last_taken = (buffer(getattr(src, n)) for n in ("lengths", "last_x", "last_real", "last_taken"))
+            dst.is_initialized, dst.dtype, dst.device = True, src.keys.dtype, src.keys.device

@@ -1,7 +1,9 @@
 """`wiola generate`: sample text from any checkpoint directory.
 
 The model and tokenizer load through the Auto classes (`import wiola` registers the wiola
-model type, so LLaMA-style and Wiola checkpoints both work). A single sample streams to the
+model type, so LLaMA-style and Wiola checkpoints both work). Wiola models decode on the fast path
+(`wiola.fast_decode.StaticDecoder`: preallocated cache, step compiled with CUDA graphs on CUDA); other
+models, or `--decoding generate`, go through transformers' `generate()`. A single sample streams to the
 terminal token by token through transformers' `TextStreamer`; several samples are drawn
 in one batch and printed one after another. Sampling is seeded for repeatability.
 """
@@ -9,6 +11,7 @@ in one batch and printed one after another. Sampling is seeded for repeatability
 from __future__ import annotations
 
 import sys
+from typing import Literal
 
 import torch
 
@@ -40,6 +43,8 @@ def generate_command(
     seed: int = 1337,
     device: str = "auto",
     stream: bool = True,
+    decoding: Literal["auto", "static", "generate"] = "auto",
+    compile: Literal["auto", "on", "off"] = "auto",
 ) -> list[str]:
     """Generate text from a trained model, streaming it to the terminal.
 
@@ -55,6 +60,10 @@ def generate_command(
         seed: random seed for sampling.
         device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.
         stream: print tokens as they are generated (single sample).
+        decoding: static = preallocated cache and a plain loop (the fast path, Wiola models only);
+            generate = transformers' generate(); auto = static for Wiola models, else generate.
+        compile: compile the static decode step (CUDA graphs on CUDA); auto = on CUDA only (compiling
+            takes longer than a short CPU run saves).
     """
     from transformers import GenerationConfig, TextStreamer, set_seed
 
@@ -77,6 +86,21 @@ def generate_command(
         max_new_tokens = room
 
     do_sample = not greedy and temperature > 0
+    is_wiola = getattr(model.config, "model_type", None) == "wiola"
+    if decoding == "static" and not is_wiola:
+        raise WiolaError(f"--decoding static needs a Wiola model; this checkpoint is {model.config.model_type!r} (use --decoding generate)")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True) if stream and num_samples == 1 else None
+    if is_wiola and decoding in ("auto", "static"):
+        from wiola.fast_decode import StaticDecoder
+
+        use_compile = compile == "on" or (compile == "auto" and dev.type == "cuda")
+        decoder = StaticDecoder(model, max_cache_len=ids.shape[1] + max_new_tokens, compile=use_compile)
+        out = decoder.generate(
+            ids.expand(num_samples, -1), max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+            top_k=top_k or None, top_p=top_p, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, seed=seed, streamer=streamer,
+        )
+        return _finish(tokenizer, out, num_samples, streamer)
     gen = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
@@ -84,14 +108,17 @@ def generate_command(
         top_k=(top_k or None) if do_sample else None,
         top_p=top_p if do_sample else None,
         num_return_sequences=num_samples,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        pad_token_id=pad_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
     set_seed(seed)
-    streamer = TextStreamer(tokenizer, skip_special_tokens=True) if stream and num_samples == 1 else None
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen, streamer=streamer)
+    return _finish(tokenizer, out, num_samples, streamer)
+
+
+def _finish(tokenizer, out: torch.Tensor, num_samples: int, streamer) -> list[str]:
     texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out]
     if streamer is None:
         for i, text in enumerate(texts):

@@ -44,6 +44,8 @@ def merged_attention(q, k, v, x, real, threshold: float, n_rep: int, implementat
     Returns the attention output `[B,H,T,d]` and the joiner mask `[B,T]` (token t merged into its
     predecessor's group; its sum is the number of merged pairs).
     """
+    if getattr(cache, "static", False):
+        return _static_step(q, k, v, x, threshold, n_rep, implementation, cache)
     b, _, t, d = k.shape
     device = k.device
     has_past = cache is not None and cache.lengths is not None
@@ -102,6 +104,29 @@ def merged_attention(q, k, v, x, real, threshold: float, n_rep: int, implementat
         cache.last_real = real[:, -1]
         cache.last_taken = joins[:, -1]
     return out, joins & real
+
+
+def _static_step(q, k, v, x, threshold: float, n_rep: int, implementation: str, cache):
+    """One decode step on a `WiolaStaticLayer` (one real token per row): the arithmetic of the cached
+    path above for T = 1, written in place. The token joins the last group iff it is similar enough to the
+    previous token, which was real and did not itself join; then slot `lengths − 1` becomes the pair's
+    mean, else the token is written at slot `lengths`."""
+    b, h_kv, _, d = k.shape
+    rho = F.cosine_similarity(cache.last_x[:, None].to(x.dtype).float(), x.float(), dim=-1)[:, 0]
+    join = (rho > threshold) & cache.last_real & ~cache.last_taken  # [B]
+    slot = (cache.lengths - join.long())[:, None, None, None].expand(b, h_kv, 1, d)
+    sel = join[:, None, None, None]
+    new_k = torch.where(sel, (cache.keys.gather(2, slot) + k) * 0.5, k)
+    new_v = torch.where(sel, (cache.values.gather(2, slot) + v) * 0.5, v)
+    cache.keys.scatter_(2, slot, new_k)
+    cache.values.scatter_(2, slot, new_v)
+    cache.lengths.add_((~join).long())
+    cache.last_x.copy_(x[:, -1])
+    cache.last_real.fill_(True)
+    cache.last_taken.copy_(join)
+    visible = torch.arange(cache.keys.shape[2], device=k.device)[None, :] < cache.lengths[:, None]
+    out = attend(q, repeat_kv(cache.keys, n_rep), repeat_kv(cache.values, n_rep), visible[:, None, None, :], False, implementation)
+    return out, join[:, None]
 
 
 def _store(cache, k_slot, v_slot, slot_valid, ck, cv, cache_valid) -> None:

@@ -18,7 +18,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .cache_wiola import WiolaCache, WiolaCacheLayer
+from .cache_wiola import WiolaCache, WiolaCacheLayer, WiolaStaticCache
 from .components_wiola import WiolaRMSNorm, WiolaRotaryEmbedding, apply_rotary, attend, build_mlp, build_norm, repeat_kv
 from .configuration_wiola import WiolaConfig
 from .merging_wiola import merged_attention
@@ -85,8 +85,8 @@ class WiolaAttention(nn.Module):
             running = running + cache.gsa_sum[:, None]
         if cache is not None:
             cache.gsa_sum = running[:, -1]
-        c = running / step.count
-        g = torch.sigmoid(self.gate_fc2(F.silu(self.gate_fc1(c.to(self.gate_fc1.weight.dtype)))))
+        c = (running / step.count).to(self.gate_fc1.weight.dtype)
+        g = torch.sigmoid(F.linear(F.silu(F.linear(c, self.gate_fc1.weight)), self.gate_fc2.weight, self.gate_fc2.bias))
         return g.transpose(1, 2)[..., None]  # [B, H, T, 1]
 
     def _context(self, q: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -102,10 +102,11 @@ class WiolaAttention(nn.Module):
 
     def forward(self, x, cos, sin, step: StepInfo, context=None, cache: WiolaCacheLayer | None = None):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        m = q.float().mean(dim=2) if self.gated and self.gate_pre_rope else None  # head mean, [B, T, d_h]
+        q = q.transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        m = q.float().mean(dim=1) if self.gated and self.gate_pre_rope else None
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.gated:
             q_self = q * self._gate(q.float().mean(dim=1) if m is None else m, step, cache).to(q.dtype)
@@ -225,6 +226,67 @@ class WiolaModel(WiolaPreTrainedModel):
                 )
         return b, t
 
+    def _layers(self, hidden, cos, sin, step: StepInfo, cache, output_hidden_states: bool):
+        """The decoder stack, shared by `forward` and the static decode step. Keeps the GCLA summaries
+        (running means of each layer's output, continued from the cache) and the ATM merge ratios."""
+        real, t = step.real, hidden.shape[1]
+        all_hidden = (hidden,) if output_hidden_states else None
+        summaries: list[torch.Tensor] = []  # GCLA μ_i over this chunk, one per finished layer
+        lookback = self.config.gcla_lookback
+        gcla = self.config.cross_layer_context == "gcla"
+        merge_ratios: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            context = torch.stack(summaries[-lookback:], dim=2).to(hidden.dtype) if gcla and summaries else None
+            hidden, merged = layer(hidden, cos, sin, step, context=context, past_key_values=cache)
+            if merged is not None:
+                merge_ratios[i] = merged.sum() / real.sum().clamp(min=1)
+            if gcla and i < len(self.layers) - 1:
+                running = hidden.float() * real[..., None] if step.padded else hidden.float()
+                running = running.cumsum(dim=1) if t > 1 else running
+                if cache is not None:
+                    layer_cache = cache.layers[i]
+                    if layer_cache.out_sum is not None:
+                        running = running + layer_cache.out_sum[:, None]
+                    layer_cache.out_sum = running[:, -1]
+                summaries.append(running / step.count)
+            if output_hidden_states:
+                all_hidden += (hidden,)
+        hidden = self.norm(hidden)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (hidden,)
+        return hidden, all_hidden, merge_ratios
+
+    def _static_forward(self, input_ids, inputs_embeds, attention_mask, position_ids, cache: WiolaStaticCache, output_hidden_states):
+        """Forward on a `WiolaStaticCache`. A chunk of several tokens (the prompt) runs the ordinary path
+        on a `WiolaCache` and is copied into the buffers; a single token after that runs the decode step,
+        which touches no Python number that changes between steps and syncs nothing (compile-friendly)."""
+        t = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        if t > 1 or not cache.ready:
+            dynamic = cache.to_dynamic()
+            out = self.forward(input_ids, attention_mask, position_ids, dynamic, inputs_embeds, True, output_hidden_states)
+            cache.load(dynamic)
+            out.past_key_values = cache
+            return out
+        if not torch.compiler.is_compiling():
+            self._check_inputs(input_ids, inputs_embeds, None, 0)
+            if int(cache.position) >= cache.max_cache_len:
+                raise ValueError(f"the WiolaStaticCache is full (max_cache_len={cache.max_cache_len})")
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b = hidden.shape[0]
+        if position_ids is None:
+            position_ids = cache.real_count[:, None]
+        cache.key_real.index_fill_(1, cache.position, True)
+        cum_real = cache.real_count[:, None] + 1
+        step = StepInfo(
+            real=torch.ones(b, 1, dtype=torch.bool, device=hidden.device), cum_real=cum_real,
+            count=cum_real[..., None].to(torch.float32), padded=False, mask=cache.key_real[:, None, None, :], is_causal=False,
+        )
+        cos, sin = self.rotary_emb(position_ids, hidden.dtype)
+        hidden, all_hidden, merge_ratios = self._layers(self.dropout(hidden), cos, sin, step, cache, output_hidden_states)
+        cache.real_count.add_(1)
+        cache.position.add_(1)
+        return WiolaModelOutput(last_hidden_state=hidden, past_key_values=cache, hidden_states=all_hidden, merge_ratios=merge_ratios or None)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -239,6 +301,8 @@ class WiolaModel(WiolaPreTrainedModel):
     ) -> WiolaModelOutput:
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        if isinstance(past_key_values, WiolaStaticCache) and use_cache:
+            return self._static_forward(input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, output_hidden_states)
         if past_key_values is not None and not isinstance(past_key_values, WiolaCache):
             if past_key_values.get_seq_length() != 0:
                 raise ValueError(f"WiolaForCausalLM needs a WiolaCache, got a non-empty {type(past_key_values).__name__}")
@@ -274,31 +338,7 @@ class WiolaModel(WiolaPreTrainedModel):
             step.mask = (torch.arange(past + t, device=device)[None, :] <= query_pos[:, None])[None, None]
 
         cos, sin = self.rotary_emb(position_ids, hidden.dtype)
-        hidden = self.dropout(hidden)
-        all_hidden = (hidden,) if output_hidden_states else None
-        summaries: list[torch.Tensor] = []  # GCLA μ_i over this chunk, one per finished layer
-        lookback = self.config.gcla_lookback
-        gcla = self.config.cross_layer_context == "gcla"
-        merge_ratios: dict[int, torch.Tensor] = {}
-        for i, layer in enumerate(self.layers):
-            context = torch.stack(summaries[-lookback:], dim=2).to(hidden.dtype) if gcla and summaries else None
-            hidden, merged = layer(hidden, cos, sin, step, context=context, past_key_values=cache)
-            if merged is not None:
-                merge_ratios[i] = merged.sum() / real.sum().clamp(min=1)
-            if gcla and i < len(self.layers) - 1:
-                running = hidden.float() * real[..., None] if padded else hidden.float()
-                running = running.cumsum(dim=1) if t > 1 else running
-                if cache is not None:
-                    layer_cache = cache.layers[i]
-                    if layer_cache.out_sum is not None:
-                        running = running + layer_cache.out_sum[:, None]
-                    layer_cache.out_sum = running[:, -1]
-                summaries.append(running / denom)
-            if output_hidden_states:
-                all_hidden += (hidden,)
-        hidden = self.norm(hidden)
-        if output_hidden_states:
-            all_hidden = all_hidden[:-1] + (hidden,)
+        hidden, all_hidden, merge_ratios = self._layers(self.dropout(hidden), cos, sin, step, cache, output_hidden_states)
         if cache is not None:
             cache.seen_tokens = past + t
             cache.real_mask = key_real
@@ -360,9 +400,21 @@ class WiolaForCausalLM(WiolaPreTrainedModel, GenerationMixin):
         """Generation always runs on a `WiolaCache` (unless the user passed a cache or use_cache=False)."""
         if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
             return super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
-        if generation_config.cache_implementation is not None:
-            raise ValueError("WiolaForCausalLM uses its own WiolaCache; cache_implementation is not supported")
-        model_kwargs["past_key_values"] = WiolaCache(self.config)
+        implementation = generation_config.cache_implementation
+        if implementation == "static":
+            model_kwargs["past_key_values"] = WiolaStaticCache(self.config, max_cache_len=max_cache_length)
+        elif implementation in (None, "dynamic"):
+            model_kwargs["past_key_values"] = WiolaCache(self.config)
+        else:
+            raise ValueError(f"WiolaForCausalLM supports cache_implementation 'dynamic' (WiolaCache) or 'static' (WiolaStaticCache), not {implementation!r}")
+
+    def create_masks_for_generate(self, attention_mask=None, past_key_values=None, is_first_iteration=False, **kwargs):
+        """Called by `generate` for compileable caches. The prompt keeps its 2-D mask; the static decode
+        step needs none (its state holds which slots are real), and a growing mask would change shape
+        every step and defeat the compiled step."""
+        if isinstance(past_key_values, WiolaStaticCache) and past_key_values.ready and not is_first_iteration:
+            return None
+        return attention_mask
 
 
-__all__ = ["WiolaForCausalLM", "WiolaModel", "WiolaPreTrainedModel", "WiolaCache"]
+__all__ = ["WiolaForCausalLM", "WiolaModel", "WiolaPreTrainedModel", "WiolaCache", "WiolaStaticCache"]
