@@ -162,6 +162,16 @@ def _flex_attention(*args, **kwargs):
     return _compiled_flex(*args, **kwargs)
 
 
+def _flex_attention_lse(*args, **kwargs):
+    """FlexAttention output and log-sum-exp (`return_aux` from torch 2.9 on, `return_lse` before)."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # pragma: no cover - older torch
+        return _flex_attention(*args, return_lse=True, **kwargs)
+    out, aux = _flex_attention(*args, return_aux=AuxRequest(lse=True), **kwargs)
+    return out, aux.lse
+
+
 def _flex_groups(q, k, v, k_slot, v_slot, slot_valid, slot_end, use_own):
     """Attention over the compacted groups (FlexAttention block mask from group ends), plus each
     query's own raw key/value where `use_own` (it opens a pair, or it is padding), merged exactly
@@ -181,7 +191,7 @@ def _flex_groups(q, k, v, k_slot, v_slot, slot_valid, slot_end, use_own):
         return kv_idx < visible[batch, q_idx]
 
     block_mask = create_block_mask(mask_mod, b, None, t, t, device=q.device)
-    out, lse = _flex_attention(q, k_groups, v_groups, block_mask=block_mask, enable_gqa=k.shape[1] != h, return_lse=True)
+    out, lse = _flex_attention_lse(q, k_groups, v_groups, block_mask=block_mask, enable_gqa=k.shape[1] != h)
     own_k, own_v = repeat_kv(k, h // k.shape[1]), repeat_kv(v, h // k.shape[1])
     own = (q.float() * own_k.float()).sum(-1) * d**-0.5  # [B, H, T]
     own = torch.where(use_own[:, None, :], own, torch.full_like(own, float("-inf")))
