@@ -28,7 +28,7 @@ def test_bench_command_prints_ratios_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "--config", "wiola-nano", "--set", "vocab_size=128", "num_hidden_layers=1", "hidden_size=64",
                  "num_attention_heads=2", "num_key_value_heads=2", "intermediate_size=64", "--train-batch", "2", "--seq-len", "16", "--train-steps", "2",
-                 "--warmup", "1", "--new-tokens", "4", "--device", "cpu", "--out", str(out)])
+                 "--warmup", "1", "--new-tokens", "4", "--rounds", "2", "--device", "cpu", "--out", str(out)])
     assert code == 0
     text = capsys.readouterr().out
     for line in ("| train eager batch 2 tokens_per_s |", "| decode generate() eager batch 1 tokens_per_s |",
