@@ -44,6 +44,15 @@ class WiolaCacheLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
+    def accumulate(self, name: str, running: torch.Tensor) -> torch.Tensor:
+        """Continue a running sum `[B, T, n]` (this chunk's cumulative sums) from the cached total in
+        `name` ("gsa_sum" or "out_sum"), store the new total and return the continued sums."""
+        total = getattr(self, name)
+        if total is not None:
+            running = running + total[:, None]
+        setattr(self, name, running[:, -1])
+        return running
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append keys/values `[B, H_kv, T, d_h]` (plain layers) and return the whole store."""
         if not self.is_initialized:
@@ -188,6 +197,12 @@ class WiolaStaticLayer(CacheLayerMixin):
     @out_sum.setter
     def out_sum(self, value: torch.Tensor) -> None:
         self._out.copy_(value)
+
+    def accumulate(self, name: str, running: torch.Tensor) -> torch.Tensor:
+        """One decode step (`running` is `[B, 1, n]`): add it to the stored total in place and return the total."""
+        total = self._gsa if name == "gsa_sum" else self._out
+        total.add_(running[:, 0])
+        return total[:, None]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write one decode step's keys/values `[B, H_kv, 1, d_h]` at the current position; return the buffers."""

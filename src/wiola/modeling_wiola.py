@@ -81,10 +81,8 @@ class WiolaAttention(nn.Module):
         if step.padded:
             m = m * step.real[..., None]
         running = m.cumsum(dim=1) if m.shape[1] > 1 else m
-        if cache is not None and cache.gsa_sum is not None:
-            running = running + cache.gsa_sum[:, None]
         if cache is not None:
-            cache.gsa_sum = running[:, -1]
+            running = cache.accumulate("gsa_sum", running)
         c = (running / step.count).to(self.gate_fc1.weight.dtype)
         g = torch.sigmoid(F.linear(F.silu(F.linear(c, self.gate_fc1.weight)), self.gate_fc2.weight, self.gate_fc2.bias))
         return g.transpose(1, 2)[..., None]  # [B, H, T, 1]
@@ -107,7 +105,10 @@ class WiolaAttention(nn.Module):
         q = q.transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if t == 1:  # decoding: one rotation over q and k together (fewer tiny ops; the same arithmetic)
+            q, k = apply_rotary(torch.cat([q, k], dim=1), cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.gated:
             q_self = q * self._gate(q.float().mean(dim=1) if m is None else m, step, cache).to(q.dtype)
         else:
@@ -244,10 +245,7 @@ class WiolaModel(WiolaPreTrainedModel):
                 running = hidden.float() * real[..., None] if step.padded else hidden.float()
                 running = running.cumsum(dim=1) if t > 1 else running
                 if cache is not None:
-                    layer_cache = cache.layers[i]
-                    if layer_cache.out_sum is not None:
-                        running = running + layer_cache.out_sum[:, None]
-                    layer_cache.out_sum = running[:, -1]
+                    running = cache.layers[i].accumulate("out_sum", running)
                 summaries.append(running / step.count)
             if output_hidden_states:
                 all_hidden += (hidden,)
