@@ -2,12 +2,18 @@
 # The main job on the embedded default corpus: set up .venv, prepare the Shakespeare complete works
 # (byte-level BPE, 8,192 tokens), train a wiola-nano-shaped model (d 256, 6 layers, Spiral RoPE + GSA +
 # Butterfly MLP) for a bounded budget, evaluate it, plot the loss curve and print a generated sample.
-# Knobs: STEPS (default 400), BATCH (8), SEQ (256), OUT (runs/main-job), DATA (data/shakespeare).
+# Knobs: STEPS (default 400), BATCH (8), SEQ (256), OUT (runs/main-job), DATA (data/shakespeare);
+# WIOLA_SETUP=0 skips the venv and runs $PYTHON (default python3) with src/ on PYTHONPATH.
 # On 2 CPU cores this takes about 6 minutes after setup; on a GPU well under one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-WIOLA="${WIOLA_VENV:-.venv}/bin/python -m wiola"
+if [ "${WIOLA_SETUP:-1}" = 0 ]; then  # use an interpreter that already has torch + transformers (e.g. a GPU box)
+  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+  WIOLA="${PYTHON:-python3} -m wiola"
+else
+  bash scripts/setup.sh
+  WIOLA="${WIOLA_VENV:-.venv}/bin/python -m wiola"
+fi
 DATA=${DATA:-data/shakespeare}
 OUT=${OUT:-runs/main-job}
 start=$(date +%s)

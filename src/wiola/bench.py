@@ -265,6 +265,7 @@ def bench_command(
     train_steps: int = 10,
     warmup: int = 3,
     compile: bool = False,
+    decode: bool = True,
     decode_batch: list[int] | None = None,
     prompt_len: int = 32,
     new_tokens: int = 64,
@@ -285,6 +286,7 @@ def bench_command(
         warmup: untimed steps before timing (compilation happens here).
         compile: also measure both models under torch.compile: training, and the static decode loops
             with the step compiled (mode "reduce-overhead", i.e. CUDA graphs, on CUDA).
+        decode: measure decoding (--no-decode: training only).
         decode_batch: batch sizes for greedy decoding (default 1).
         prompt_len: prompt tokens for decoding.
         new_tokens: tokens generated per row.
@@ -304,7 +306,7 @@ def bench_command(
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     dev = torch.device(device)
     rows = run_bench(cfg, dev, train_batch=train_batch, seq_len=seq_len, train_steps=train_steps, warmup=warmup,
-                     compile_modes=(False, True) if compile else (False,), decode_batches=tuple(decode_batch or [1]),
+                     compile_modes=(False, True) if compile else (False,), decode_batches=tuple(decode_batch or [1]) if decode else (),
                      prompt_len=prompt_len, new_tokens=new_tokens, peak_tflops=peak_tflops, decode_repeats=decode_repeats,
                      decode_methods=(("generate", False), ("static", False)) + ((("static", True),) if compile else ()), rounds=rounds)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type

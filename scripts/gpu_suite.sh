@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Every GPU measurement the docs ask for (ATM, main job, speed, comparison), in stages that each fit one
+# 10-minute call of a lent H100/H200 that cannot reach the network. It uses the GPU machine's own python3
+# (torch + transformers + matplotlib preinstalled) with src/ on PYTHONPATH; nothing is pip-installed there.
+#
+#   bash scripts/gpu_suite.sh prep          # HERE, on the development machine: fetch what the GPU box cannot
+#                                           # (the Shakespeare corpus into .gpu/cache, tinyshakespeare.txt) into
+#                                           # .gpu/, which git ignores; carry ".gpu" with every GPU call
+# then on the GPU machine, one stage per call (figures land in $OUT, default $OUT or runs/gpu):
+#   bash scripts/gpu_suite.sh bench         # wiola bench, wiola-nano and wiola-120m: train eager+compiled, decode
+#   bash scripts/gpu_suite.sh presets       # wiola bench --no-decode for micro, small, 360m, 700m and 1.5b
+#   bash scripts/gpu_suite.sh atm           # benchmarks/atm_bench.py
+#   bash scripts/gpu_suite.sh main          # scripts/main_job.sh on the GPU
+#   bash scripts/gpu_suite.sh compare-char [ENTRANT ...]   # wiola compare, char-level Shakespeare (resumable)
+#   bash scripts/gpu_suite.sh compare-bpe  [ENTRANT ...]   # wiola compare, BPE Shakespeare (resumable)
+# A comparison resumes where it stopped, so a stage cut off at 10 minutes continues on the next call while
+# the machine stays warm (runs/ survives between calls); its reports are copied to $OUT after each call.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?usage: gpu_suite.sh prep|bench|presets|atm|main|compare-char|compare-bpe [entrants...]}
+shift
+
+if [ "$stage" = prep ]; then
+  bash scripts/setup.sh
+  mkdir -p .gpu
+  exclude="$(git rev-parse --git-dir)/info/exclude"
+  mkdir -p "$(dirname "$exclude")"
+  grep -qxF '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >> "$exclude"
+  WIOLA_CACHE="$PWD/.gpu/cache" .venv/bin/python -c "from wiola.data.shakespeare import shakespeare_dir; print('corpus:', shakespeare_dir())"
+  cp ../shared/data/tinyshakespeare.txt .gpu/tinyshakespeare.txt
+  du -sh .gpu
+  exit 0
+fi
+
+[ -d .gpu/cache ] || { echo "gpu_suite: .gpu/ is missing: run 'bash scripts/gpu_suite.sh prep' here and carry .gpu" >&2; exit 2; }
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" WIOLA_CACHE="$PWD/.gpu/cache"
+PY=${PYTHON:-python3}
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+{ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"; } | tee "$OUT/device.txt"
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
+
+compare() {  # compare SPEC NAME [entrants...]
+  local spec=$1 name=$2
+  shift 2
+  mkdir -p ../shared/data && cp .gpu/tinyshakespeare.txt ../shared/data/tinyshakespeare.txt  # the char spec's source
+  local only=()
+  [ $# -gt 0 ] && only=(--only "$@")
+  $PY -m wiola compare "$spec" "runs/compare/$name" "${only[@]}" || status=$?
+  for f in results.json results.md val_loss.png; do
+    [ -f "runs/compare/$name/$f" ] && cp "runs/compare/$name/$f" "$OUT/${name}_$f"
+  done
+  return "${status:-0}"
+}
+
+case $stage in
+  bench)
+    $PY -m wiola bench --config wiola-nano --train-batch 32 --seq-len 1024 --compile --decode-batch 1 64 \
+      --prompt-len 32 --new-tokens 256 --decode-repeats 3 --out "$OUT/bench_nano.json" | tee "$OUT/bench_nano.md"
+    $PY -m wiola bench --config wiola-120m --train-batch 16 --seq-len 1024 --compile --decode-batch 1 64 \
+      --prompt-len 32 --new-tokens 256 --decode-repeats 3 --out "$OUT/bench_120m.json" | tee "$OUT/bench_120m.md"
+    ;;
+  presets)
+    for preset in ${*:-wiola-micro wiola-small wiola-360m wiola-700m wiola-1.5b}; do
+      batch=16
+      case $preset in wiola-700m | wiola-1.5b) batch=8 ;; esac
+      $PY -m wiola bench --config "$preset" --train-batch $batch --seq-len 1024 --compile --no-decode \
+        --out "$OUT/bench_$preset.json" | tee "$OUT/bench_$preset.md"
+    done
+    ;;
+  atm)
+    $PY benchmarks/atm_bench.py | tee "$OUT/atm_bench.md"
+    ;;
+  main)
+    WIOLA_SETUP=0 PYTHON=$PY OUT=runs/main-job-gpu bash scripts/main_job.sh 2>&1 | tee "$OUT/main_job.txt"
+    cp runs/main-job-gpu/loss.png "$OUT/main_job_loss.png"
+    ;;
+  compare-char)
+    compare configs/compare/shakespeare_char.yaml shakespeare_char "$@"
+    ;;
+  compare-bpe)
+    compare configs/compare/shakespeare_bpe.yaml shakespeare_bpe "$@"
+    ;;
+  *)
+    echo "gpu_suite: unknown stage '$stage'" >&2
+    exit 2
+    ;;
+esac
