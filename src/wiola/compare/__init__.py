@@ -1,0 +1,70 @@
+"""`wiola compare`: train several models on the same token stream and report them side by side.
+
+Every entrant is trained one after another by the trainer's `train()` with the same data
+directory, steps, batch, sequence length, optimizer, schedule and seed. A comparison is a spec
+file (YAML or JSON; see `configs/compare/`):
+
+    data:     `dir`, a `wiola prepare` directory, and/or `source` plus prepare options
+              (`tokenizer_kind`, `vocab_size`, `val_fraction`, `seed`, `tokenizer`, `doc_separator`,
+              `column`, `num_workers`); a source is prepared into `dir` (default OUT/data).
+    train:    training options shared by every entrant (the option names of `wiola train`).
+    shape:    `hidden_size`, `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`
+              (default: `num_attention_heads`), `context`, `dropout`: applied to every entrant.
+              The vocabulary and special-token ids always come from the data.
+    budget:   default parameter budget of the baselines: an entrant name or a number
+              (default: the first `wiola` entrant).
+    ablation_widths: `keep` (default: an ablation keeps every width of its base, except that a
+              switched MLP is re-matched to the base's parameter count) or `match` (every ablation's
+              MLP width is re-matched to the base's parameter count).
+    keep_checkpoints: false deletes an entrant's checkpoints/ once it is finished (default true).
+    entrants: a list of mappings with a `name` and a `kind`:
+      wiola   `config`: a preset name, a config file, or a mapping of WiolaConfig fields (may name
+              a `preset`; a preset's MLP widths keep their ratio to hidden_size under `shape`).
+              `budget` (optional): match the MLP width (`intermediate_size`) to that budget.
+              `ablations`: `all` (each novel component switched off, one at a time) or a list of
+              `component` (switch it off) and `component=value` (switch it to value, e.g. on).
+              An ablation is named `BASE:component=value` (see `ablation_widths` for its widths).
+      llama | mistral | gpt2
+              `LlamaForCausalLM`, `MistralForCausalLM` (sliding window = context // 2 unless set)
+              or `GPT2LMHeadModel` of the budget entrant's shape (d, L, H, H_kv, context, dropout;
+              embeddings tied as in Wiola), MLP width (`intermediate_size`, GPT-2 `n_inner`)
+              matched to the budget (a multiple of 8). `config` (optional): extra config fields.
+
+Output in OUT: `runs/NAME/` (one `wiola train` output directory per entrant, with `entrant.json`
+and, once finished, `result.json`), `configs/NAME.json` (the model config handed to the trainer),
+`results.json`, `results.md` and `val_loss.png`, rewritten after every entrant. A second run
+of the same command resumes: finished entrants are skipped, a partial run continues from its
+`checkpoints/latest`. A changed setting or entrant config is refused rather than mixed in.
+
+Modules: `spec` (the spec: keys, `Spec`, `load_spec`, `prepare_data`), `entrants` (`Entrant`,
+parameter counting and width matching, `resolve_entrants`), `runner` (`compare`, `run_entrant`,
+peak memory, result rows, `compare_command`) and `report` (results.json, results.md, val_loss.png).
+"""
+
+from wiola.compare.entrants import Entrant, built_parameters, match_width, resolve_entrants
+from wiola.compare.report import TABLE_HEADER, markdown_report, plot_val_curves, write_reports
+from wiola.compare.runner import PeakMemory, compare, compare_command, run_entrant, summarize_run, training_options
+from wiola.compare.spec import (
+    BASELINES,
+    BUDGET_TOLERANCE,
+    COMPONENTS,
+    DATA_KEYS,
+    ENTRANT_KEYS,
+    KINDS,
+    RUNTIME_OPTIONS,
+    SHAPE_KEYS,
+    SPEC_KEYS,
+    WIDTH_FIELD,
+    WIOLA_SHAPE_FIELDS,
+    Spec,
+    load_spec,
+    prepare_data,
+)
+
+__all__ = [
+    "BASELINES", "BUDGET_TOLERANCE", "COMPONENTS", "DATA_KEYS", "ENTRANT_KEYS", "KINDS", "RUNTIME_OPTIONS", "SHAPE_KEYS",
+    "SPEC_KEYS", "TABLE_HEADER", "WIDTH_FIELD", "WIOLA_SHAPE_FIELDS",
+    "Entrant", "PeakMemory", "Spec",
+    "built_parameters", "compare", "compare_command", "load_spec", "markdown_report", "match_width", "plot_val_curves",
+    "prepare_data", "resolve_entrants", "run_entrant", "summarize_run", "training_options", "write_reports",
+]
