@@ -59,3 +59,19 @@ def test_new_tokens_are_capped_by_the_context_and_empty_prompt_works(trained, ca
     texts = generate_command(str(trained / "checkpoints" / "final"), prompt="", max_new_tokens=500, greedy=True, device="cpu", stream=False)
     assert len(texts) == 1 and texts[0]
     assert "capped at 63" in capsys.readouterr().err
+
+
+def test_static_and_generate_paths_agree_and_static_needs_wiola(trained, tmp_path, capsys):
+    kw = dict(prompt="the king", greedy=True, max_new_tokens=12, device="cpu", stream=False)
+    assert generate_command(str(trained), decoding="static", **kw) == generate_command(str(trained), decoding="generate", **kw)
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(trained)
+    llama = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 max_position_embeddings=64)).save_pretrained(llama)
+    tok.save_pretrained(llama)
+    assert len(generate_command(str(llama), **kw)) == 1  # auto: transformers' generate() for other models
+    assert main(["generate", str(llama), "the king", "--decoding", "static", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--decoding static needs a Wiola model" in err and err.count("\n") == 1

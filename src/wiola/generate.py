@@ -76,6 +76,9 @@ def generate_command(
         raise WiolaError("--temperature must be >= 0 and --top-p in (0, 1]")
     dev = resolve_device(device)
     model, tokenizer, _ = load_for_inference(checkpoint, dev)
+    is_wiola = getattr(model.config, "model_type", None) == "wiola"
+    if decoding == "static" and not is_wiola:
+        raise WiolaError(f"--decoding static needs a Wiola model; this checkpoint is {model.config.model_type!r} (use --decoding generate)")
     context = model.config.max_position_embeddings
     ids = encode_prompt(tokenizer, prompt, context, dev)
     room = context - ids.shape[1]
@@ -86,9 +89,6 @@ def generate_command(
         max_new_tokens = room
 
     do_sample = not greedy and temperature > 0
-    is_wiola = getattr(model.config, "model_type", None) == "wiola"
-    if decoding == "static" and not is_wiola:
-        raise WiolaError(f"--decoding static needs a Wiola model; this checkpoint is {model.config.model_type!r} (use --decoding generate)")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     streamer = TextStreamer(tokenizer, skip_special_tokens=True) if stream and num_samples == 1 else None
     if is_wiola and decoding in ("auto", "static"):
