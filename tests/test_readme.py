@@ -22,3 +22,16 @@ def test_quickstart_runs(tmp_path, monkeypatch):
 def test_preset_table_matches_code():
     rows = dict(re.findall(r"^\| `([\w.-]+)` \| ([\d,]+) \|", README.read_text(), re.M))
     assert rows == {name: f"{count:,}" for name, count in list_presets().items()}
+
+
+def test_command_table_names_every_command_with_its_positional_arguments():
+    import inspect
+
+    from wiola.cli import COMMANDS, _load
+
+    rows = re.findall(r"^\| `wiola (\w+)((?: [A-Z]+)*)` \|", README.read_text(), re.M)
+    assert sorted(name for name, _ in rows) == sorted(COMMANDS)
+    for name, args in rows:
+        params = inspect.signature(_load(COMMANDS[name])).parameters.values()
+        positional = [p.name.upper() for p in params if p.default is inspect.Parameter.empty]
+        assert args.split() == positional, name
