@@ -265,6 +265,7 @@ class WiolaStaticCache(Cache):
         self.position: torch.Tensor | None = None  # [1] long: tokens processed, pads included
         self.key_real: torch.Tensor | None = None  # [B, L] bool: slot holds a real token
         self.real_count: torch.Tensor | None = None  # [B] long
+        self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin rows of every slot, set by the model
 
     # ---- transformers Cache API
     def get_seq_length(self, layer_idx: int = 0) -> int:

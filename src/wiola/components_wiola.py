@@ -84,6 +84,13 @@ class WiolaRotaryEmbedding(nn.Module):
         return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
+def rotary_table(rotary: WiolaRotaryEmbedding, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary`'s cos/sin for positions 0 … length−1, `[length, d_h]` each: a decode step gathers its rows
+    instead of recomputing them (the same fp32 products, so the same values)."""
+    cos, sin = rotary(torch.arange(length, device=device)[None], dtype)
+    return cos[0, 0], sin[0, 0]
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate `x` `[B, heads, T, d_h]` with the tables of `WiolaRotaryEmbedding` (`[B, 1, T, d_h]`).
     Rolling by half swaps the halves, `[x2, x1]`; the sign of rotate-half lives in `sin`."""

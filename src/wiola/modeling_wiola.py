@@ -19,7 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .cache_wiola import WiolaCache, WiolaCacheLayer, WiolaStaticCache
-from .components_wiola import WiolaRMSNorm, WiolaRotaryEmbedding, apply_rotary, attend, build_mlp, build_norm, repeat_kv
+from .components_wiola import WiolaRMSNorm, WiolaRotaryEmbedding, apply_rotary, attend, build_mlp, build_norm, repeat_kv, rotary_table
 from .configuration_wiola import WiolaConfig
 from .merging_wiola import merged_attention
 
@@ -263,10 +263,14 @@ class WiolaModel(WiolaPreTrainedModel):
             dynamic = cache.to_dynamic()
             out = self.forward(input_ids, attention_mask, position_ids, dynamic, inputs_embeds, True, output_hidden_states)
             cache.load(dynamic)
+            if cache.rotary is None:  # fp32, cast per step as the rotary module does
+                cache.rotary = rotary_table(self.rotary_emb, cache.max_cache_len, out.last_hidden_state.device, torch.float32)
+                if cache.rotary[0].device.type == "cuda":
+                    for table in cache.rotary:
+                        torch._dynamo.mark_static_address(table)
             out.past_key_values = cache
             return out
-        if not torch.compiler.is_compiling():
-            self._check_inputs(input_ids, inputs_embeds, None, 0)
+        if not torch.compiler.is_compiling():  # (token ids come from the model's own outputs; no vocabulary scan here)
             if int(cache.position) >= cache.max_cache_len:
                 raise ValueError(f"the WiolaStaticCache is full (max_cache_len={cache.max_cache_len})")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -275,11 +279,14 @@ class WiolaModel(WiolaPreTrainedModel):
             position_ids = cache.real_count[:, None]
         cache.key_real.index_fill_(1, cache.position, True)
         cum_real = cache.real_count[:, None] + 1
+        mask = cache.key_real[:, None, None, :]
+        if self.config._attn_implementation != "eager":  # an additive mask, built once instead of by SDPA in every layer
+            mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill_(~mask, float("-inf"))
         step = StepInfo(
             real=torch.ones(b, 1, dtype=torch.bool, device=hidden.device), cum_real=cum_real,
-            count=cum_real[..., None].to(torch.float32), padded=False, mask=cache.key_real[:, None, None, :], is_causal=False,
+            count=cum_real[..., None].to(torch.float32), padded=False, mask=mask, is_causal=False,
         )
-        cos, sin = self.rotary_emb(position_ids, hidden.dtype)
+        cos, sin = cache.rotary[0][position_ids][:, None].to(hidden.dtype), cache.rotary[1][position_ids][:, None].to(hidden.dtype)
         hidden, all_hidden, merge_ratios = self._layers(self.dropout(hidden), cos, sin, step, cache, output_hidden_states)
         cache.real_count.add_(1)
         cache.position.add_(1)
