@@ -90,13 +90,13 @@ class WiolaAttention(nn.Module):
     def _context(self, q: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """GCLA: per head, softmax over the ≤Λ layer summaries with the rotated query."""
         b, t, n, _ = context.shape
-        kc = self.k_ctx_proj(context).view(b, t, n, self.num_kv_heads, self.head_dim)
-        vc = self.v_ctx_proj(context).view(b, t, n, self.num_kv_heads, self.head_dim)
-        kc = kc.repeat_interleave(self.n_rep, dim=3).to(q.dtype)
-        vc = vc.repeat_interleave(self.n_rep, dim=3).to(q.dtype)
-        scores = torch.einsum("bhtd,btnhd->bhtn", q, kc) * self.head_dim**-0.5
+        kc = self.k_ctx_proj(context).view(b, t, n, self.num_kv_heads, self.head_dim).to(q.dtype)
+        vc = self.v_ctx_proj(context).view(b, t, n, self.num_kv_heads, self.head_dim).to(q.dtype)
+        # query head h = g·n_rep + r reads kv head g: group the queries instead of repeating the keys
+        qg = q.view(b, self.num_kv_heads, self.n_rep, t, self.head_dim)
+        scores = torch.einsum("bgrtd,btngd->bgrtn", qg, kc) * self.head_dim**-0.5
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        return torch.einsum("bhtn,btnhd->bhtd", probs, vc)
+        return torch.einsum("bgrtn,btngd->bgrtd", probs, vc).reshape(b, self.num_heads, t, self.head_dim)
 
     def forward(self, x, cos, sin, step: StepInfo, context=None, cache: WiolaCacheLayer | None = None):
         b, t, _ = x.shape
@@ -215,7 +215,9 @@ class WiolaModel(WiolaPreTrainedModel):
                 f"sequence of {past + t} tokens ({past} cached + {t} new) exceeds max_position_embeddings="
                 f"{self.config.max_position_embeddings}"
             )
-        if input_ids is not None and not torch.compiler.is_compiling():
+        # the vocabulary scan waits for the device; training on an accelerator skips it (`wiola train` checks
+        # the data's vocabulary once up front) so that steps are not serialised by a sync each
+        if input_ids is not None and not torch.compiler.is_compiling() and not (self.training and input_ids.device.type != "cpu"):
             bad = (input_ids < 0) | (input_ids >= self.config.vocab_size)
             if bad.any():
                 raise ValueError(f"token id {int(input_ids[bad][0])} is outside the vocabulary [0, {self.config.vocab_size})")
