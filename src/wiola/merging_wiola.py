@@ -151,11 +151,12 @@ _compiled_flex = None
 
 
 def _flex_attention(*args, **kwargs):
-    """FlexAttention, compiled once on CUDA (its fast kernel); eager elsewhere (a correct reference)."""
+    """FlexAttention, compiled once on CUDA (its fast kernel) unless already inside a compiled model;
+    eager elsewhere (a correct reference)."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
-    if args[0].device.type != "cuda":
+    if args[0].device.type != "cuda" or torch.compiler.is_compiling():  # inside torch.compile: the outer graph compiles it
         return flex_attention(*args, **kwargs)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
