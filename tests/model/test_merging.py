@@ -122,3 +122,23 @@ def test_training_with_merging_has_gradients():
     loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "layers.2.self_attn.k_proj" in n]
     assert torch.isfinite(loss) and grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("n_rep", [1, 2])
+def test_flex_kernel_in_bf16_stays_within_the_bf16_tolerance(n_rep):
+    """Issue bound for bf16: one ATM layer's attention, fast path against the eager reference, both fed
+    the same bf16 inputs, ≤2e-2 (here on CPU, FlexAttention unfused; on a GPU the fused kernel)."""
+    from wiola.merging_wiola import merged_attention
+
+    g = torch.Generator().manual_seed(0)
+    b, h, t, d = 2, 4, 64, 32
+    q, x = torch.randn(b, h, t, d, generator=g), torch.randn(b, t, 48, generator=g)
+    k, v = torch.randn(b, h // n_rep, t, d, generator=g), torch.randn(b, h // n_rep, t, d, generator=g)
+    real = torch.ones(b, t, dtype=torch.bool)
+    real[1, :9] = False
+    args = [a.to(torch.bfloat16) for a in (q, k, v, x)]
+    with torch.no_grad():
+        fast, joins = merged_attention(*args, real, -1.0, n_rep, "sdpa", kernel="flex")
+        ref, joins_ref = merged_attention(*args, real, -1.0, n_rep, "eager", kernel="mask")
+    assert torch.equal(joins, joins_ref) and joins.sum() > 0
+    torch.testing.assert_close(fast[real[:, None, :].expand(b, h, t)].float(), ref[real[:, None, :].expand(b, h, t)].float(), atol=2e-2, rtol=0)
