@@ -214,13 +214,13 @@ class WiolaStaticLayer(CacheLayerMixin):
         return self.owner.get_seq_length()
 
     def get_max_length(self) -> int:
-        return self.owner.max_cache_len
+        return self.owner.capacity
 
     def get_max_cache_shape(self) -> int:
-        return self.owner.max_cache_len
+        return self.owner.capacity
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner.max_cache_len, 0
+        return self.owner.capacity, 0
 
     def buffers(self) -> dict[str, torch.Tensor]:
         names = {"keys": self.keys, "values": self.values, "_gsa": self._gsa, "_out": self._out, "lengths": self.lengths,
@@ -258,9 +258,9 @@ class WiolaStaticCache(Cache):
         merge = set(config.merge_layers) if config.atm_threshold < 1.0 else set()
         super().__init__(layers=[WiolaStaticLayer(self, i in merge) for i in range(config.num_hidden_layers)])
         self.config = config
-        self.max_cache_len = int(max_cache_len or config.max_position_embeddings)
-        if self.max_cache_len > config.max_position_embeddings:
-            raise ValueError(f"max_cache_len={self.max_cache_len} exceeds max_position_embeddings={config.max_position_embeddings}")
+        self.capacity = int(max_cache_len or config.max_position_embeddings)  # slots per row
+        if self.capacity > config.max_position_embeddings:
+            raise ValueError(f"max_cache_len={self.capacity} exceeds max_position_embeddings={config.max_position_embeddings}")
         self.ready = False  # buffers allocated and filled by a prefill
         self.position: torch.Tensor | None = None  # [1] long: tokens processed, pads included
         self.key_real: torch.Tensor | None = None  # [B, L] bool: slot holds a real token
@@ -268,14 +268,21 @@ class WiolaStaticCache(Cache):
         self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin rows of every slot, set by the model
 
     # ---- transformers Cache API
+    @property
+    def max_cache_len(self) -> int:  # (a read-only property of `Cache` in transformers 5.17)
+        return self.capacity
+
+    def get_max_length(self, layer_idx: int = 0) -> int:
+        return self.capacity
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.position) if self.ready else 0  # a device sync; generate calls it only around the prefill
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.max_cache_len, 0
+        return self.capacity, 0
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
-        return self.max_cache_len
+        return self.capacity
 
     @property
     def is_croppable(self) -> bool:
@@ -341,8 +348,8 @@ class WiolaStaticCache(Cache):
     def load(self, dynamic: WiolaCache) -> None:
         """Copy a `WiolaCache`'s state into the buffers (allocated on first use, or when the batch changes)."""
         seen = dynamic.seen_tokens
-        if seen > self.max_cache_len:
-            raise ValueError(f"{seen} tokens do not fit a WiolaStaticCache of max_cache_len={self.max_cache_len}")
+        if seen > self.capacity:
+            raise ValueError(f"{seen} tokens do not fit a WiolaStaticCache of max_cache_len={self.capacity}")
         first = dynamic.layers[0]
         batch, device = dynamic.real_count.shape[0], dynamic.real_count.device
         if not self.ready or self.key_real.shape[0] != batch or self.key_real.device != device or self.layers[0].keys.dtype != first.keys.dtype:
@@ -376,12 +383,12 @@ class WiolaStaticCache(Cache):
 
         batch, device = dynamic.real_count.shape[0], dynamic.real_count.device
         self.position = buffer(torch.zeros(1, dtype=torch.long, device=device))
-        self.key_real = buffer(dynamic.real_mask, (batch, self.max_cache_len))
+        self.key_real = buffer(dynamic.real_mask, (batch, self.capacity))
         self.real_count = buffer(dynamic.real_count)
         for src, dst in zip(dynamic.layers, self.layers):
             b, h, _, d = src.keys.shape
-            dst.keys = buffer(src.keys, (b, h, self.max_cache_len, d))
-            dst.values = buffer(src.values, (b, h, self.max_cache_len, d))
+            dst.keys = buffer(src.keys, (b, h, self.capacity, d))
+            dst.values = buffer(src.values, (b, h, self.capacity, d))
             dst._gsa, dst._out = buffer(src.gsa_sum), buffer(src.out_sum)
             dst.lengths, dst.last_x, dst.last_real, dst.last_taken = (buffer(getattr(src, n)) for n in ("lengths", "last_x", "last_real", "last_taken"))
             dst.is_initialized, dst.dtype, dst.device = True, src.keys.dtype, src.keys.device

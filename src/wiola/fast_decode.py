@@ -100,8 +100,8 @@ class StaticDecoder:
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must have shape [batch, prompt_len] with prompt_len ≥ 1, got {tuple(input_ids.shape)}")
         total = input_ids.shape[1] + max_new_tokens
-        if total > self.cache.max_cache_len:
-            raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the cache of {self.cache.max_cache_len} slots")
+        if total > self.cache.capacity:
+            raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the cache of {self.cache.capacity} slots")
         self.model.eval()
         generator = None
         if do_sample:

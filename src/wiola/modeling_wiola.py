@@ -266,15 +266,15 @@ class WiolaModel(WiolaPreTrainedModel):
             out = self.forward(input_ids, attention_mask, position_ids, dynamic, inputs_embeds, True, output_hidden_states)
             cache.load(dynamic)
             if cache.rotary is None:  # fp32, cast per step as the rotary module does
-                cache.rotary = rotary_table(self.rotary_emb, cache.max_cache_len, out.last_hidden_state.device, torch.float32)
+                cache.rotary = rotary_table(self.rotary_emb, cache.capacity, out.last_hidden_state.device, torch.float32)
                 if cache.rotary[0].device.type == "cuda":
                     for table in cache.rotary:
                         torch._dynamo.mark_static_address(table)
             out.past_key_values = cache
             return out
         if not torch.compiler.is_compiling():  # (token ids come from the model's own outputs; no vocabulary scan here)
-            if int(cache.position) >= cache.max_cache_len:
-                raise ValueError(f"the WiolaStaticCache is full (max_cache_len={cache.max_cache_len})")
+            if int(cache.position) >= cache.capacity:
+                raise ValueError(f"the WiolaStaticCache is full (max_cache_len={cache.capacity})")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b = hidden.shape[0]
         if position_ids is None:
