@@ -181,22 +181,14 @@ class WiolaStaticLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states, value_states) -> None:  # buffers come from `WiolaStaticCache.load`
         raise RuntimeError("a WiolaStaticCache layer is filled by WiolaStaticCache.load (the prefill), not by update()")
 
-    # running sums: attribute-style access shared with `WiolaCacheLayer`; assignment writes in place
+    # running sums, read like `WiolaCacheLayer`'s; written only through `accumulate`
     @property
     def gsa_sum(self) -> torch.Tensor | None:
         return self._gsa
 
-    @gsa_sum.setter
-    def gsa_sum(self, value: torch.Tensor) -> None:
-        self._gsa.copy_(value)
-
     @property
     def out_sum(self) -> torch.Tensor | None:
         return self._out
-
-    @out_sum.setter
-    def out_sum(self, value: torch.Tensor) -> None:
-        self._out.copy_(value)
 
     def accumulate(self, name: str, running: torch.Tensor) -> torch.Tensor:
         """One decode step (`running` is `[B, 1, n]`): add it to the stored total in place and return the total."""
