@@ -103,8 +103,12 @@ def test_static_cache_limits_and_refusals():
 def test_generate_with_static_cache_equals_default(variant):
     model = build(eos_token_id=None, **VARIANTS[variant])
     ids, mask = padded_prompt()
-    for kw in (dict(do_sample=False), dict(do_sample=False, num_beams=2, num_return_sequences=2)):
+    from transformers import set_seed
+
+    for kw in (dict(do_sample=False), dict(do_sample=False, num_beams=2, num_return_sequences=2), dict(do_sample=True, top_k=10)):
+        set_seed(3)
         expected = model.generate(ids, attention_mask=mask, max_new_tokens=10, **kw)
+        set_seed(3)
         got = model.generate(ids, attention_mask=mask, max_new_tokens=10, cache_implementation="static", **kw)
         assert torch.equal(got, expected), kw
 
