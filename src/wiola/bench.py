@@ -109,13 +109,14 @@ def llama_static_loop(model, new_tokens: int, max_cache_len: int, compile: bool,
     `run(ids) -> generated ids`."""
     from transformers import StaticCache
 
+    from wiola.compat_wiola import CACHE_KWARG
     from wiola.fast_decode import CompiledStep
 
     device = next(model.parameters()).device
     cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
 
     def one(tokens, positions):
-        return model(input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
+        return model(input_ids=tokens, position_ids=positions, **{CACHE_KWARG: cache}, use_cache=True).logits[:, -1]
 
     step = CompiledStep(one, compile, device, backend)
 
@@ -123,7 +124,7 @@ def llama_static_loop(model, new_tokens: int, max_cache_len: int, compile: bool,
         cache.reset()
         b, n = ids.shape
         positions = torch.arange(n, device=device)[None].expand(b, n)
-        logits = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=ids, position_ids=positions, **{CACHE_KWARG: cache}, use_cache=True).logits[:, -1]
         out = []
         for i in range(new_tokens):
             token = logits.argmax(dim=-1)

@@ -36,7 +36,7 @@ class WiolaConfig(PreTrainedConfig):
     `swiglu`, `rmsnorm`) the model is exactly a LLaMA decoder of the same shape."""
 
     model_type = "wiola"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     vocab_size: int = 32000
     hidden_size: int = 256

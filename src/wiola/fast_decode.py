@@ -76,7 +76,7 @@ class StaticDecoder:
         self.step = CompiledStep(self._step, compile, self.device, backend)
 
     def _step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=tokens, past_key_values=self.cache, use_cache=True).logits[:, -1]
+        return self.model(input_ids=tokens, cache=self.cache, use_cache=True).logits[:, -1]
 
     @torch.no_grad()
     def generate(
@@ -109,7 +109,7 @@ class StaticDecoder:
             generator.manual_seed(seed if seed is not None else torch.seed())
         input_ids = input_ids.to(self.device)
         self.cache.reset()
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=self.cache, use_cache=True).logits[:, -1]
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=self.cache, use_cache=True).logits[:, -1]
         if streamer is not None:
             streamer.put(input_ids.cpu())
         pad = pad_token_id if pad_token_id is not None else eos_token_id

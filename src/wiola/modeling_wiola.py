@@ -19,6 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .cache_wiola import WiolaCache, WiolaCacheLayer, WiolaStaticCache
+from .compat_wiola import CACHE_KWARG, kwargs_cache, output_cache, pick_cache
 from .components_wiola import WiolaRMSNorm, WiolaRotaryEmbedding, apply_rotary, attend, build_mlp, build_norm, repeat_kv, rotary_table
 from .configuration_wiola import WiolaConfig
 from .merging_wiola import merged_attention
@@ -146,8 +147,10 @@ class WiolaDecoderLayer(GradientCheckpointingLayer):
         self.mlp = build_mlp(config)
         self.dropout = config.hidden_dropout
 
-    def forward(self, hidden_states, cos, sin, step, context=None, past_key_values=None):
-        cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+    def forward(self, hidden_states, cos, sin, step, context=None, cache=None, past_key_values=None):
+        # the cache arrives under the name the installed transformers uses (gradient checkpointing drops it by name)
+        cache = pick_cache(cache, past_key_values)
+        cache = cache.layers[self.layer_idx] if cache is not None else None
         attn, merged = self.self_attn(self.input_layernorm(hidden_states), cos, sin, step, context, cache)
         if self.dropout:  # residual dropout (nanoGPT style) on both branches; skipped entirely at p = 0
             attn = F.dropout(attn, self.dropout, self.training)
@@ -164,7 +167,7 @@ class WiolaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["WiolaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -240,7 +243,7 @@ class WiolaModel(WiolaPreTrainedModel):
         merge_ratios: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             context = torch.stack(summaries[-lookback:], dim=2).to(hidden.dtype) if gcla and summaries else None
-            hidden, merged = layer(hidden, cos, sin, step, context=context, past_key_values=cache)
+            hidden, merged = layer(hidden, cos, sin, step, context=context, **{CACHE_KWARG: cache})
             if merged is not None:
                 merge_ratios[i] = merged.sum() / real.sum().clamp(min=1)
             if gcla and i < len(self.layers) - 1:
@@ -270,7 +273,7 @@ class WiolaModel(WiolaPreTrainedModel):
                 if cache.rotary[0].device.type == "cuda":
                     for table in cache.rotary:
                         torch._dynamo.mark_static_address(table)
-            out.past_key_values = cache
+            setattr(out, CACHE_KWARG, cache)
             return out
         if not torch.compiler.is_compiling():  # (token ids come from the model's own outputs; no vocabulary scan here)
             if int(cache.position) >= cache.capacity:
@@ -292,7 +295,7 @@ class WiolaModel(WiolaPreTrainedModel):
         hidden, all_hidden, merge_ratios = self._layers(self.dropout(hidden), cos, sin, step, cache, output_hidden_states)
         cache.real_count.add_(1)
         cache.position.add_(1)
-        return WiolaModelOutput(last_hidden_state=hidden, past_key_values=cache, hidden_states=all_hidden, merge_ratios=merge_ratios or None)
+        return WiolaModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, merge_ratios=merge_ratios or None, **{CACHE_KWARG: cache})
 
     def forward(
         self,
@@ -304,8 +307,10 @@ class WiolaModel(WiolaPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: WiolaCache | None = None,
         **kwargs,
     ) -> WiolaModelOutput:
+        past_key_values = pick_cache(cache, past_key_values)  # `cache` from transformers ≥ 5.24, `past_key_values` before
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         if isinstance(past_key_values, WiolaStaticCache) and use_cache:
@@ -351,7 +356,7 @@ class WiolaModel(WiolaPreTrainedModel):
             cache.real_mask = key_real
             cache.real_count = cum_real[:, -1]
         self.last_merge_ratios = merge_ratios
-        return WiolaModelOutput(last_hidden_state=hidden, past_key_values=cache, hidden_states=all_hidden, merge_ratios=merge_ratios or None)
+        return WiolaModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, merge_ratios=merge_ratios or None, **{CACHE_KWARG: cache})
 
 
 class WiolaForCausalLM(WiolaPreTrainedModel, GenerationMixin):
@@ -376,13 +381,14 @@ class WiolaForCausalLM(WiolaPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
+        cache: WiolaCache | None = None,
         **kwargs,
     ) -> WiolaCausalLMOutput:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=pick_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -398,27 +404,29 @@ class WiolaForCausalLM(WiolaPreTrainedModel, GenerationMixin):
         return WiolaCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             merge_ratios=outputs.merge_ratios,
+            **{CACHE_KWARG: output_cache(outputs)},
         )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
         """Generation always runs on a `WiolaCache` (unless the user passed a cache or use_cache=False)."""
-        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+        if kwargs_cache(model_kwargs) is not None or generation_config.use_cache is False:
             return super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
         implementation = generation_config.cache_implementation
+        # under the name the installed generate reads and feeds back (`cache` from 5.24, `past_key_values` before)
         if implementation == "static":
-            model_kwargs["past_key_values"] = WiolaStaticCache(self.config, max_cache_len=max_cache_length)
+            model_kwargs[CACHE_KWARG] = WiolaStaticCache(self.config, max_cache_len=max_cache_length)
         elif implementation in (None, "dynamic"):
-            model_kwargs["past_key_values"] = WiolaCache(self.config)
+            model_kwargs[CACHE_KWARG] = WiolaCache(self.config)
         else:
             raise ValueError(f"WiolaForCausalLM supports cache_implementation 'dynamic' (WiolaCache) or 'static' (WiolaStaticCache), not {implementation!r}")
 
-    def create_masks_for_generate(self, attention_mask=None, past_key_values=None, is_first_iteration=False, **kwargs):
+    def create_masks_for_generate(self, attention_mask=None, past_key_values=None, is_first_iteration=False, cache=None, **kwargs):
         """Called by `generate` for compileable caches. The prompt keeps its 2-D mask; the static decode
         step needs none (its state holds which slots are real), and a growing mask would change shape
         every step and defeat the compiled step."""
+        past_key_values = pick_cache(cache, past_key_values)
         if isinstance(past_key_values, WiolaStaticCache) and past_key_values.ready and not is_first_iteration:
             return None
         return attention_mask

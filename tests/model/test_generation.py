@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from wiola.compat_wiola import output_cache
 
 from wiola import WiolaCache
 
@@ -39,8 +40,8 @@ def test_greedy_generate_equals_argmax_loop(model):
 def test_generate_uses_wiola_cache(model):
     ids = random_ids(1, 5)
     out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, WiolaCache)
-    assert out.past_key_values.get_seq_length() == 5 + 3 - 1
+    assert isinstance(output_cache(out), WiolaCache)
+    assert output_cache(out).get_seq_length() == 5 + 3 - 1
 
 
 def test_seeded_sampling_is_reproducible(model):

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from wiola.compat_wiola import output_cache
 
 from wiola.merging_wiola import take_edges
 
@@ -45,7 +46,7 @@ def test_cache_holds_t_minus_merged_pairs(threshold):
     mask = torch.ones_like(ids)
     mask[1, :6] = 0
     out = model(ids, attention_mask=mask, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     real = mask.sum(1)
     for i, layer in enumerate(cache.layers):
         if i in model.config.merge_layers:
@@ -108,7 +109,7 @@ def test_flex_kernel_equals_eager_reference(threshold, heads):
         torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
         # a flex prefill leaves the same compacted cache: decoding on from it matches the full forward
         out = flex(ids[:, :30], attention_mask=mask[:, :30], use_cache=True)
-        cache, logits = out.past_key_values, [out.logits]
+        cache, logits = output_cache(out), [out.logits]
         for t in range(30, 40):
             step = flex(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True)
             logits.append(step.logits)

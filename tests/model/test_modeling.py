@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from wiola.compat_wiola import enable_checkpointing, output_cache
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from wiola import WiolaForCausalLM
@@ -21,7 +22,7 @@ def chunked_logits(model, ids, chunks, attention_mask=None):
         end = start + size
         mask = None if attention_mask is None else attention_mask[:, :end]
         o = model(ids[:, start:end], attention_mask=mask, past_key_values=cache, use_cache=True)
-        cache = o.past_key_values
+        cache = output_cache(o)
         out.append(o.logits)
         start = end
     return torch.cat(out, dim=1), cache
@@ -138,7 +139,7 @@ def test_gradient_checkpointing_same_gradients(overrides):
     for checkpointing in (False, True):
         model = build(**overrides).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # noqa
+            enable_checkpointing(model)
         model(ids, labels=ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > len(list(model.parameters())) // 2
