@@ -222,7 +222,7 @@ def test_untied_head_is_required(tmp_path):
 def test_tied_head_that_differs_from_embeddings_is_rejected(tmp_path):
     src = _copy(PAPER, tmp_path)
     _edit_weights(src, lambda t: t.__setitem__("lm_head.weight", torch.randn_like(t["model.embed_tokens.weight"])))
-    with pytest.raises(WiolaError, match="tied.*lm_head.weight differs"):
+    with pytest.raises(WiolaError, match="tied.*different lm_head.weight and model.embed_tokens.weight"):
         load_source_checkpoint(src)
 
 
@@ -347,3 +347,41 @@ def test_cli_convert_success_and_errors(tmp_path, capsys):
     assert main(["convert", str(bad), str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.norm.weight" in err
+
+
+@pytest.mark.parametrize("keep", ["both", "embed_tokens", "lm_head"])
+def test_tied_checkpoint_with_either_or_both_names_converts(tmp_path, keep):
+    """Tied checkpoints store the shared matrix under both names (.bin), only the embeddings
+    (save_pretrained) or only lm_head.weight (safetensors' save_model): all three convert exactly."""
+    from safetensors.torch import save_model
+
+    llama, src = _random_llama(tmp_path, tied=True)
+    state = {k: v.clone() for k, v in llama.state_dict().items()}
+    (src / "model.safetensors").unlink()
+    if keep == "lm_head":
+        save_model(llama, str(src / "model.safetensors"))  # dedups tied tensors, keeping one name
+        assert "model.embed_tokens.weight" not in load_file(str(src / "model.safetensors"))
+    else:
+        if keep == "embed_tokens":
+            state.pop("lm_head.weight")
+        save_file(state, str(src / "model.safetensors"))
+    model = convert_checkpoint(src, tmp_path / "out", quiet=True)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, use_cache=False).logits, llama(ids).logits, atol=1e-4, rtol=0)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_reference_layer0_context_tensors_are_dropped_with_logits_unchanged(tmp_path, capsys):
+    """wiola 0.1.x stores GCLA context projections and a blend on layer 0, which never reads them;
+    conversion drops them (this library does not build them) and the logits still match the reference."""
+    ref_tensors = load_file(str(PAPER / "model.safetensors"))
+    assert "model.layers.0.attn.k_ctx_proj.weight" in ref_tensors and "model.layers.0.attn.blend_logit" in ref_tensors
+    model = convert_checkpoint(PAPER, tmp_path / "out", quiet=False)
+    assert "Dropped layer 0's unused GCLA tensors" in capsys.readouterr().out
+    names = dict(model.named_parameters())
+    assert not any(n.startswith("model.layers.0.self_attn.") and ("ctx" in n or "blend" in n) for n in names)
+    assert names["model.layers.1.self_attn.blend_logit"].shape == (1,)
+    ref = load_file(str(PAPER / "reference.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ref["input_ids"], use_cache=False).logits, ref["logits"], atol=1e-4, rtol=0)

@@ -177,8 +177,10 @@ def count_parameters(config: WiolaConfig) -> int:
     attn = d * h * dh * 2 + d * kv * dh * 2
     if config.attention_gate == "gsa":
         attn += h * dh + h * h + h
+    context = 0
     if config.cross_layer_context == "gcla":
-        attn += 2 * d * kv * dh + d * h * dh + 1
+        attn += d * h * dh  # the output gate, on every layer
+        context = (config.num_hidden_layers - 1) * (2 * d * kv * dh + 1)  # W_kc, W_vc and φ from layer 1 on
     w = config.intermediate_size
     mlp = {
         "swiglu": 3 * d * w,
@@ -188,7 +190,7 @@ def count_parameters(config: WiolaConfig) -> int:
     }[config.mlp]
     norm = d * (2 if config.norm == "wiola_rmsnorm" else 1)
     embed = config.vocab_size * d * (1 if config.tie_word_embeddings else 2)
-    return embed + config.num_hidden_layers * (attn + mlp + 2 * norm) + norm
+    return embed + config.num_hidden_layers * (attn + mlp + 2 * norm) + context + norm
 
 
 def llama_baseline(config: "WiolaConfig") -> "WiolaConfig":

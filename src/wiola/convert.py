@@ -336,13 +336,12 @@ def load_source_checkpoint(src: str | Path, keep_atm: bool = False):
     tensors, read_from = read_weights(src)
     tensors, origin = rename_weights(tensors, kind)
 
+    if kind == "wiola-0.1":
+        notes += _drop_dead_context(tensors, origin)
+
     tied = config.tie_word_embeddings
-    if tied and "lm_head.weight" in tensors:
-        embed = tensors.get("model.embed_tokens.weight")
-        if embed is None or embed.shape != tensors["lm_head.weight"].shape or not torch.equal(embed, tensors["lm_head.weight"]):
-            raise WiolaError("config.json says the head is tied to the embeddings, but the checkpoint's lm_head.weight "
-                             "differs from model.embed_tokens.weight")
-        del tensors["lm_head.weight"]  # a duplicate of the embeddings (PyTorch .bin files store both)
+    if tied:
+        _untie(tensors, origin)
 
     model = WiolaForCausalLM(config)
     expected = {key: value.shape for key, value in model.state_dict().items()}
@@ -360,6 +359,44 @@ def load_source_checkpoint(src: str | Path, keep_atm: bool = False):
     report = ConversionReport(kind, raw.get("transformers_version"), model.num_parameters(), len(tensors) - int(tied),
                               notes + [f"Weights read from {read_from} ({str(dtype).removeprefix('torch.')})."])
     return model, report
+
+
+def _drop_dead_context(tensors: dict, origin: dict) -> list[str]:
+    """wiola 0.1.x builds GCLA context projections and a blend on layer 0, which has no earlier layer and
+    never reads them (SPEC §2.3); this library does not build them. Drop them, and store φ as a 1-element
+    tensor (the reference keeps a scalar)."""
+    dropped = [key for key in ("model.layers.0.self_attn.k_ctx_proj.weight", "model.layers.0.self_attn.v_ctx_proj.weight",
+                               "model.layers.0.self_attn.blend_logit") if tensors.pop(key, None) is not None]
+    for key in dropped:
+        origin.pop(key, None)
+    for key, tensor in tensors.items():
+        if key.endswith("self_attn.blend_logit") and tensor.dim() == 0:
+            tensors[key] = tensor.reshape(1)
+    if not dropped:
+        return []
+    return [f"Dropped layer 0's unused GCLA tensors ({', '.join(k.rsplit('.', 2)[-2] if k.endswith('weight') else 'blend_logit' for k in dropped)})."]
+
+
+def _untie(tensors: dict, origin: dict) -> None:
+    """A tied checkpoint may store the shared matrix under either name or under both: safetensors'
+    `save_model` keeps only `lm_head.weight`, `save_pretrained` only the embeddings, PyTorch .bin files both.
+    Leave it under `model.embed_tokens.weight` alone."""
+    embed, head = tensors.get("model.embed_tokens.weight"), tensors.get("lm_head.weight")
+    if head is None:
+        return  # embeddings only (or neither: the missing-tensor check names it)
+    if embed is None:
+        tensors["model.embed_tokens.weight"] = tensors.pop("lm_head.weight")
+        origin["model.embed_tokens.weight"] = origin.pop("lm_head.weight", "lm_head.weight")
+        return
+    if embed.shape != head.shape:
+        raise WiolaError(f"config.json says the head is tied to the embeddings, but the checkpoint's lm_head.weight has "
+                         f"shape {list(head.shape)} and model.embed_tokens.weight {list(embed.shape)}")
+    if not torch.equal(embed, head):
+        raise WiolaError("config.json says the head is tied to the embeddings (tie_word_embeddings), but the checkpoint "
+                         "holds different lm_head.weight and model.embed_tokens.weight; set tie_word_embeddings to false "
+                         "in its config.json if the head is really separate")
+    del tensors["lm_head.weight"]
+    origin.pop("lm_head.weight", None)
 
 
 def _check_destination(src: Path, dst: Path, force: bool) -> None:

@@ -67,11 +67,15 @@ class WiolaAttention(nn.Module):
             self.gate_fc1 = nn.Linear(self.head_dim, self.num_heads, bias=False)
             self.gate_fc2 = nn.Linear(self.num_heads, self.num_heads, bias=True)
         self.cross_layer = config.cross_layer_context == "gcla"
+        # layer 0 has no earlier layer to read: no context projections and no blend (they could never learn)
+        self.has_context = self.cross_layer and layer_idx > 0
         if self.cross_layer:
+            self.output_gate_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
+        if self.has_context:
             self.k_ctx_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
             self.v_ctx_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-            self.output_gate_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
-            self.blend_logit = nn.Parameter(torch.tensor(float(config.gcla_gate_init)))
+            # φ as a 1-element tensor, not a scalar: FSDP2 cannot shard 0-d parameters
+            self.blend_logit = nn.Parameter(torch.full((1,), float(config.gcla_gate_init)))
         self.merging = layer_idx in config.merge_layers and config.atm_threshold < 1.0
         # plain attributes: reading a transformers config field costs microseconds on every decode step
         self.gate_pre_rope, self.attention_dropout = config.gate_pre_rope, config.attention_dropout
@@ -127,7 +131,7 @@ class WiolaAttention(nn.Module):
                 k, v = cache.update(k, v)
             out = attend(q_self, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep), step.mask, step.is_causal, implementation, dropout)
         if self.cross_layer:
-            if context is not None:
+            if context is not None and self.has_context:
                 beta = torch.sigmoid(self.blend_logit.float()).to(out.dtype)
                 out = (1.0 - beta) * out + beta * self._context(q, context)
             out = out.transpose(1, 2).reshape(b, t, -1)
@@ -184,7 +188,7 @@ class WiolaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, WiolaAttention):
             if module.gated:
                 init.zeros_(module.gate_fc2.bias)
-            if module.cross_layer:
+            if module.has_context:
                 init.constant_(module.blend_logit, float(self.config.gcla_gate_init))
         elif isinstance(module, WiolaRotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq())

@@ -196,6 +196,41 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     return get_optimizer_state_dict(model, optimizer, options=_FULL)
 
 
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load a full (parameter-name keyed) optimizer state into the optimizer of a plain, DDP or FSDP2 model."""
+def _plain_name(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in ("module", "_orig_mod"))
+
+
+def complete_optimizer_state(model: nn.Module, state: dict[str, Any]) -> list[str]:
+    """Give every parameter that has no optimizer state yet a fresh one, in place; returns their names.
+
+    AdamW creates a parameter's state at its first gradient, so a parameter that has never had one (a frozen
+    or not-yet-used part of the model) is absent from a checkpoint. Zero moments at step 0 are exactly the
+    state AdamW would create on the first gradient, so resuming continues as the uninterrupted run would."""
+    saved = state.get("state", {})
+    if not saved:
+        return []  # nothing was stepped yet: the optimizer starts fresh as it is
+    template = next(iter(saved.values()))
+    shapes = {_plain_name(name): tuple(p.shape) for name, p in model.named_parameters()}  # global shapes (DTensor too)
+    missing = [name for group in state.get("param_groups", []) for name in group.get("params", []) if name not in saved]
+    for name in missing:
+        shape = shapes.get(_plain_name(str(name)))
+        if shape is None:
+            continue
+        fresh = {}
+        for key, value in template.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                fresh[key] = torch.zeros(shape, dtype=value.dtype, device=value.device)
+            elif torch.is_tensor(value):
+                fresh[key] = torch.zeros_like(value)  # the step counter
+            else:
+                fresh[key] = type(value)(0) if isinstance(value, (int, float)) else value
+        saved[name] = fresh
+    return [str(name) for name in missing]
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> list[str]:
+    """Load a full (parameter-name keyed) optimizer state into the optimizer of a plain, DDP or FSDP2 model.
+    Parameters without state in `state` start fresh (see `complete_optimizer_state`); returns their names."""
+    fresh = complete_optimizer_state(model, state)
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    return fresh

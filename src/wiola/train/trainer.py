@@ -117,7 +117,11 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def _restore(self, state: dict[str, Any]) -> None:
-        distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        fresh = distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        if fresh and self.dist.is_main:
+            shown = ", ".join(fresh[:3]) + (f" and {len(fresh) - 3} more" if len(fresh) > 3 else "")
+            print(f"resume: {len(fresh)} parameter(s) had no optimizer state yet (no gradient so far): {shown}; "
+                  "they start fresh, as they would have", file=sys.stderr)
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_batches.load_state_dict(state["data"])
         self.step = int(state["step"])
