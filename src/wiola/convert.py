@@ -7,6 +7,8 @@ Supported sources (told apart by `config.json`, since both reference packages wr
 * `wiola` 0.1.x (paper: SRPE + GCLA + ATM + DSFF + WiolaRMSNorm): fields `dsff_*`, `srpe_*`, `gcla_*`,
   `atm_*`; weights are renamed (`attn.*` -> `self_attn.*`, `ffn.*` -> `mlp.*`, norms).
 * HF LLaMA (`model_type: "llama"`): every novelty off, names unchanged.
+* wiola 0.2.0.dev checkpoints with the old GCLA layout (dead layer-0 tensors, scalar φ): upgraded
+  (`wiola.legacy`); other native checkpoints need no conversion.
 
 The converter reads `model.safetensors`, sharded safetensors or `pytorch_model.bin`, renames the
 tensors, checks that every expected tensor is there with the right shape and that nothing is left
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from wiola import legacy
 from wiola.errors import WiolaError
 
 # Generic fields that any transformers config.json may carry and that never change the math.
@@ -61,7 +64,8 @@ REQUIRED_FIELDS = {
     "wiola-0.1": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "dsff_narrow_size", "dsff_wide_size"),
     "llama": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
 }
-LABELS = {"wiola13m": "wiola13m 1.0.x", "wiola-0.1": "wiola 0.1.x", "llama": "HF LLaMA"}
+LABELS = {"wiola13m": "wiola13m 1.0.x", "wiola-0.1": "wiola 0.1.x", "llama": "HF LLaMA",
+          "wiola-0.2-dev": "wiola 0.2.0.dev (old GCLA layout)"}
 WIOLA13M_MARKERS = {"spiral_alpha", "gate_pre_rope", "use_attention_gate"}
 WIOLA01_PREFIXES = ("dsff_", "srpe_", "gcla_", "atm_")
 NATIVE_MARKERS = {"position_encoding", "attention_gate", "cross_layer_context", "token_merging", "mlp", "norm"}
@@ -327,6 +331,8 @@ def load_source_checkpoint(src: str | Path, keep_atm: bool = False):
 
     src = Path(src)
     raw = read_source_config(src)
+    if raw.get("model_type") == "wiola" and NATIVE_MARKERS & raw.keys() and legacy.needs_upgrade(src):
+        return _upgrade_native(src, raw)
     kind = detect_kind(raw)
     kwargs, notes = map_config(raw, kind, keep_atm)
     try:
@@ -361,17 +367,25 @@ def load_source_checkpoint(src: str | Path, keep_atm: bool = False):
     return model, report
 
 
+def _upgrade_native(src: Path, raw: dict):
+    """A checkpoint of wiola 0.2.0.dev with the old GCLA layout (see `wiola.legacy`), upgraded."""
+    try:
+        model = legacy.load_upgraded(src)
+    except (ValueError, TypeError, OSError) as exc:
+        raise WiolaError(f"cannot upgrade {src}: {exc}") from None
+    report = ConversionReport("wiola-0.2-dev", raw.get("transformers_version"), model.num_parameters(),
+                              len(model.state_dict()) - int(model.config.tie_word_embeddings),
+                              ["Dropped layer 0's unused GCLA tensors and made each blend_logit a 1-element tensor."])
+    return model, report
+
+
 def _drop_dead_context(tensors: dict, origin: dict) -> list[str]:
     """wiola 0.1.x builds GCLA context projections and a blend on layer 0, which has no earlier layer and
     never reads them (SPEC §2.3); this library does not build them. Drop them, and store φ as a 1-element
     tensor (the reference keeps a scalar)."""
-    dropped = [key for key in ("model.layers.0.self_attn.k_ctx_proj.weight", "model.layers.0.self_attn.v_ctx_proj.weight",
-                               "model.layers.0.self_attn.blend_logit") if tensors.pop(key, None) is not None]
+    dropped = legacy.upgrade_state_dict(tensors)
     for key in dropped:
         origin.pop(key, None)
-    for key, tensor in tensors.items():
-        if key.endswith("self_attn.blend_logit") and tensor.dim() == 0:
-            tensors[key] = tensor.reshape(1)
     if not dropped:
         return []
     return [f"Dropped layer 0's unused GCLA tensors ({', '.join(k.rsplit('.', 2)[-2] if k.endswith('weight') else 'blend_logit' for k in dropped)})."]

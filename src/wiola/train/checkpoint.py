@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from wiola import legacy
 from wiola.errors import WiolaError
 
 STATE_FILE = "trainer_state.pt"
@@ -220,7 +222,12 @@ def load_for_inference(path: str | Path, device: torch.device):
 
     model_dir = find_model_dir(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if legacy.needs_upgrade(model_dir):
+            model = legacy.load_upgraded(model_dir, torch.float32)
+            print(f"note: {model_dir} has the GCLA layout of wiola 0.2.0.dev (dead layer-0 tensors); upgraded in memory, "
+                  f"`wiola convert {model_dir} NEW_DIR` rewrites it", file=sys.stderr)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as exc:
         raise WiolaError(f"cannot load a model from {model_dir}: {exc}") from exc
     try:
@@ -232,7 +239,9 @@ def load_for_inference(path: str | Path, device: torch.device):
 
 def load_weights_into(model: torch.nn.Module, path: Path) -> None:
     """Load checkpoint weights into an unwrapped model; only tied aliases (e.g. the LM head) may be absent."""
-    result = model.load_state_dict(load_weights(path), strict=False)
+    state = load_weights(path)
+    legacy.upgrade_state_dict(state)  # a checkpoint of wiola 0.2.0.dev's GCLA layout resumes too
+    result = model.load_state_dict(state, strict=False)
     aliases = tied_aliases(model)
     missing = [k for k in result.missing_keys if k not in aliases]
     if missing or result.unexpected_keys:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 
+from wiola import legacy
 from wiola.errors import WiolaError
 from wiola.train import batches, checkpoint, distributed
 from wiola.train.config import (
@@ -117,6 +118,7 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def _restore(self, state: dict[str, Any]) -> None:
+        legacy.upgrade_optimizer_state(state["optimizer"])  # wiola 0.2.0.dev's GCLA layout
         fresh = distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         if fresh and self.dist.is_main:
             shown = ", ".join(fresh[:3]) + (f" and {len(fresh) - 3} more" if len(fresh) > 3 else "")
