@@ -47,7 +47,7 @@ for v in "${VERSIONS[@]}"; do
   fi
   echo "[compat] transformers $v: running ${SUITES}"
   # -W error: a FutureWarning or DeprecationWarning raised from our code paths fails the run
-  if "$venv/bin/python" -m pytest $SUITES -q -p no:cacheprovider -x \
+  if "$venv/bin/python" -m pytest $SUITES -p no:cacheprovider -x \
        -W "error::FutureWarning" -W "ignore::FutureWarning:torch" >>"$log" 2>&1; then
     summary=$(grep -E "^[0-9]+ passed" "$log" | tail -1)
     LINES+=("transformers $v (torch ${got#* })  PASS  ${summary}  [$(( $(date +%s) - start )) s]")

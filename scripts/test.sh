@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec "${WIOLA_VENV:-.venv}/bin/python" -m pytest tests -q -p no:cacheprovider "$@"
+exec "${WIOLA_VENV:-.venv}/bin/python" -m pytest tests -p no:cacheprovider "$@"  # (pyproject.toml adds -q)
