@@ -47,6 +47,18 @@ class StepInfo:
     padded: bool  # some token (new or cached) is padding
     mask: torch.Tensor | None  # [B or 1, 1, T, S] bool for plain layers, or None
     is_causal: bool  # plain layers: no mask needed beyond plain causality
+    doc: torch.Tensor | None = None  # [B, T] long document index of each token in a packed row, or None
+    doc_first: torch.Tensor | None = None  # [B, T] long position where each token's document starts
+
+    def running_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal running sums of `x` [B, T, n] along T; in a packed row they restart at each document."""
+        if x.shape[1] == 1:
+            return x
+        total = x.cumsum(dim=1)
+        if self.doc_first is None:
+            return total
+        before = torch.cat([torch.zeros_like(total[:, :1]), total[:, :-1]], dim=1)  # sums up to t - 1
+        return total - before.gather(1, self.doc_first[..., None].expand(-1, -1, x.shape[-1]))
 
 
 class WiolaAttention(nn.Module):
@@ -85,7 +97,7 @@ class WiolaAttention(nn.Module):
         """GSA: g_t = σ(W2 SiLU(W1 c_t) + b2), c_t the causal mean of head-mean queries over real tokens."""
         if step.padded:
             m = m * step.real[..., None]
-        running = m.cumsum(dim=1) if m.shape[1] > 1 else m
+        running = step.running_sum(m)
         if cache is not None:
             running = cache.accumulate("gsa_sum", running)
         c = (running / step.count).to(self.gate_fc1.weight.dtype)
@@ -124,7 +136,7 @@ class WiolaAttention(nn.Module):
             kernel = self.atm_kernel
             if kernel == "auto":
                 kernel = "flex" if x.device.type == "cuda" else "mask"
-            out, merged = merged_attention(q_self, k, v, x, step.real, self.atm_threshold, self.n_rep, implementation, dropout, cache, kernel)
+            out, merged = merged_attention(q_self, k, v, x, step.real, self.atm_threshold, self.n_rep, implementation, dropout, cache, kernel, step.doc)
         else:
             merged = None
             if cache is not None:
@@ -247,12 +259,13 @@ class WiolaModel(WiolaPreTrainedModel):
         merge_ratios: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             context = torch.stack(summaries[-lookback:], dim=2).to(hidden.dtype) if gcla and summaries else None
-            hidden, merged = layer(hidden, cos, sin, step, context=context, **{CACHE_KWARG: cache})
+            # context goes positionally: reentrant checkpointing sees only positional tensors as inputs
+            hidden, merged = layer(hidden, cos, sin, step, context, **{CACHE_KWARG: cache})
             if merged is not None:
                 merge_ratios[i] = merged.sum() / real.sum().clamp(min=1)
             if gcla and i < len(self.layers) - 1:
                 running = hidden.float() * real[..., None] if step.padded else hidden.float()
-                running = running.cumsum(dim=1) if t > 1 else running
+                running = step.running_sum(running)
                 if cache is not None:
                     running = cache.layers[i].accumulate("out_sum", running)
                 summaries.append(running / step.count)
@@ -262,6 +275,19 @@ class WiolaModel(WiolaPreTrainedModel):
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden,)
         return hidden, all_hidden, merge_ratios
+
+    @staticmethod
+    def _documents(step: StepInfo, starts: torch.Tensor, device) -> None:
+        """Per-document bookkeeping of a packed batch `starts` [B, T] (True where a document begins)."""
+        t = starts.shape[1]
+        pos = torch.arange(t, device=device)
+        step.doc = starts.long().cumsum(dim=1)
+        step.doc_first = torch.where(starts, pos[None, :], torch.zeros_like(pos)[None, :]).cummax(dim=1).values
+        step.cum_real = pos[None, :] + 1 - step.doc_first
+        step.count = step.cum_real[..., None].to(torch.float32)
+        same = step.doc[:, :, None] == step.doc[:, None, :]
+        step.mask = (same & (pos[None, :] <= pos[:, None])[None])[:, None]
+        step.is_causal = False
 
     def _static_forward(self, input_ids, inputs_embeds, attention_mask, position_ids, cache: WiolaStaticCache, output_hidden_states):
         """Forward on a `WiolaStaticCache`. A chunk of several tokens (the prompt) runs the ordinary path
@@ -323,6 +349,7 @@ class WiolaModel(WiolaPreTrainedModel):
             if past_key_values.get_seq_length() != 0:
                 raise ValueError(f"WiolaForCausalLM needs a WiolaCache, got a non-empty {type(past_key_values).__name__}")
             past_key_values = None
+        user_cache = past_key_values is not None
         if use_cache and past_key_values is None:
             past_key_values = WiolaCache(self.config)
         cache = past_key_values if use_cache else None
@@ -352,6 +379,19 @@ class WiolaModel(WiolaPreTrainedModel):
             step.is_causal = t > 1
         elif t > 1:
             step.mask = (torch.arange(past + t, device=device)[None, :] <= query_pos[:, None])[None, None]
+        if kwargs.get("output_attentions") or self.config.output_attentions:
+            raise ValueError("output_attentions is not supported: Wiola's attention runs in fused kernels (SDPA, "
+                             "FlexAttention) that never form the probabilities, and ATM layers attend over merged keys")
+
+        # packed rows: position_ids restarting at 0 mark document starts (as transformers' packing collators and
+        # TRL write them); attention is then block-diagonal causal and every running mean restarts per document
+        if position_ids is not None and past == 0 and t > 1 and not padded and not torch.compiler.is_compiling():
+            starts = torch.cat([torch.ones_like(position_ids[:, :1], dtype=torch.bool), position_ids[:, 1:] == 0], dim=1)
+            if bool(starts[:, 1:].any()):
+                if user_cache:
+                    raise ValueError("packed rows (position_ids restarting at 0) cannot continue a cache")
+                cache = None  # a packed batch is not continued: no cache for it
+                self._documents(step, starts.expand(b, t), device)
 
         cos, sin = self.rotary_emb(position_ids, hidden.dtype)
         hidden, all_hidden, merge_ratios = self._layers(self.dropout(hidden), cos, sin, step, cache, output_hidden_states)
@@ -363,8 +403,27 @@ class WiolaModel(WiolaPreTrainedModel):
         return WiolaModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, merge_ratios=merge_ratios or None, **{CACHE_KWARG: cache})
 
 
+LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
+
+def causal_lm_loss(logits, labels=None, num_items_in_batch=None, ignore_index: int = -100, shift_labels=None):
+    """Next-token cross-entropy in fp32, as transformers' causal LMs compute it: the mean over the labelled
+    tokens, or — when the trainer passes `num_items_in_batch`, the labelled tokens of the whole accumulated
+    (and all-rank) batch — their sum divided by it, so that gradient accumulation and data parallelism give
+    the loss of one big batch. `shift_labels` (already aligned with the logits) replaces `labels`."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[:, 1:]
+    shift_labels = shift_labels.reshape(-1).to(logits.device)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift_labels, ignore_index=ignore_index, reduction=reduction)
+    if num_items_in_batch is not None:
+        loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+    return loss
+
+
 class WiolaForCausalLM(WiolaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    accepts_loss_kwargs = True  # forward honours num_items_in_batch (transformers.Trainer then does not rescale)
 
     def __init__(self, config: WiolaConfig):
         super().__init__(config)
@@ -393,6 +452,7 @@ class WiolaForCausalLM(WiolaPreTrainedModel, GenerationMixin):
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=pick_cache(cache, past_key_values),
+            output_attentions=kwargs.get("output_attentions"),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -401,10 +461,8 @@ class WiolaForCausalLM(WiolaPreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
         loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+        if labels is not None or kwargs.get("shift_labels") is not None:
+            loss = causal_lm_loss(logits, labels, **{k: v for k, v in kwargs.items() if k in LOSS_KWARGS})
         return WiolaCausalLMOutput(
             loss=loss,
             logits=logits,

@@ -132,14 +132,17 @@ def test_bf16_autocast_runs_on_cpu():
     assert (out.logits.float() - ref).abs().max() < 0.25
 
 
-@pytest.mark.parametrize("overrides", [dict(attention_gate="gsa", mlp="butterfly"), dict(cross_layer_context="gcla", mlp="dsff", norm="wiola_rmsnorm", **ATM)])
-def test_gradient_checkpointing_same_gradients(overrides):
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("overrides", [dict(position_encoding="spiral", attention_gate="gsa", mlp="butterfly"),
+                                       dict(position_encoding="srpe", cross_layer_context="gcla", mlp="dsff", norm="wiola_rmsnorm", **ATM),
+                                       dict()], ids=["seed", "paper", "all-off"])
+def test_gradient_checkpointing_same_gradients(overrides, reentrant):
     ids = random_ids(2, 12)
     grads = []
     for checkpointing in (False, True):
         model = build(**overrides).train()
         if checkpointing:
-            enable_checkpointing(model)
+            enable_checkpointing(model, use_reentrant=reentrant)
         model(ids, labels=ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > len(list(model.parameters())) // 2
@@ -162,3 +165,9 @@ def test_dropout_active_only_in_training():
     assert torch.equal(model(ids).logits, model(ids).logits)
     model.train()
     assert not torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_output_attentions_is_refused_clearly():
+    model = build()
+    with pytest.raises(ValueError, match="output_attentions is not supported"):
+        model(random_ids(1, 5), output_attentions=True)
