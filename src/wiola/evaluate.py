@@ -27,12 +27,14 @@ def evaluate_batches(
     amp_dtype: torch.dtype | None = None,
     dist: Any = None,
     tokenizer: Any = None,
+    positions: Any = None,
 ) -> dict[str, float]:
     """Mean next-token loss over `(input_ids, labels)` batches (and the labels' UTF-8 bytes when a tokenizer is given).
 
     With a multi-process `dist`, rank r evaluates batches r, r+W, ...; every rank runs the
     same number of forward passes (a repeated batch with weight 0 pads the last round, as
-    FSDP needs collective forwards) and the sums are all-reduced.
+    FSDP needs collective forwards) and the sums are all-reduced. `positions(ids)`, when given, returns
+    extra forward arguments (the `position_ids` of --document-mask).
     """
     from wiola.train import distributed
     from wiola.train.batches import causal_lm_loss
@@ -52,7 +54,7 @@ def evaluate_batches(
             index = r * world + rank
             weight = 1.0 if index < len(all_batches) else 0.0
             ids, labels = (t.to(device) for t in all_batches[min(index, len(all_batches) - 1)])
-            output = model(input_ids=ids, use_cache=False)
+            output = model(input_ids=ids, use_cache=False, **(positions(ids) if positions is not None else {}))
             count = labels.numel()
             nll += weight * causal_lm_loss(output.logits, labels).double() * count
             sums[0] += weight * count

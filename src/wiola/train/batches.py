@@ -62,6 +62,19 @@ def eval_batches(data_dir: str | Path, split: str, *, batch_size: int, seq_len: 
     return TokenDataset(data_dir, split).iter_eval_batches(batch_size, seq_len, max_batches=max_batches)
 
 
+def document_positions(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Position ids that restart at 0 after every eos token: each document of a packed training window
+    then attends only to itself, and the model's running means restart with it (`--document-mask`).
+    The eos closing a document belongs to that document; the token after it starts the next."""
+    b, t = ids.shape
+    pos = torch.arange(t, device=ids.device)
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = ids[:, :-1] == eos_token_id
+    first = torch.where(starts, pos[None, :], torch.zeros_like(pos)[None, :]).cummax(dim=1).values
+    return pos[None, :] - first
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in fp32 of logits [B, T, V] against shifted labels [B, T]."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)

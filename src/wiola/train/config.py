@@ -71,11 +71,12 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    document_mask: bool = False
     distributed: str = "ddp"
     tensorboard: bool = True
 
     # Options that fix which tokens each step sees; they cannot change across a resume.
-    DATA_LAYOUT = ("batch_size", "seq_len", "seed")
+    DATA_LAYOUT = ("batch_size", "seq_len", "seed", "document_mask")
 
     @classmethod
     def layered(cls, *layers: dict[str, Any] | None) -> "TrainConfig":

@@ -98,6 +98,9 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(model_config)
+        self.eos_token_id = getattr(model.config, "eos_token_id", None)
+        if cfg.document_mask and self.eos_token_id is None:
+            raise WiolaError("--document-mask needs the data's eos token id (none in the manifest or tokenizer)")
         if resume_from is not None:
             checkpoint.load_weights_into(model, resume_from)
         model.to(self.device)
@@ -180,7 +183,7 @@ class Trainer:
         extras: dict[str, float] = {}
         for i, (ids, targets) in enumerate(micro):
             with distributed.gradient_sync(self.model, i == len(micro) - 1), autocast(self.device, self.amp_dtype):
-                output = self.model(input_ids=ids, use_cache=False)
+                output = self.model(input_ids=ids, use_cache=False, **self._positions(ids))
                 loss = batches.causal_lm_loss(output.logits, targets)
             (loss / len(micro)).backward()
             loss_sum += loss.detach()
@@ -212,6 +215,12 @@ class Trainer:
         self.tokens_seen += labels.numel() * self.dist.world_size
         return loss, norm, extras
 
+    def _positions(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`position_ids` that restart after each eos under --document-mask (documents kept apart)."""
+        if not self.cfg.document_mask:
+            return {}
+        return {"position_ids": batches.document_positions(ids, self.eos_token_id)}
+
     @torch.no_grad()
     def validate(self) -> float:
         from wiola.evaluate import evaluate_batches
@@ -221,7 +230,7 @@ class Trainer:
             # eval_batches full batches, run micro-batch by micro-batch: the same tokens for any process count
             max_batches=self.cfg.eval_batches * (self.cfg.batch_size // self.cfg.micro_batch_size),
         )
-        result = evaluate_batches(self.model, eval_iter, self.device, self.amp_dtype, self.dist)
+        result = evaluate_batches(self.model, eval_iter, self.device, self.amp_dtype, self.dist, positions=self._positions)
         return result["loss"]
 
     # ------------------------------------------------------------------ loop
@@ -400,6 +409,7 @@ def train_command(
     device: str | None = None,
     dtype: Literal["auto", "fp32", "bf16"] | None = None,
     compile: bool | None = None,
+    document_mask: bool | None = None,
     distributed: Literal["ddp", "fsdp"] | None = None,
     tensorboard: bool | None = None,
     resume: bool = False,
@@ -440,6 +450,9 @@ def train_command(
         device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default auto).
         dtype: auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16 (default auto).
         compile: torch.compile the model (default off).
+        document_mask: keep the documents of each training window apart: attention and the running means
+            (GSA, GCLA, ATM pairing) restart after every eos token, as in a packed batch (default off;
+            docs/finetune.md#packing gives its cost and effect).
         distributed: multi-process strategy under torchrun: ddp or fsdp (FSDP2) (default ddp).
         tensorboard: also write TensorBoard logs when tensorboard is installed (default on).
         resume: continue the run in `out` from checkpoints/latest.
@@ -449,7 +462,7 @@ def train_command(
         "lr": lr, "min_lr": min_lr, "warmup_steps": warmup_steps, "schedule": schedule, "decay_fraction": decay_fraction,
         "weight_decay": weight_decay, "beta1": beta1, "beta2": beta2, "grad_clip": grad_clip, "eval_every": eval_every,
         "eval_batches": eval_batches, "log_every": log_every, "save_every": save_every, "seed": seed, "device": device,
-        "dtype": dtype, "compile": compile, "distributed": distributed, "tensorboard": tensorboard,
+        "dtype": dtype, "compile": compile, "document_mask": document_mask, "distributed": distributed, "tensorboard": tensorboard,
     }
     result = train(config, data, out, overrides=parse_overrides(set), options=options, resume=resume)
     if result.stopped_by is None and result.loss is not None and int(os.environ.get("RANK", "0")) == 0:
