@@ -89,26 +89,31 @@ def resolve(path: str | Path) -> Path:
 
 
 def copy_dir_atomic(src: Path, dst: Path) -> None:
-    """Atomically make `dst` a copy of checkpoint `src` (hard links where possible: files are never rewritten)."""
+    """Atomically make `dst` an independent copy of checkpoint `src` (real copies, no links:
+    damaging one checkpoint's files never damages another's)."""
 
     def write(tmp: Path) -> None:
         for item in src.iterdir():
-            if item.is_file():
-                try:
-                    os.link(item, tmp / item.name)
-                except OSError:
-                    shutil.copy2(item, tmp / item.name)
+            if item.is_file() and not item.is_symlink():
+                shutil.copy2(item, tmp / item.name)
 
     atomic_write_dir(dst, write)
 
 
 def copy_tokenizer(tokenizer_dir: Path | None, dst: Path) -> None:
-    """Copy the tokenizer files (flat) next to a model so AutoTokenizer loads them from there."""
+    """Copy the tokenizer files next to a model so AutoTokenizer loads them from there.
+
+    Only the allowlisted tokenizer files are copied, by name (`manifest.TOKENIZER_FILES`): nothing
+    else in the folder travels with the model, and no data file can overwrite a model file.
+    """
+    from wiola.data.manifest import tokenizer_files
+
     if tokenizer_dir is None or not tokenizer_dir.is_dir():
         return
-    for item in tokenizer_dir.iterdir():
-        if item.is_file():
-            shutil.copy2(item, dst / item.name)
+    for item in tokenizer_files(tokenizer_dir):
+        if (dst / item.name).exists():
+            raise WiolaError(f"tokenizer file {item.name} would overwrite a model file in {dst}")
+        shutil.copyfile(item, dst / item.name)
 
 
 # ----------------------------------------------------------------------------- RNG
