@@ -69,9 +69,10 @@ class DirLock:
     def release(self) -> None:
         if self.fd is None:
             return
-        if not self.shared:
-            with contextlib.suppress(OSError):
-                self.file.unlink()
+        with contextlib.suppress(OSError):
+            if self.shared:  # the last reader out removes the file (an exclusive lock proves nobody else holds it)
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.file.unlink()
         os.close(self.fd)  # closing drops the flock
         self.fd = None
 
