@@ -177,7 +177,20 @@ def load_state(path: Path) -> dict[str, Any]:
     file = Path(path) / STATE_FILE
     if not file.is_file():
         raise WiolaError(f"{path} is not a training checkpoint (no {STATE_FILE})")
-    return torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, corrupt or hostile pickles all mean "damaged"
+        raise WiolaError(f"{file} is damaged or not a wiola trainer state; it cannot be resumed from"
+                         f" ({_first_line(exc)})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise WiolaError(f"{file} is not a wiola trainer state")
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error message (torch's unpickling errors go on to advise weights_only=False)."""
+    text = str(exc).strip().splitlines()
+    return (text[0].split(". ")[0] if text else type(exc).__name__)[:300]
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -189,7 +202,10 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise WiolaError(f"{path}: no *.safetensors weights")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(file))
+        try:
+            state.update(load_file(file))
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, truncated files
+            raise WiolaError(f"{file} is damaged: {_first_line(exc)}") from None
     return state
 
 
@@ -224,14 +240,24 @@ def load_for_inference(path: str | Path, device: torch.device):
     hf_logging.disable_progress_bar()
 
     model_dir = find_model_dir(path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a load report of missing keys becomes our one-line error below
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        raise WiolaError(f"cannot load a model from {model_dir}: {exc}") from exc
+        model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, truncated files, bad configs
+        raise WiolaError(f"cannot load a model from {model_dir}: {_first_line(exc)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    aliases = tied_aliases(model)
+    missing = [k for k in info.get("missing_keys") or [] if k not in aliases]
+    bad = missing + list(info.get("mismatched_keys") or [])
+    if bad:  # transformers only warns and leaves those weights random
+        raise WiolaError(f"{model_dir}: the weights are incomplete ({len(bad)} tensor(s) missing or of the wrong shape,"
+                         f" e.g. {', '.join(str(k) for k in bad[:3])}); refusing to use random weights")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError) as exc:
-        raise WiolaError(f"cannot load the tokenizer from {model_dir}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise WiolaError(f"cannot load the tokenizer from {model_dir}: {_first_line(exc)}") from None
     return model.to(device).eval(), tokenizer, model_dir
 
 
