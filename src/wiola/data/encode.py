@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 from collections import deque
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -42,6 +43,10 @@ def encode_texts(tokenizer: "Tokenizer", texts: list[str], dtype: np.dtype) -> l
 
 def _init_worker(tokenizer_json: str, dtype: str) -> None:
     global _worker
+    # Ctrl-C reaches the whole process group: the parent stops the pool; a worker must not print a traceback.
+    # SIGTERM (what Pool.terminate sends) must end a worker at once, whatever handler the parent installed.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
     _worker = (load_backend(tokenizer_json), np.dtype(dtype))
 

@@ -17,15 +17,22 @@ The corpus is read in three passes: plan the split (hashing only), train a token
 train documents (when none is given), then tokenise (in worker processes when
 `num_workers > 1`). A fingerprint of the inputs (sources' paths, sizes and mtimes,
 tokenizer hash or training options, split options) lets a repeated run with unchanged
-inputs stop at once ("up to date"). Everything is written into a temporary directory
-inside `out` and renamed into place, the manifest last.
+inputs stop at once ("up to date") when the split files still have their recorded sizes and
+the tokenizer its recorded hash. Everything is written into a temporary directory inside
+`out` and renamed into place, the manifest last; `out` is locked meanwhile (a second prepare,
+or a training reading it, makes this one fail at once), SIGTERM removes the temporary
+directory like SIGINT does, and one left by a killed run is removed by the next run. The
+manifest records each split's sha256 (computed while writing; `manifest.verify(deep=True)`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import signal
+import threading
 import sys
 import tempfile
 import time
@@ -39,6 +46,7 @@ from tqdm.auto import tqdm
 
 from wiola.data.corpus import Corpus
 from wiola.data.encode import encode_batches
+from wiola.data.lock import claim_dir
 from wiola.data.manifest import FORMAT, MANIFEST, VERSION, fingerprint, is_complete, read_manifest, token_dtype, write_json_atomic
 from wiola.data.tokenizer import HF_PREFIX, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
 from wiola.errors import WiolaError
@@ -159,6 +167,7 @@ def _write_splits(pieces: Iterator[tuple[str, str]], total: int, staging: Path, 
     """Tokenise the pieces into `staging/{train,val}.bin`; return per-split counts."""
     files: dict[str, BinaryIO] = {name: open(staging / f"{name}.bin", "wb") for name in SPLITS}
     counts = {name: {"file": f"{name}.bin", "num_tokens": 0, "num_documents": 0} for name in SPLITS}
+    digests = {name: hashlib.sha256() for name in SPLITS}
     eos_array = np.asarray([eos], dtype=dtype)
     pending_labels: deque[list[str]] = deque()
 
@@ -176,6 +185,7 @@ def _write_splits(pieces: Iterator[tuple[str, str]], total: int, staging: Path, 
                 if chosen:
                     joined = np.concatenate([part for a in chosen for part in (a, eos_array)])
                     joined.tofile(files[name])
+                    digests[name].update(joined)
                     counts[name]["num_tokens"] += int(joined.size)
                     counts[name]["num_documents"] += len(chosen)
             bar.update(len(arrays))
@@ -184,6 +194,8 @@ def _write_splits(pieces: Iterator[tuple[str, str]], total: int, staging: Path, 
         bar.close()
         for f in files.values():
             f.close()
+    for name in SPLITS:
+        counts[name]["sha256"] = digests[name].hexdigest()
     return counts
 
 
@@ -196,6 +208,30 @@ def _commit(staging: Path, out: Path) -> None:
         os.replace(out / "tokenizer", staging / "tokenizer.old")
     os.replace(staging / "tokenizer", out / "tokenizer")
     os.replace(staging / MANIFEST, out / MANIFEST)
+
+
+@contextlib.contextmanager
+def terminate_cleanly():
+    """Turn SIGTERM into SystemExit(143) so that `finally` blocks remove temporary files."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def remove_stale(out: Path) -> None:
+    """Remove temporary directories left in `out` by a killed prepare (call while holding out's lock)."""
+    for stale in out.glob(".prepare-*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def default_num_workers(num_chars: int) -> int:
@@ -242,7 +278,15 @@ def prepare(source: str = "shakespeare", out: str | Path = "data/shakespeare", t
         options["split_at"] = split_at
     sources = [{"source": source, **corpus.describe()}]
     fp = fingerprint({"sources": sources, "tokenizer": tokenizer_spec, "options": options})
+    with claim_dir(out, "wiola prepare"), terminate_cleanly():
+        remove_stale(out)
+        return _prepare_locked(corpus, out, tokenizer, tokenizer_spec, tokenizer_kind, vocab_size, val_fraction, seed,
+                               num_workers, split_at, force, progress, fp, sources, options)
 
+
+def _prepare_locked(corpus: Corpus, out: Path, tokenizer: str | None, tokenizer_spec: dict[str, Any], tokenizer_kind: str,
+                    vocab_size: int, val_fraction: float, seed: int, num_workers: int | None, split_at: str, force: bool,
+                    progress: bool, fp: str, sources: list[dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
     if not force and (out / MANIFEST).is_file():
         try:
             old = read_manifest(out)
@@ -255,7 +299,6 @@ def prepare(source: str = "shakespeare", out: str | Path = "data/shakespeare", t
     start = time.perf_counter()
     plan = plan_split(corpus, val_fraction, seed, split_at)
     workers = default_num_workers(plan.num_chars) if num_workers is None else num_workers
-    out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
     try:
         if tokenizer is None:
