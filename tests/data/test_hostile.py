@@ -18,7 +18,7 @@ import pytest
 from wiola.cli import main
 from wiola.data import prepare as prepare_module
 from wiola.data.manifest import inside, problems, read_manifest, verify
-from wiola.data.prepare import prepare
+from wiola.data.prepare import prepare, single_document_cut
 from wiola.data.tokenizer import save_tokenizer, train_tokenizer
 from wiola.errors import WiolaError
 
@@ -195,3 +195,53 @@ def test_val_fraction_0_is_recorded_and_verifiable(tmp_path):
     assert summary["val_tokens"] == 0 and manifest["options"]["val_fraction"] == 0.0
     verify(out, manifest, deep=True)
     assert np.fromfile(out / "val.bin", dtype=manifest["dtype"]).size == 0
+
+
+# ------------------------------------------------------------------ (9) streaming: bounded pieces, same tokens
+
+
+def test_huge_single_line_is_encoded_in_bounded_pieces_with_the_same_tokens(tmp_path, monkeypatch, bpe_dir):
+    from transformers import AutoTokenizer
+
+    from wiola.data import encode as encode_module
+    from wiola.data.corpus import decode_utf8
+
+    words = ["alpha", "beta,", "gamma.", "δέλτα", "日本語", "🤖", "x1", "(paren)", "end"]
+    rng = np.random.default_rng(0)
+    line = " ".join(words[i] for i in rng.integers(0, len(words), 3000))  # one line, ~19k characters
+    raw = ("\ufeff" + line).encode() + b"\xff\xfe broken bytes " + line.encode() + b"\n"
+    (tmp_path / "one.txt").write_bytes(raw)
+    seen: list[int] = []
+    real = encode_module.encode_texts
+
+    def spy(tokenizer, texts, dtype):
+        seen.extend(len(t) for t in texts)
+        return real(tokenizer, texts, dtype)
+
+    monkeypatch.setattr(prepare_module, "PIECE_CHARS", 500)
+    monkeypatch.setattr(encode_module, "encode_texts", spy)
+    summary = run(tmp_path / "one.txt", tmp_path / "out", tokenizer=str(bpe_dir), val_fraction=0.0)
+    assert max(seen) <= 500 and len(seen) > 30  # never the whole line at once
+    text, bad = decode_utf8(raw)
+    assert summary["replaced_bytes"] == bad == 2
+    manifest = read_manifest(tmp_path / "out")
+    tokens = np.fromfile(tmp_path / "out" / "train.bin", dtype=manifest["dtype"]).tolist()
+    tok = AutoTokenizer.from_pretrained(bpe_dir)
+    whole = tok.encode(text.removeprefix("\ufeff"), add_special_tokens=False, split_special_tokens=True)
+    assert tokens == whole + [manifest["eos_token_id"]]  # cuts at pre-token boundaries change nothing
+
+
+def test_streamed_single_document_cut_equals_the_in_memory_one(tmp_path, monkeypatch):
+    from wiola.data.corpus import Corpus
+    from wiola.data.prepare import stream_cut
+
+    monkeypatch.setattr(prepare_module, "PIECE_CHARS", 40)
+    rng = np.random.default_rng(1)
+    for k in range(30):
+        parts = rng.choice(["word ", "x", "\n", "  ", "longerword "], size=int(rng.integers(2, 200)))
+        text = "z" + "".join(parts) + "z"
+        (tmp_path / f"{k}.txt").write_text(text)
+        for fraction in (0.05, 0.3, 0.9):
+            for split_at in ("line", "exact"):
+                got = stream_cut(Corpus(str(tmp_path / f"{k}.txt")), len(text), fraction, split_at)
+                assert got == single_document_cut(text, fraction, split_at), (text, fraction, split_at)
