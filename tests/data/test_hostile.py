@@ -245,3 +245,15 @@ def test_streamed_single_document_cut_equals_the_in_memory_one(tmp_path, monkeyp
             for split_at in ("line", "exact"):
                 got = stream_cut(Corpus(str(tmp_path / f"{k}.txt")), len(text), fraction, split_at)
                 assert got == single_document_cut(text, fraction, split_at), (text, fraction, split_at)
+
+
+def test_a_given_tokenizer_folder_of_links_still_prepares(tmp_path, bpe_dir):
+    """Hub cache snapshots are folders of links: `--tokenizer` may name one; the copy in the data is plain files."""
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for file in bpe_dir.iterdir():
+        (snapshot / file.name).symlink_to(file)
+    out = tmp_path / "data"
+    run(corpus_file(tmp_path / "c.jsonl"), out, tokenizer=str(snapshot))
+    assert not any(p.is_symlink() for p in (out / "tokenizer").iterdir())
+    verify(out, read_manifest(out))

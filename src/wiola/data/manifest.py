@@ -102,13 +102,14 @@ def inside(directory: str | Path, rel: Any, what: str = "path") -> Path:
     return target
 
 
-def tokenizer_files(folder: str | Path) -> list[Path]:
-    """The allowlisted tokenizer files present in `folder`; a link or non-file under those names is refused."""
+def tokenizer_files(folder: str | Path, follow_links: bool = False) -> list[Path]:
+    """The allowlisted tokenizer files present in `folder`; a link (unless `follow_links`, for a folder
+    the user names directly, such as a Hub cache snapshot) or a non-file under those names is refused."""
     folder = Path(folder)
     found = []
     for name in TOKENIZER_FILES:
         path = folder / name
-        if path.is_symlink() or (path.exists() and not path.is_file()):
+        if (path.is_symlink() and not follow_links) or (path.exists() and not path.is_file()):
             raise WiolaError(f"{path} is a link or not a regular file; tokenizer files must be plain files")
         if path.is_file():
             found.append(path)

@@ -327,7 +327,7 @@ def prepare(source: str = "shakespeare", out: str | Path = "data/shakespeare", t
     elif tokenizer.startswith(HF_PREFIX):
         tokenizer_spec = {"name": tokenizer}
     elif Path(tokenizer).expanduser().is_dir():
-        tokenizer_spec = {"path": str(Path(tokenizer).expanduser().resolve()), "sha256": tokenizer_hash(Path(tokenizer).expanduser())}
+        tokenizer_spec = {"path": str(Path(tokenizer).expanduser().resolve()), "sha256": tokenizer_hash(Path(tokenizer).expanduser(), follow_links=True)}
     else:
         raise WiolaError(f"tokenizer not found: {tokenizer} is not a directory (Hugging Face Hub tokenizers: hf:NAME)")
     options = {"val_fraction": val_fraction, "seed": seed, "column": column, "split": split,

@@ -131,7 +131,7 @@ def load_tokenizer(path: str | Path) -> "PreTrainedTokenizerFast":
     return tokenizer
 
 
-def tokenizer_hash(path: str | Path) -> str:
+def tokenizer_hash(path: str | Path, follow_links: bool = False) -> str:
     """sha256 over the names and contents of the tokenizer files of a directory.
 
     Only the allowlisted tokenizer files count (`wiola.data.manifest.TOKENIZER_FILES`), so the
@@ -139,7 +139,7 @@ def tokenizer_hash(path: str | Path) -> str:
     from wiola.data.manifest import tokenizer_files
 
     digest = hashlib.sha256()
-    for file in sorted(tokenizer_files(path), key=lambda p: p.name):
+    for file in sorted(tokenizer_files(path, follow_links), key=lambda p: p.name):
         digest.update(file.name.encode() + b"\0")
         digest.update(hashlib.sha256(file.read_bytes()).digest())
     return digest.hexdigest()
