@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 from collections import deque
 from typing import TYPE_CHECKING, Iterable, Iterator
 
@@ -71,10 +72,16 @@ def encode_batches(batches: Iterable[list[str]], tokenizer_json: str, dtype: np.
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # inherited by forked workers: no thread pools there
+    # Workers are forked with the default SIGTERM action: a Python-level handler of the parent (prepare's
+    # clean-up on SIGTERM) would never run in a worker stuck in C code, and Pool.terminate() would then hang.
+    main_thread = threading.current_thread() is threading.main_thread()
+    term = signal.signal(signal.SIGTERM, signal.SIG_DFL) if main_thread else None
     try:
         pool = multiprocessing.get_context(method).Pool(num_workers, initializer=_init_worker,
                                                         initargs=(tokenizer_json, np.dtype(dtype).str))
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, term)
         if previous is None:
             del os.environ["TOKENIZERS_PARALLELISM"]
         else:
