@@ -322,7 +322,8 @@ def test_non_empty_destination_needs_force(tmp_path):
     assert (dst / "pytorch_model.bin").read_text() == "stale"
     convert_checkpoint(GSA, dst, force=True, quiet=True)
     assert (dst / "notes.txt").read_text() == "keep me"
-    assert not (dst / "pytorch_model.bin").exists() and (dst / "model.safetensors").is_file()
+    # a file the conversion did not write is never deleted (issue 19); the new weights sit beside it
+    assert (dst / "pytorch_model.bin").read_text() == "stale" and (dst / "model.safetensors").is_file()
     with pytest.raises(WiolaError, match="must differ"):
         convert_checkpoint(GSA, GSA, force=True, quiet=True)
 

@@ -3,13 +3,14 @@
 Each subcommand is a plain Python function with annotated parameters; this module turns
 its signature into an argparse parser (parameters without a default become positional
 arguments, the rest `--options`), its docstring into the help text, and runs it.
-User errors (`WiolaError`, bad values, missing files) end in one clear line and exit
-status 2; `--debug` or `WIOLA_DEBUG=1` shows the full traceback instead.
+User errors (`WiolaError`, bad values, missing files, full or read-only disks and other
+`OSError`s) end in one clear line and exit status 2; `--debug` or `WIOLA_DEBUG=1` shows the full traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import inspect
 import os
@@ -115,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(exc: BaseException) -> str:
+    """The message of an error as one line; disk and file-system errors say what happened where."""
+    if isinstance(exc, OSError) and not isinstance(exc, WiolaError) and exc.errno is not None:
+        where = f": {exc.filename}" if exc.filename else ""
+        reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EROFS: "read-only file system", errno.EPIPE: "broken pipe (a worker process ended)"}
+        text = f"{reasons.get(exc.errno, exc.strerror or str(exc))}{where}"
+    else:
+        text = str(exc) or type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines) if len(lines) <= 3 else lines[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -129,10 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("wiola: interrupted", file=sys.stderr)
         return 130
-    except (WiolaError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError) as exc:
+    except (WiolaError, ValueError, OSError) as exc:
         if debug:
             raise
-        print(f"wiola {args.command}: error: {exc}", file=sys.stderr)
+        print(f"wiola {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     return int(result) if isinstance(result, int) else 0
 

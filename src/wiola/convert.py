@@ -19,8 +19,10 @@ tokenizer files. Mapping tables and known differences: `docs/convert.md`.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,9 +90,8 @@ WIOLA01_TOP = {"model.embed_tokens.weight": "model.embed_tokens.weight", "model.
                "model.final_norm.offset": "model.norm.offset", "lm_head.weight": "lm_head.weight"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja")
-# files a --force conversion replaces in DST (other files there are left alone)
-_OUTPUT_PATTERNS = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
-                    "pytorch_model*.bin", "pytorch_model.bin.index.json", "*_wiola.py", *TOKENIZER_FILES)
+# DST/RECORD lists the files a conversion wrote; a later --force conversion deletes only those
+RECORD = ".wiola-convert.json"
 
 
 @dataclass
@@ -422,14 +423,49 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
         raise WiolaError(f"destination {dst} is not empty; pass --force (force=True) to overwrite it")
 
 
-def _clear_destination(dst: Path) -> None:
-    """Remove what a previous conversion (or another model) left in `dst`; other files stay."""
-    if dst.is_dir():
-        for pattern in _OUTPUT_PATTERNS:
-            for path in dst.glob(pattern):
-                if path.is_file():
-                    path.unlink()
-    dst.mkdir(parents=True, exist_ok=True)
+def _recorded(dst: Path) -> set[str]:
+    """Names of the files an earlier conversion wrote into `dst` (from its record)."""
+    try:
+        names = json.loads((dst / RECORD).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")}
+
+
+def write_destination(dst: Path, write) -> list[str]:
+    """Fill `dst` through `write(folder)` without ever losing what is there.
+
+    `write` fills a temporary folder next to `dst` (same file system); a failure there (a full
+    disk, say) leaves `dst` untouched. Then a new or empty `dst` is replaced by the folder in one
+    rename; a non-empty one (--force) gets each new file renamed over the file of the same name,
+    and loses only the files an earlier conversion recorded that this one does not write. Files
+    the user put there stay. Returns the names written.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dst.parent.glob(f".{dst.name}.convert-*"):  # left by a killed conversion (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.convert-", dir=dst.parent))
+    try:
+        write(tmp)
+        created = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        (tmp / RECORD).write_text(json.dumps({"files": created}, indent=1) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+        if dst.is_dir() and not any(dst.iterdir()):
+            dst.rmdir()
+        if not dst.exists():
+            os.replace(tmp, dst)
+            return created
+        previous = _recorded(dst)
+        for name in created:
+            os.replace(tmp / name, dst / name)
+        for name in sorted(previous - set(created)):
+            path = dst / name
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+        os.replace(tmp / RECORD, dst / RECORD)
+        return created
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, *, force: bool = False, keep_atm: bool = False,
@@ -441,22 +477,33 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, force: bool = False,
     """
     from transformers import GenerationConfig
 
-    src, dst = Path(src), Path(dst)
+    from wiola.data.lock import DirLock
+
+    src, dst = Path(src), Path(dst).expanduser()
     read_source_config(src)  # errors about the source first, then about dst, before any heavy work
     _check_destination(src, dst, force)
     model, report = load_source_checkpoint(src, keep_atm)
-    _clear_destination(dst)
     if (src / "generation_config.json").is_file():
         try:
             model.generation_config = GenerationConfig.from_pretrained(src)
             report.copied.append("generation_config.json")
         except Exception as exc:  # noqa: BLE001 - keep the default generation config
             report.notes.append(f"generation_config.json not copied ({exc}).")
-    model.save_pretrained(dst, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            report.copied.append(name)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file() and not (src / name).is_symlink():
+                shutil.copyfile(src / name, folder / name)
+                report.copied.append(name)
+
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WiolaError(f"cannot create {dst.parent}: {exc.strerror or exc}") from None
+    with DirLock(dst.parent / f".{dst.name}.wiola.lock", "wiola convert"):  # one writer per destination
+        _check_destination(src, dst, force)  # again, now that no other conversion can write there
+        write_destination(dst, write)
     if not quiet:
         print(report.summary(src, dst))
     return model
@@ -471,7 +518,9 @@ def convert_command(src: str, dst: str, force: bool = False, keep_atm: bool = Fa
     Args:
         src: checkpoint folder to convert (config.json plus model.safetensors, shards or pytorch_model.bin)
         dst: output folder (must be empty or absent unless --force)
-        force: overwrite the model, config and tokenizer files of a non-empty DST
+        force: write into a non-empty DST: the new files replace files of the same names, files an earlier
+            conversion wrote (listed in DST/.wiola-convert.json) are removed, every other file stays.
+            The new model is written to a temporary folder first, so a failure leaves DST as it was
         keep_atm: keep a wiola 0.1.x checkpoint's ATM switched on (this library's causal ATM merges at
             inference too, so outputs then differ from the reference, which never merges in eval mode)
     """

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json as _json
 import math
+import sys
 from typing import Any, Iterable, Literal
 
 import torch
@@ -84,6 +85,7 @@ def eval_command(
     device: str = "auto",
     dtype: Literal["fp32", "bf16"] = "fp32",
     json: bool = False,
+    allow_tokenizer_mismatch: bool = False,
 ) -> dict[str, float]:
     """Evaluate a model on a prepared split: loss, perplexity and bits per byte.
 
@@ -97,7 +99,10 @@ def eval_command(
         device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.
         dtype: fp32, or bf16 autocast.
         json: print one JSON object instead of a table.
+        allow_tokenizer_mismatch: evaluate even when the model's tokenizer.json differs from the one the
+            data was prepared with (the numbers are then meaningless; a warning is printed).
     """
+    from wiola.data.manifest import file_sha256, verify
     from wiola.train import batches as batch_io
     from wiola.train.checkpoint import load_for_inference
     from wiola.train.distributed import resolve_device
@@ -106,8 +111,11 @@ def eval_command(
         raise WiolaError(f"--dtype must be fp32 or bf16, got {dtype!r}")
     if batch_size <= 0 or (max_batches is not None and max_batches <= 0):
         raise WiolaError("--batch-size and --max-batches must be positive")
+    if seq_len is not None and seq_len <= 0:
+        raise WiolaError(f"--seq-len must be positive, got {seq_len}")
     dev = resolve_device(device)
     manifest = batch_io.read_manifest(data)
+    verify(data, manifest)  # split sizes and the tokenizer's hash, cheaply
     model, _, model_dir = load_for_inference(checkpoint, dev)
     if model.config.vocab_size < manifest["vocab_size"]:
         raise WiolaError(f"the data's vocabulary ({manifest['vocab_size']}) is larger than the model's ({model.config.vocab_size})")
@@ -118,6 +126,13 @@ def eval_command(
     tok_dir = batch_io.tokenizer_dir(data)
     if tok_dir is None:
         raise WiolaError(f"{data} has no tokenizer/ directory, needed to count bytes")
+    model_tok = model_dir / "tokenizer.json"
+    if model_tok.is_file() and file_sha256(model_tok) != file_sha256(tok_dir / "tokenizer.json"):
+        message = (f"{model_dir} was trained with another tokenizer than the one {data} was prepared with"
+                   " (their tokenizer.json differ), so token ids mean different things")
+        if not allow_tokenizer_mismatch:
+            raise WiolaError(message + "; prepare the data with the model's tokenizer (or pass --allow-tokenizer-mismatch)")
+        print(f"wiola eval: warning: {message}; the numbers below are not comparable", file=sys.stderr)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)

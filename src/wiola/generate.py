@@ -10,6 +10,7 @@ in one batch and printed one after another. Sampling is seeded for repeatability
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Literal
 
@@ -72,8 +73,10 @@ def generate_command(
 
     if max_new_tokens <= 0 or num_samples <= 0:
         raise WiolaError("--max-new-tokens and --num-samples must be positive")
-    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1):
-        raise WiolaError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if not (math.isfinite(temperature) and temperature >= 0) or (top_p is not None and not 0 < top_p <= 1):
+        raise WiolaError(f"--temperature must be a finite number >= 0 and --top-p in (0, 1] (got {temperature}, {top_p})")
+    if top_k is not None and top_k < 0:
+        raise WiolaError(f"--top-k must be >= 0 (0: no limit), got {top_k}")
     dev = resolve_device(device)
     model, tokenizer, _ = load_for_inference(checkpoint, dev)
     is_wiola = getattr(model.config, "model_type", None) == "wiola"

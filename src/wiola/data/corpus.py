@@ -20,11 +20,21 @@ A source string names one of:
 Bytes that are not valid UTF-8 are decoded as U+FFFD, one per invalid byte, and counted in
 `Corpus.replaced_bytes`. Documents that are empty or contain only whitespace are skipped.
 A source that does not exist, or that yields no text, raises `WiolaError`.
+
+`Corpus.pieces(max_chars)` is the bounded-memory view `wiola prepare` uses: the same documents
+as a flat stream of `Piece`s of at most `max_chars` characters each. A `.txt` file (without
+`doc_separator`) is read incrementally, so one document may be larger than memory; a larger
+document from any other source is cut after it is read. Cuts fall where byte-level BPE
+pre-tokenisation splits anyway (after a line break followed by a non-space, else before a
+single space between two non-spaces), so they do not change the tokens; only a run of
+`max_chars` characters with neither is cut at an arbitrary character.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
+import hashlib
 import json
 import os
 import re
@@ -46,6 +56,43 @@ class Document:
 
     id: str
     text: str
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Consecutive text of document number `doc` (counting non-blank documents from 0); `last` ends it."""
+
+    doc: int
+    id: str
+    text: str
+    last: bool
+
+
+def cut_point(text: str, limit: int) -> int:
+    """Where to end a piece of at most `limit` characters of `text` (len(text) > limit): after the last
+    line break followed by a non-space in the second half of the window, else before the last single
+    space between two non-spaces there, else at `limit`."""
+    low = limit // 2
+    i = text.rfind("\n", low, limit)
+    while i != -1:
+        if not text[i + 1].isspace():
+            return i + 1
+        i = text.rfind("\n", low, i)
+    i = text.rfind(" ", low, limit)
+    while i > 0:
+        if not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i
+        i = text.rfind(" ", low, i)
+    return limit
+
+
+def split_text(text: str, limit: int) -> Iterator[str]:
+    """`text` in pieces of at most `limit` characters, cut by `cut_point`."""
+    while len(text) > limit:
+        cut = cut_point(text, limit)
+        yield text[:cut]
+        text = text[cut:]
+    yield text
 
 
 def decode_utf8(data: bytes) -> tuple[str, int]:
@@ -175,6 +222,71 @@ class Corpus:
                 yield doc
         if count == 0:
             raise WiolaError(f"corpus {self.source!r} contains no text")
+
+    def pieces(self, max_chars: int = 1 << 20) -> Iterator[Piece]:
+        """The documents of `__iter__`, as pieces of at most `max_chars` characters (bounded memory)."""
+        self.replaced_bytes = 0
+        count = 0
+        for ident, parts in self._document_parts(max_chars):
+            held: list[str] = []  # whitespace-only parts before the first text (a blank document is skipped)
+            previous: str | None = None
+            for part in parts:
+                if previous is None:
+                    if not part.strip():
+                        held.append(part)
+                        continue
+                    *head, previous = split_text("".join(held) + part, max_chars)
+                    held = []
+                    for chunk in head:
+                        yield Piece(count, ident, chunk, False)
+                else:
+                    yield Piece(count, ident, previous, False)
+                    previous = part
+            if previous is not None:
+                yield Piece(count, ident, previous, True)
+                count += 1
+        if count == 0:
+            raise WiolaError(f"corpus {self.source!r} contains no text")
+
+    def _document_parts(self, max_chars: int) -> Iterator[tuple[str, Iterator[str]]]:
+        """(id, iterator over its text in parts of at most `max_chars`) per document, blank ones included."""
+        if self._kind == "shakespeare" and self._separator is None:
+            for path in shakespeare.shakespeare_files():
+                yield path.name, self._stream_txt(path, max_chars)
+        elif self._kind == "files" and self._separator is None:
+            for path, ident in self._files:
+                suffix = path.suffix.lower()
+                if suffix == ".txt":
+                    yield ident, self._stream_txt(path, max_chars)
+                    continue
+                docs = self._read_jsonl(path, ident) if suffix == ".jsonl" else self._read_parquet(path, ident)
+                for doc in docs:
+                    yield doc.id, split_text(doc.text, max_chars)
+        else:  # --doc-separator reads each .txt file whole; datasets come row by row
+            for doc in self._documents():
+                yield doc.id, split_text(doc.text, max_chars)
+
+    def _stream_txt(self, path: Path, max_chars: int) -> Iterator[str]:
+        """A .txt file as one document, decoded incrementally, in parts of at most `max_chars` characters."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+        carry, first = "", True
+        with open(path, "rb") as f:
+            while True:
+                raw = f.read(max_chars)
+                text = decoder.decode(raw, final=not raw)
+                if _ESCAPED.search(text):
+                    self.replaced_bytes += len(_ESCAPED.findall(text))
+                    text = _ESCAPED.sub("\ufffd", text)
+                if first and text:
+                    text, first = text.removeprefix("\ufeff"), False
+                carry += text
+                while len(carry) > max_chars:
+                    cut = cut_point(carry, max_chars)
+                    yield carry[:cut]
+                    carry = carry[cut:]
+                if not raw:
+                    break
+        yield carry
 
     def _documents(self) -> Iterator[Document]:
         if self._kind == "shakespeare":

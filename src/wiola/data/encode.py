@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 from collections import deque
 from typing import TYPE_CHECKING, Iterable, Iterator
 
@@ -42,6 +44,10 @@ def encode_texts(tokenizer: "Tokenizer", texts: list[str], dtype: np.dtype) -> l
 
 def _init_worker(tokenizer_json: str, dtype: str) -> None:
     global _worker
+    # Ctrl-C reaches the whole process group: the parent stops the pool; a worker must not print a traceback.
+    # SIGTERM (what Pool.terminate sends) must end a worker at once, whatever handler the parent installed.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
     _worker = (load_backend(tokenizer_json), np.dtype(dtype))
 
@@ -66,10 +72,16 @@ def encode_batches(batches: Iterable[list[str]], tokenizer_json: str, dtype: np.
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # inherited by forked workers: no thread pools there
+    # Workers are forked with the default SIGTERM action: a Python-level handler of the parent (prepare's
+    # clean-up on SIGTERM) would never run in a worker stuck in C code, and Pool.terminate() would then hang.
+    main_thread = threading.current_thread() is threading.main_thread()
+    term = signal.signal(signal.SIGTERM, signal.SIG_DFL) if main_thread else None
     try:
         pool = multiprocessing.get_context(method).Pool(num_workers, initializer=_init_worker,
                                                         initargs=(tokenizer_json, np.dtype(dtype).str))
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, term)
         if previous is None:
             del os.environ["TOKENIZERS_PARALLELISM"]
         else:

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from wiola.data.manifest import read_manifest
+from wiola.data.manifest import read_manifest, split_file
 from wiola.errors import WiolaError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -53,7 +53,7 @@ class TokenDataset:
         self.split = split
         info = self.manifest["splits"][split]
         dtype = np.dtype(self.manifest["dtype"])
-        file = self.path / info["file"]
+        file = split_file(self.path, self.manifest, split)
         if not file.is_file() or file.stat().st_size != info["num_tokens"] * dtype.itemsize:
             raise WiolaError(f"{file} is missing or does not have the {info['num_tokens']} tokens the manifest records; run `wiola prepare` again")
         self.tokens: np.ndarray = (np.memmap(file, dtype=dtype, mode="r", shape=(info["num_tokens"],))

@@ -15,17 +15,26 @@ characters ends `train`; the rest is `val`.
 
 The corpus is read in three passes: plan the split (hashing only), train a tokenizer on the
 train documents (when none is given), then tokenise (in worker processes when
-`num_workers > 1`). A fingerprint of the inputs (sources' paths, sizes and mtimes,
+`num_workers > 1`); a single-document corpus takes one more pass to find its cut. Every pass
+streams the corpus in pieces of at most `PIECE_CHARS` characters (`Corpus.pieces`), so memory
+stays bounded for any file size, a one-line file included (docs/guarantees.md has figures). A fingerprint of the inputs (sources' paths, sizes and mtimes,
 tokenizer hash or training options, split options) lets a repeated run with unchanged
-inputs stop at once ("up to date"). Everything is written into a temporary directory
-inside `out` and renamed into place, the manifest last.
+inputs stop at once ("up to date") when the split files still have their recorded sizes and
+the tokenizer its recorded hash. Everything is written into a temporary directory inside
+`out` and renamed into place, the manifest last; `out` is locked meanwhile (a second prepare,
+or a training reading it, makes this one fail at once), SIGTERM removes the temporary
+directory like SIGINT does, and one left by a killed run is removed by the next run. The
+manifest records each split's sha256 (computed while writing; `manifest.verify(deep=True)`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import signal
+import threading
 import sys
 import tempfile
 import time
@@ -39,6 +48,7 @@ from tqdm.auto import tqdm
 
 from wiola.data.corpus import Corpus
 from wiola.data.encode import encode_batches
+from wiola.data.lock import claim_dir
 from wiola.data.manifest import FORMAT, MANIFEST, VERSION, fingerprint, is_complete, read_manifest, token_dtype, write_json_atomic
 from wiola.data.tokenizer import HF_PREFIX, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
 from wiola.errors import WiolaError
@@ -47,6 +57,7 @@ SPLITS = ("train", "val")
 _BATCH_CHARS = 1 << 20
 _BATCH_DOCS = 256
 _PARALLEL_CHARS = 16_000_000
+PIECE_CHARS = 1 << 20  # longest text encoded at once
 
 
 def document_score(text: str, seed: int) -> float:
@@ -104,47 +115,100 @@ def choose_val(scores: np.ndarray, sizes: np.ndarray, val_fraction: float) -> np
     return is_val
 
 
+class _Score:
+    """`document_score` computed piece by piece (blake2b is incremental)."""
+
+    def __init__(self, seed: int):
+        self._digest = hashlib.blake2b(digest_size=8, key=str(seed).encode())
+
+    def update(self, text: str) -> None:
+        self._digest.update(text.encode("utf-8", "surrogatepass"))
+
+    def value(self) -> float:
+        return int.from_bytes(self._digest.digest(), "big") / 2**64
+
+
+def stream_cut(corpus: Corpus, n: int, val_fraction: float, split_at: str = "line") -> int:
+    """`single_document_cut` of a one-document corpus of `n` characters, read piece by piece."""
+    if n < 2:
+        raise WiolaError("the corpus is a single document of under 2 characters; it cannot be split (use --val-fraction 0)")
+    if split_at == "exact":
+        return min(n - 1, max(1, int(n * (1 - val_fraction))))
+    target = min(n - 1, max(1, round(n * (1 - val_fraction))))
+    offset, last_before = 0, -1
+    for piece in corpus.pieces(PIECE_CHARS):
+        text = piece.text
+        start = max(0, target - 1 - offset)
+        if start < len(text):
+            j = text.find("\n", start)
+            if j != -1:
+                return offset + j + 1 if offset + j + 1 < n else (last_before + 1 if last_before != -1 else target)
+        end = min(len(text), target - 1 - offset)
+        if end > 0:
+            k = text.rfind("\n", 0, end)
+            if k != -1:
+                last_before = offset + k
+        offset += len(text)
+    return last_before + 1 if last_before != -1 else target
+
+
 def plan_split(corpus: Corpus, val_fraction: float, seed: int, split_at: str = "line") -> SplitPlan:
     """Assign every document of `corpus` to train or val (see the module docstring)."""
     scores: list[float] = []
     sizes: list[int] = []
-    first = None
-    for doc in corpus:
-        scores.append(document_score(doc.text, seed))
-        sizes.append(len(doc.text))
-        first = doc.text if len(scores) == 1 else None
+    score_of, size = _Score(seed), 0
+    for piece in corpus.pieces(PIECE_CHARS):
+        score_of.update(piece.text)
+        size += len(piece.text)
+        if piece.last:
+            scores.append(score_of.value())
+            sizes.append(size)
+            score_of, size = _Score(seed), 0
     score = np.asarray(scores, dtype=np.float64)
     is_val = np.zeros(len(score), dtype=bool)
     cut = None
     if val_fraction > 0 and len(score) == 1:
-        cut = single_document_cut(first, val_fraction, split_at)
+        cut = stream_cut(corpus, sizes[0], val_fraction, split_at)
     elif val_fraction > 0:
         is_val = choose_val(score, np.asarray(sizes, dtype=np.int64), val_fraction)
     return SplitPlan(score, is_val, cut, corpus.replaced_bytes, int(sum(sizes)))
 
 
-def iter_pieces(corpus: Corpus, plan: SplitPlan, seed: int) -> Iterator[tuple[str, str]]:
-    """(split, text) for each document in corpus order, as planned."""
-    count = 0
-    for i, doc in enumerate(corpus):
-        if i >= len(plan.scores) or document_score(doc.text, seed) != plan.scores[i]:
-            raise WiolaError(f"corpus {corpus.source!r} changed while it was being prepared (document {doc.id}); run again")
-        count += 1
+def iter_pieces(corpus: Corpus, plan: SplitPlan, seed: int) -> Iterator[tuple[str, str, bool]]:
+    """(split, text, ends a document) for each piece in corpus order, as planned; each document of
+    the split (or each side of a single document's cut) ends with a piece marked True."""
+    count, offset, score_of = 0, 0, _Score(seed)
+    for piece in corpus.pieces(PIECE_CHARS):
+        i = piece.doc
+        if i >= len(plan.scores):
+            raise WiolaError(f"corpus {corpus.source!r} changed while it was being prepared (document {piece.id}); run again")
+        score_of.update(piece.text)
         if plan.cut is not None:
-            yield "train", doc.text[: plan.cut]
-            yield "val", doc.text[plan.cut:]
+            text, lo, hi, cut = piece.text, offset, offset + len(piece.text), plan.cut
+            if hi <= cut:
+                yield "train", text, hi == cut
+            elif lo >= cut:
+                yield "val", text, piece.last
+            else:
+                yield "train", text[: cut - lo], True
+                yield "val", text[cut - lo:], piece.last
+            offset = hi
         else:
-            yield ("val" if plan.is_val[i] else "train"), doc.text
+            yield ("val" if plan.is_val[i] else "train"), piece.text, piece.last
+        if piece.last:
+            if score_of.value() != plan.scores[i]:
+                raise WiolaError(f"corpus {corpus.source!r} changed while it was being prepared (document {piece.id}); run again")
+            count, score_of = count + 1, _Score(seed)
     if count != len(plan.scores):
         raise WiolaError(f"corpus {corpus.source!r} changed while it was being prepared ({count} documents, planned {len(plan.scores)}); run again")
 
 
-def _batched(pieces: Iterator[tuple[str, str]]) -> Iterator[tuple[list[str], list[str]]]:
-    labels: list[str] = []
+def _batched(pieces: Iterator[tuple[str, str, bool]]) -> Iterator[tuple[list[tuple[str, bool]], list[str]]]:
+    labels: list[tuple[str, bool]] = []
     texts: list[str] = []
     size = 0
-    for label, text in pieces:
-        labels.append(label)
+    for label, text, end in pieces:
+        labels.append((label, end))
         texts.append(text)
         size += len(text)
         if size >= _BATCH_CHARS or len(texts) >= _BATCH_DOCS:
@@ -154,13 +218,14 @@ def _batched(pieces: Iterator[tuple[str, str]]) -> Iterator[tuple[list[str], lis
         yield labels, texts
 
 
-def _write_splits(pieces: Iterator[tuple[str, str]], total: int, staging: Path, tokenizer_json: Path, dtype: np.dtype,
+def _write_splits(pieces: Iterator[tuple[str, str, bool]], total: int, staging: Path, tokenizer_json: Path, dtype: np.dtype,
                   eos: int, num_workers: int, progress: bool) -> dict[str, dict[str, Any]]:
     """Tokenise the pieces into `staging/{train,val}.bin`; return per-split counts."""
     files: dict[str, BinaryIO] = {name: open(staging / f"{name}.bin", "wb") for name in SPLITS}
     counts = {name: {"file": f"{name}.bin", "num_tokens": 0, "num_documents": 0} for name in SPLITS}
+    digests = {name: hashlib.sha256() for name in SPLITS}
     eos_array = np.asarray([eos], dtype=dtype)
-    pending_labels: deque[list[str]] = deque()
+    pending_labels: deque[list[tuple[str, bool]]] = deque()
 
     def texts_only() -> Iterator[list[str]]:
         for labels, texts in _batched(pieces):
@@ -171,19 +236,24 @@ def _write_splits(pieces: Iterator[tuple[str, str]], total: int, staging: Path, 
     try:
         for arrays in encode_batches(texts_only(), str(tokenizer_json), dtype, num_workers):
             labels = pending_labels.popleft()
+            ended = 0
             for name in SPLITS:
-                chosen = [a for label, a in zip(labels, arrays) if label == name]
+                chosen = [(a, end) for (label, end), a in zip(labels, arrays) if label == name]
                 if chosen:
-                    joined = np.concatenate([part for a in chosen for part in (a, eos_array)])
+                    joined = np.concatenate([part for a, end in chosen for part in ((a, eos_array) if end else (a,))])
                     joined.tofile(files[name])
+                    digests[name].update(joined)
                     counts[name]["num_tokens"] += int(joined.size)
-                    counts[name]["num_documents"] += len(chosen)
-            bar.update(len(arrays))
+                    counts[name]["num_documents"] += sum(end for _, end in chosen)
+                    ended += sum(end for _, end in chosen)
+            bar.update(ended)
             bar.set_postfix(tokens=sum(c["num_tokens"] for c in counts.values()), refresh=False)
     finally:
         bar.close()
         for f in files.values():
             f.close()
+    for name in SPLITS:
+        counts[name]["sha256"] = digests[name].hexdigest()
     return counts
 
 
@@ -196,6 +266,30 @@ def _commit(staging: Path, out: Path) -> None:
         os.replace(out / "tokenizer", staging / "tokenizer.old")
     os.replace(staging / "tokenizer", out / "tokenizer")
     os.replace(staging / MANIFEST, out / MANIFEST)
+
+
+@contextlib.contextmanager
+def terminate_cleanly():
+    """Turn SIGTERM into SystemExit(143) so that `finally` blocks remove temporary files."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def remove_stale(out: Path) -> None:
+    """Remove temporary directories left in `out` by a killed prepare (call while holding out's lock)."""
+    for stale in out.glob(".prepare-*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def default_num_workers(num_chars: int) -> int:
@@ -233,7 +327,7 @@ def prepare(source: str = "shakespeare", out: str | Path = "data/shakespeare", t
     elif tokenizer.startswith(HF_PREFIX):
         tokenizer_spec = {"name": tokenizer}
     elif Path(tokenizer).expanduser().is_dir():
-        tokenizer_spec = {"path": str(Path(tokenizer).expanduser().resolve()), "sha256": tokenizer_hash(Path(tokenizer).expanduser())}
+        tokenizer_spec = {"path": str(Path(tokenizer).expanduser().resolve()), "sha256": tokenizer_hash(Path(tokenizer).expanduser(), follow_links=True)}
     else:
         raise WiolaError(f"tokenizer not found: {tokenizer} is not a directory (Hugging Face Hub tokenizers: hf:NAME)")
     options = {"val_fraction": val_fraction, "seed": seed, "column": column, "split": split,
@@ -242,7 +336,15 @@ def prepare(source: str = "shakespeare", out: str | Path = "data/shakespeare", t
         options["split_at"] = split_at
     sources = [{"source": source, **corpus.describe()}]
     fp = fingerprint({"sources": sources, "tokenizer": tokenizer_spec, "options": options})
+    with claim_dir(out, "wiola prepare"), terminate_cleanly():
+        remove_stale(out)
+        return _prepare_locked(corpus, out, tokenizer, tokenizer_spec, tokenizer_kind, vocab_size, val_fraction, seed,
+                               num_workers, split_at, force, progress, fp, sources, options)
 
+
+def _prepare_locked(corpus: Corpus, out: Path, tokenizer: str | None, tokenizer_spec: dict[str, Any], tokenizer_kind: str,
+                    vocab_size: int, val_fraction: float, seed: int, num_workers: int | None, split_at: str, force: bool,
+                    progress: bool, fp: str, sources: list[dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
     if not force and (out / MANIFEST).is_file():
         try:
             old = read_manifest(out)
@@ -255,11 +357,10 @@ def prepare(source: str = "shakespeare", out: str | Path = "data/shakespeare", t
     start = time.perf_counter()
     plan = plan_split(corpus, val_fraction, seed, split_at)
     workers = default_num_workers(plan.num_chars) if num_workers is None else num_workers
-    out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
     try:
         if tokenizer is None:
-            train_texts = (text for name, text in iter_pieces(corpus, plan, seed) if name == "train")
+            train_texts = (text for name, text, _ in iter_pieces(corpus, plan, seed) if name == "train")
             tok = train_tokenizer(train_texts, kind=tokenizer_kind, vocab_size=vocab_size,
                                   show_progress=progress and sys.stderr.isatty())
         else:

@@ -131,12 +131,16 @@ def load_tokenizer(path: str | Path) -> "PreTrainedTokenizerFast":
     return tokenizer
 
 
-def tokenizer_hash(path: str | Path) -> str:
-    """sha256 over the relative names and contents of the files of a tokenizer directory."""
-    root = Path(path)
+def tokenizer_hash(path: str | Path, follow_links: bool = False) -> str:
+    """sha256 over the names and contents of the tokenizer files of a directory.
+
+    Only the allowlisted tokenizer files count (`wiola.data.manifest.TOKENIZER_FILES`), so the
+    same tokenizer hashes the same in a data directory and next to a model's weights."""
+    from wiola.data.manifest import tokenizer_files
+
     digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+    for file in sorted(tokenizer_files(path, follow_links), key=lambda p: p.name):
+        digest.update(file.name.encode() + b"\0")
         digest.update(hashlib.sha256(file.read_bytes()).digest())
     return digest.hexdigest()
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from wiola.data.loader import RandomBatchSampler, TokenDataset
 from wiola.data.manifest import read_manifest as _read_manifest
+from wiola.data.manifest import tokenizer_dir as _tokenizer_dir
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -28,10 +29,7 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
 
 def tokenizer_dir(data_dir: str | Path) -> Path | None:
     """The tokenizer saved with the data (`tokenizer/` unless the manifest names another folder)."""
-    manifest = read_manifest(data_dir)
-    entry = manifest.get("tokenizer")
-    rel = entry.get("path", "tokenizer") if isinstance(entry, dict) else (entry or "tokenizer")
-    path = Path(data_dir) / rel
+    path = _tokenizer_dir(data_dir, read_manifest(data_dir))  # refuses a path outside data_dir
     return path if path.is_dir() else None
 
 

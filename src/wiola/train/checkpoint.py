@@ -91,26 +91,31 @@ def resolve(path: str | Path) -> Path:
 
 
 def copy_dir_atomic(src: Path, dst: Path) -> None:
-    """Atomically make `dst` a copy of checkpoint `src` (hard links where possible: files are never rewritten)."""
+    """Atomically make `dst` an independent copy of checkpoint `src` (real copies, no links:
+    damaging one checkpoint's files never damages another's)."""
 
     def write(tmp: Path) -> None:
         for item in src.iterdir():
-            if item.is_file():
-                try:
-                    os.link(item, tmp / item.name)
-                except OSError:
-                    shutil.copy2(item, tmp / item.name)
+            if item.is_file() and not item.is_symlink():
+                shutil.copy2(item, tmp / item.name)
 
     atomic_write_dir(dst, write)
 
 
 def copy_tokenizer(tokenizer_dir: Path | None, dst: Path) -> None:
-    """Copy the tokenizer files (flat) next to a model so AutoTokenizer loads them from there."""
+    """Copy the tokenizer files next to a model so AutoTokenizer loads them from there.
+
+    Only the allowlisted tokenizer files are copied, by name (`manifest.TOKENIZER_FILES`): nothing
+    else in the folder travels with the model, and no data file can overwrite a model file.
+    """
+    from wiola.data.manifest import tokenizer_files
+
     if tokenizer_dir is None or not tokenizer_dir.is_dir():
         return
-    for item in tokenizer_dir.iterdir():
-        if item.is_file():
-            shutil.copy2(item, dst / item.name)
+    for item in tokenizer_files(tokenizer_dir):
+        if (dst / item.name).exists():
+            raise WiolaError(f"tokenizer file {item.name} would overwrite a model file in {dst}")
+        shutil.copyfile(item, dst / item.name)
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -174,7 +179,20 @@ def load_state(path: Path) -> dict[str, Any]:
     file = Path(path) / STATE_FILE
     if not file.is_file():
         raise WiolaError(f"{path} is not a training checkpoint (no {STATE_FILE})")
-    return torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, corrupt or hostile pickles all mean "damaged"
+        raise WiolaError(f"{file} is damaged or not a wiola trainer state; it cannot be resumed from"
+                         f" ({_first_line(exc)})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise WiolaError(f"{file} is not a wiola trainer state")
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error message (torch's unpickling errors go on to advise weights_only=False)."""
+    text = str(exc).strip().splitlines()
+    return (text[0].split(". ")[0] if text else type(exc).__name__)[:300]
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -186,7 +204,10 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise WiolaError(f"{path}: no *.safetensors weights")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(file))
+        try:
+            state.update(load_file(file))
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, truncated files
+            raise WiolaError(f"{file} is damaged: {_first_line(exc)}") from None
     return state
 
 
@@ -221,19 +242,29 @@ def load_for_inference(path: str | Path, device: torch.device):
     hf_logging.disable_progress_bar()
 
     model_dir = find_model_dir(path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a load report of missing keys becomes our one-line error below
     try:
         if legacy.needs_upgrade(model_dir):
-            model = legacy.load_upgraded(model_dir, torch.float32)
+            model, info = legacy.load_upgraded(model_dir, torch.float32), {}
             print(f"note: {model_dir} has the GCLA layout of wiola 0.2.0.dev (dead layer-0 tensors); upgraded in memory, "
                   f"`wiola convert {model_dir} NEW_DIR` rewrites it", file=sys.stderr)
         else:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        raise WiolaError(f"cannot load a model from {model_dir}: {exc}") from exc
+            model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, truncated files, bad configs
+        raise WiolaError(f"cannot load a model from {model_dir}: {_first_line(exc)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    aliases = tied_aliases(model)
+    missing = [k for k in info.get("missing_keys") or [] if k not in aliases]
+    bad = missing + list(info.get("mismatched_keys") or [])
+    if bad:  # transformers only warns and leaves those weights random
+        raise WiolaError(f"{model_dir}: the weights are incomplete ({len(bad)} tensor(s) missing or of the wrong shape,"
+                         f" e.g. {', '.join(str(k) for k in bad[:3])}); refusing to use random weights")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError) as exc:
-        raise WiolaError(f"cannot load the tokenizer from {model_dir}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise WiolaError(f"cannot load the tokenizer from {model_dir}: {_first_line(exc)}") from None
     return model.to(device).eval(), tokenizer, model_dir
 
 

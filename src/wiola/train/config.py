@@ -252,16 +252,45 @@ def make_model_config(spec: str | dict[str, Any], overrides: dict[str, Any] | No
     else:
         base_cls = wiola_config or LlamaConfig
 
-    known = set(base_cls().to_dict())
+    defaults = base_cls().to_dict()
+    known = set(defaults)
     for key in fields_:
         if key not in known:
             raise WiolaError(f"unknown model config field {key!r} for {base_cls.__name__}{_suggest(key, known)}")
+        fields_[key] = check_field(key, fields_[key], defaults[key])
     try:
         if preset is not None:
             return base_cls.from_preset(preset, **fields_)
         return base_cls(**fields_)
     except (TypeError, ValueError) as exc:
         raise WiolaError(f"invalid model config: {exc}") from exc
+
+
+# float fields that must be strictly positive (a zero or negative value only shows up later as NaN)
+POSITIVE_FLOATS = frozenset({"rms_norm_eps", "rope_theta", "layer_norm_eps", "norm_eps"})
+
+
+def check_field(key: str, value: Any, default: Any) -> Any:
+    """`value` for model config field `key`, checked against the type of its default (None always passes).
+
+    Booleans must be booleans, integers integers (not `true`), floats finite numbers; the
+    epsilon and rope base must be positive. Returns the value (an int given for a float as a float).
+    """
+    if value is None or default is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise WiolaError(f"model config field {key} must be true or false, got {value!r}")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise WiolaError(f"model config field {key} must be an integer, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise WiolaError(f"model config field {key} must be a finite number, got {value!r}")
+        value = float(value)
+        if key in POSITIVE_FLOATS and value <= 0:
+            raise WiolaError(f"model config field {key} must be positive, got {value!r}")
+    return value
 
 
 def architecture_dict(config) -> dict[str, Any]:

@@ -6,6 +6,14 @@ cosine/WSD/constant schedule, periodic validation, checkpoints (`latest` every
 `save_every` steps, `best` on a new lowest validation loss, `final` at the end), logs and a
 live progress bar. The model is any transformers causal LM; the loop knows nothing of its
 internals. Under torchrun every rank runs this file; rank 0 alone writes files.
+
+Before step 1 everything the run needs is checked: the output directory is locked (one writer),
+the data directory matches its manifest (split sizes, tokenizer hash) and is share-locked against
+`wiola prepare`, the train and val splits are long enough for `--seq-len`, and the tokenizer loads.
+On `--resume` the data must be the checkpoint's (its fingerprint is stored there) unless
+`--allow-new-data` is given, and changed options apply as if the run had started with them: the
+lr schedule is recomputed from the new lr/min-lr/warmup/schedule/max-steps and AdamW's betas and
+weight decay are replaced (see docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from typing import Any, Literal
 import torch
 
 from wiola import legacy
+from wiola.data.lock import claim_dir, shared_lock
+from wiola.data.manifest import verify as verify_data
 from wiola.errors import WiolaError
 from wiola.train import batches, checkpoint, distributed
 from wiola.train.config import (
@@ -86,8 +96,13 @@ class Trainer:
     """
 
     def __init__(self, *, cfg: TrainConfig, model_config, data_dir: Path, out: Path, dist: distributed.Dist,
-                 resume_from: Path | None = None, model_overrides: dict[str, Any] | None = None):
+                 resume_from: Path | None = None, model_overrides: dict[str, Any] | None = None,
+                 data_source: dict[str, Any] | None = None, given_options: dict[str, Any] | None = None,
+                 validation: bool = True):
         self.cfg, self.model_config, self.data_dir, self.out, self.dist = cfg, model_config, data_dir, out, dist
+        self.data_source = data_source  # identity of the data, checked on --resume
+        self.given_options = given_options  # the options before defaults were derived (min_lr None = lr/10)
+        self.validation = validation  # False only for data prepared with --val-fraction 0
         self.device = dist.device
         self.amp_dtype = autocast_dtype(cfg.dtype, self.device)
         self.accum = cfg.grad_accum_steps(dist.world_size)
@@ -136,6 +151,28 @@ class Trainer:
         rngs = state.get("rng") or []
         if len(rngs) == self.dist.world_size:
             checkpoint.restore_rng(rngs[self.dist.rank])
+        self.apply_options()
+
+    def apply_options(self) -> None:
+        """Make this run's options, not the restored optimizer's, drive training from the current step.
+
+        `optimizer.load_state_dict` brings back the old lr, betas and weight decay and the scheduler
+        its old base lr; they are replaced here so that a changed --lr/--min-lr/--warmup-steps/
+        --schedule/--max-steps/--beta1/--beta2/--weight-decay applies exactly as in a run started
+        with it (the lr at step k is lr * multiplier(k)), and `trainer_state.json` records what ran.
+        """
+        cfg, sched = self.cfg, self.scheduler
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["initial_lr"] = cfg.lr
+            group["betas"] = (cfg.beta1, cfg.beta2)
+            if i == 0:  # optim.param_groups: group 0 is weight-decayed, group 1 never is
+                group["weight_decay"] = cfg.weight_decay
+        sched.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
+        step = sched.last_epoch
+        lrs = [base * fn(step) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs
 
     def save(self, names: list[str]) -> None:
         """Write checkpoint `names[0]` (and copies as the other names); a collective under FSDP."""
@@ -153,7 +190,9 @@ class Trainer:
                 "data": self.train_batches.state_dict(),
                 "rng": rngs,
                 "train_config": self.cfg.to_dict(),
+                "train_options": self.given_options,
                 "model_overrides": self.model_overrides,
+                "data_source": self.data_source,
             }
             root = self.out / "checkpoints"
             checkpoint.save(root / names[0], model=self.raw_model, model_state=model_state, trainer_state=state, tokenizer_dir=self.tokenizer_dir)
@@ -269,7 +308,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
                         window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
                     names = []
-                    if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                    if self.validation and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                         val = self.validate()
                         log.log({"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
                         if main:
@@ -314,9 +353,65 @@ class Trainer:
 
 
 def train(config: str, data: str, out: str, *, overrides: dict[str, Any] | None = None,
-          options: dict[str, Any] | None = None, resume: bool = False) -> TrainResult:
+          options: dict[str, Any] | None = None, resume: bool = False, allow_new_data: bool = False) -> TrainResult:
     """Programmatic `wiola train`: resolve everything, run, return a `TrainResult`."""
     data_dir, out_dir = Path(data), Path(out)
+    batches.read_manifest(data_dir)  # a missing or malformed data directory fails before anything is created
+    main = int(os.environ.get("RANK", "0")) == 0
+    with contextlib.ExitStack() as stack:
+        if main:  # one writer per output directory; prepare cannot rewrite the data meanwhile
+            stack.enter_context(claim_dir(out_dir, "wiola train"))
+            data_lock = shared_lock(data_dir, "wiola train")
+            if data_lock is not None:
+                stack.callback(data_lock.release)
+        return _train(config, data_dir, out_dir, overrides=overrides, options=options, resume=resume,
+                      allow_new_data=allow_new_data)
+
+
+def data_identity(data_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a prepared data directory in a checkpoint (checked on --resume)."""
+    splits = manifest["splits"]
+    tok = manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), dict) else {}
+    return {"fingerprint": manifest["fingerprint"], "tokenizer_sha256": tok.get("sha256"),
+            "train_tokens": splits.get("train", {}).get("num_tokens"), "val_tokens": splits.get("val", {}).get("num_tokens"),
+            "path": str(data_dir.resolve())}
+
+
+def check_data(data_dir: Path, manifest: dict[str, Any], cfg: TrainConfig, model_vocab: int) -> bool:
+    """Everything the run will read, checked before step 1; returns whether there is a val split to validate on."""
+    verify_data(data_dir, manifest)
+    need = cfg.seq_len + 1
+    splits = manifest["splits"]
+    train_tokens = splits.get("train", {}).get("num_tokens", 0)
+    if train_tokens < need:
+        raise WiolaError(f"the train split of {data_dir} has {train_tokens} tokens; --seq-len {cfg.seq_len} needs at least {need}")
+    val_tokens = splits["val"]["num_tokens"] if "val" in splits else None
+    no_val = (manifest.get("options") or {}).get("val_fraction") == 0 and not val_tokens
+    if not no_val and (val_tokens is None or val_tokens < need):
+        have = "no val split" if val_tokens is None else f"a val split of {val_tokens} tokens"
+        raise WiolaError(f"{data_dir} has {have}; validation with --seq-len {cfg.seq_len} needs at least {need} tokens"
+                         " (prepare it again with a larger --val-fraction, or lower --seq-len)")
+    tok_dir = batches.tokenizer_dir(data_dir)
+    from wiola.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tok_dir)
+    if len(tokenizer) > model_vocab:
+        raise WiolaError(f"the data's tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size {model_vocab}")
+    return not no_val
+
+
+def _given_options(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's options as given (derived defaults as None), also for checkpoints that predate them."""
+    if state.get("train_options") is not None:
+        return dict(state["train_options"])
+    saved = dict(state["train_config"])
+    if saved.get("min_lr") is not None and math.isclose(saved["min_lr"], saved["lr"] / 10):
+        saved["min_lr"] = None  # the default: it follows a new --lr
+    return saved
+
+
+def _train(config: str, data_dir: Path, out_dir: Path, *, overrides: dict[str, Any] | None,
+           options: dict[str, Any] | None, resume: bool, allow_new_data: bool) -> TrainResult:
     manifest = batches.read_manifest(data_dir)
     model_spec, file_options = split_config_source(config)
     ckpt_dir = checkpoint.resolve(out_dir / "checkpoints" / "latest")
@@ -327,13 +422,16 @@ def train(config: str, data: str, out: str, *, overrides: dict[str, Any] | None 
         ckpt_state = checkpoint.load_state(ckpt_dir)
     elif (out_dir / "checkpoints").exists():
         raise WiolaError(f"{out_dir} already holds a training run; pass --resume to continue it, or choose a new --out")
-    cfg = TrainConfig.layered((ckpt_state or {}).get("train_config"), file_options, options)
+    given = TrainConfig.layered(_given_options(ckpt_state) if ckpt_state else None, file_options, options)
+    cfg = given
     # like the training options, --set overrides of the resumed run stay in force unless given again
     overrides = {**(ckpt_state or {}).get("model_overrides", {}), **(overrides or {})}
 
     model_config = make_model_config(model_spec, _data_defaults(model_spec, overrides, manifest, data_dir))
     if model_config.vocab_size < manifest["vocab_size"]:
         raise WiolaError(f"model vocab_size {model_config.vocab_size} is smaller than the data's {manifest['vocab_size']}")
+    identity = data_identity(data_dir, manifest)
+    events: list[dict[str, Any]] = []
     if ckpt_state is not None:
         diffs = config_differences(checkpoint.read_config_dict(ckpt_dir), _json_roundtrip(architecture_dict(model_config)))
         if diffs:
@@ -342,21 +440,49 @@ def train(config: str, data: str, out: str, *, overrides: dict[str, Any] | None 
         changed = [k for k in TrainConfig.DATA_LAYOUT if saved.get(k) is not None and saved.get(k) != getattr(cfg, k)]
         if changed:
             raise WiolaError("--resume: cannot change " + ", ".join(f"{k} ({saved[k]} -> {getattr(cfg, k)})" for k in changed))
+        old = ckpt_state.get("data_source")
+        keys = ("fingerprint", "tokenizer_sha256", "train_tokens", "val_tokens")
+        if old is not None and any(old.get(k) != identity[k] for k in keys):
+            if not allow_new_data:
+                raise WiolaError(f"--resume: {data_dir} is not the data this run was trained on ({old.get('path')},"
+                                 f" fingerprint {str(old.get('fingerprint'))[:12]} vs {identity['fingerprint'][:12]});"
+                                 " pass --allow-new-data to continue on it anyway")
+            events.append({"event": "data_changed", "step": int(ckpt_state["step"]), "from": old, "to": identity})
 
     d = distributed.setup(cfg.device)
     if d.is_main:
         ensure_writable(out_dir)
     distributed.barrier(d)
     cfg = cfg.finalize(d.world_size, model_config.max_position_embeddings)
+    validation = check_data(data_dir, manifest, cfg, model_config.vocab_size)
+    if ckpt_state is not None:
+        before = ckpt_state["train_config"]
+        diff = {k: [before.get(k), v] for k, v in cfg.to_dict().items() if k in before and before.get(k) != v}
+        events.insert(0, {"event": "resume", "step": int(ckpt_state["step"]), "changed": diff})
+    if not validation:
+        events.append({"event": "no_validation", "message": f"{data_dir} has no val split (--val-fraction 0): no validation, no best checkpoint"})
+        if d.is_main:
+            print(f"wiola train: note: {events[-1]['message']}", file=sys.stderr)
     if resume and d.is_main:
         truncate_log(out_dir / "log.jsonl", int(ckpt_state["step"]))
+    if events and d.is_main:
+        _log_events(out_dir, events)
     _quiet_transformers()
     trainer = Trainer(cfg=cfg, model_config=model_config, data_dir=data_dir, out=out_dir, dist=d,
-                      resume_from=ckpt_dir if resume else None, model_overrides=overrides)
+                      resume_from=ckpt_dir if resume else None, model_overrides=overrides, data_source=identity,
+                      given_options=given.to_dict(), validation=validation)
     result = trainer.fit()
     # no try/finally: leaving the group after an error can hang (see distributed.teardown)
     distributed.teardown(d)
     return result
+
+
+def _log_events(out: Path, events: list[dict[str, Any]]) -> None:
+    import json
+
+    with open(out / "log.jsonl", "a") as f:
+        for event in events:
+            f.write(json.dumps({**event, "time": time.time()}) + "\n")
 
 
 def _data_defaults(spec: Any, overrides: dict[str, Any], manifest: dict[str, Any], data_dir: Path) -> dict[str, Any]:
@@ -413,6 +539,7 @@ def train_command(
     distributed: Literal["ddp", "fsdp"] | None = None,
     tensorboard: bool | None = None,
     resume: bool = False,
+    allow_new_data: bool = False,
 ) -> int:
     """Train a model on prepared token data; `out/` ends as a loadable model with its tokenizer.
 
@@ -455,7 +582,11 @@ def train_command(
             docs/finetune.md#packing gives its cost and effect).
         distributed: multi-process strategy under torchrun: ddp or fsdp (FSDP2) (default ddp).
         tensorboard: also write TensorBoard logs when tensorboard is installed (default on).
-        resume: continue the run in `out` from checkpoints/latest.
+        resume: continue the run in `out` from checkpoints/latest. Options given again apply from the
+            current step as if the run had started with them (lr schedule recomputed); batch size,
+            sequence length and seed cannot change.
+        allow_new_data: with --resume, continue on a data directory other than the checkpoint's
+            (recorded in log.jsonl); without it such a resume is refused.
     """
     options = {
         "max_steps": max_steps, "batch_size": batch_size, "micro_batch_size": micro_batch_size, "seq_len": seq_len,
@@ -464,7 +595,8 @@ def train_command(
         "eval_batches": eval_batches, "log_every": log_every, "save_every": save_every, "seed": seed, "device": device,
         "dtype": dtype, "compile": compile, "document_mask": document_mask, "distributed": distributed, "tensorboard": tensorboard,
     }
-    result = train(config, data, out, overrides=parse_overrides(set), options=options, resume=resume)
+    result = train(config, data, out, overrides=parse_overrides(set), options=options, resume=resume,
+                   allow_new_data=allow_new_data)
     if result.stopped_by is None and result.loss is not None and int(os.environ.get("RANK", "0")) == 0:
         best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
         print(f"trained {result.step} steps, final loss {result.loss:.4f}{best}; model saved to {result.out}")
