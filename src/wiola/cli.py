@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "eval": "wiola.evaluate:eval_command",
     "generate": "wiola.generate:generate_command",
     "convert": "wiola.convert:convert_command",
+    "merge": "wiola.finetune:merge_command",
     "presets": "wiola.configuration_wiola:presets_command",
     "bench": "wiola.bench:bench_command",
     "compare": "wiola.compare:compare_command",
