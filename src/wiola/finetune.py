@@ -89,11 +89,12 @@ def add_lora(model: nn.Module, cfg: Any) -> nn.Module:
     peft = _require_peft()
     targets = list(cfg.lora_targets) if cfg.lora_targets else default_targets(model)
     check_targets(model, targets)
-    model.config._name_or_path = str(cfg.init_from)  # recorded as base_model_name_or_path in adapter_config.json
+    model.name_or_path = str(cfg.init_from)  # recorded as base_model_name_or_path in adapter_config.json
     config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                              target_modules=targets, task_type="CAUSAL_LM", base_model_name_or_path=str(cfg.init_from))
-    wrapped = peft.get_peft_model(model, config)
-    wrapped.peft_config["default"].base_model_name_or_path = str(cfg.init_from)  # get_peft_model resets it
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        wrapped = peft.get_peft_model(model, config)
     # checkpoints of a LoRA run: the adapter plus the base config (so resume checks and `find_model_dir` work)
     wrapped.save_pretrained = types.MethodType(_save_lora_checkpoint, wrapped)
     return wrapped
@@ -120,17 +121,29 @@ def load_adapter(model: nn.Module, ckpt_dir: Path) -> None:
         raise WiolaError(f"{ckpt_dir}: adapter does not fit the model (missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]})")
 
 
+def load_init_weights(model: nn.Module, init_from: str | Path) -> None:
+    """Load the weights of --init-from into `model`; every tensor must exist with the same shape."""
+    model_dir = init_model_dir(init_from)
+    own = model.state_dict()
+    theirs = checkpoint.load_weights(model_dir)
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in theirs.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise WiolaError(f"--init-from {init_from}: weights do not fit the model of CONFIG ({len(wrong)} tensor(s) differ in shape, "
+                         f"e.g. {wrong[0]}); pass the same directory as CONFIG")
+    checkpoint.load_weights_into(model, model_dir)
+
+
 def starting_model(model: nn.Module, cfg: Any, resume_from: Path | None) -> nn.Module:
     """Give a freshly built `model` its starting weights: the resumed checkpoint's, --init-from's, and/or LoRA adapters."""
     if cfg.lora:
-        checkpoint.load_weights_into(model, init_model_dir(cfg.init_from))
+        load_init_weights(model, cfg.init_from)
         model = add_lora(model, cfg)
         if resume_from is not None:
             load_adapter(model, resume_from)
     elif resume_from is not None:
         checkpoint.load_weights_into(model, resume_from)
     elif cfg.init_from:
-        checkpoint.load_weights_into(model, init_model_dir(cfg.init_from))
+        load_init_weights(model, cfg.init_from)
     return model
 
 
