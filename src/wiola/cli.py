@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "train": "wiola.train.trainer:train_command",
     "eval": "wiola.evaluate:eval_command",
     "generate": "wiola.generate:generate_command",
+    "chat": "wiola.chat:chat_command",
     "convert": "wiola.convert:convert_command",
     "merge": "wiola.finetune:merge_command",
     "presets": "wiola.configuration_wiola:presets_command",
