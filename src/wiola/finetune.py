@@ -212,7 +212,7 @@ def merge(adapter_run: str | Path, out: str | Path) -> Path:
     return out
 
 
-def merge_command(adapter_run: str, out: str) -> int:
+def merge_command(run: str, out: str) -> int:
     """Merge a LoRA run's adapter into its base weights, saving a plain model directory.
 
     The base model is the --init-from directory recorded in the adapter; OUT loads with
@@ -220,9 +220,9 @@ def merge_command(adapter_run: str, out: str) -> int:
     works with wiola eval, generate and chat, or as --init-from of another run.
 
     Args:
-        adapter_run: a `wiola train --lora` output directory, one of its checkpoints, or an adapter directory.
+        run: a `wiola train --lora` output directory, one of its checkpoints, or an adapter directory.
         out: new directory for the merged model.
     """
-    path = merge(adapter_run, out)
-    print(f"merged {find_adapter_dir(adapter_run)} into its base model; saved to {path}", file=sys.stderr)
+    path = merge(run, out)
+    print(f"merged {find_adapter_dir(run)} into its base model; saved to {path}", file=sys.stderr)
     return 0
