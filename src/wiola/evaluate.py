@@ -56,11 +56,11 @@ def evaluate_batches(
             weight = 1.0 if index < len(all_batches) else 0.0
             ids, labels = (t.to(device) for t in all_batches[min(index, len(all_batches) - 1)])
             output = model(input_ids=ids, use_cache=False, **(positions(ids) if positions is not None else {}))
-            count = labels.numel()
+            count = int((labels != -100).sum())  # chat data: only assistant tokens are scored
             nll += weight * causal_lm_loss(output.logits, labels).double() * count
             sums[0] += weight * count
             if tokenizer is not None and weight:
-                sums[1] += sum(len(tokenizer.decode(row).encode("utf-8")) for row in labels.tolist())
+                sums[1] += sum(len(tokenizer.decode([t for t in row if t >= 0]).encode("utf-8")) for row in labels.tolist())
     model.train(was_training)
     if dist is not None and dist.enabled:
         packed = torch.cat([nll.reshape(1), sums.to(device)])

@@ -321,6 +321,11 @@ def prepare(source: str = "shakespeare", out: str | Path = "data/shakespeare", t
     if split_at not in ("line", "exact"):
         raise WiolaError(f"--split-at must be line or exact, got {split_at!r}")
     out = Path(out).expanduser()
+    from wiola.data import chat
+
+    if chat.is_chat_source(source, column):  # a .jsonl of {"messages": [...]}: tokens + assistant-only loss masks
+        return chat.prepare_chat(source, out, tokenizer, tokenizer_kind=tokenizer_kind, vocab_size=vocab_size,
+                                 val_fraction=val_fraction, seed=seed, force=force, progress=progress)
     corpus = Corpus(source, column=column, split=split, streaming=streaming, doc_separator=doc_separator)
     if tokenizer is None:
         tokenizer_spec: dict[str, Any] = {"train": tokenizer_kind, "vocab_size": vocab_size}
@@ -396,7 +401,9 @@ def prepare_command(source: str = "shakespeare", out: str = "data/shakespeare", 
     """Tokenise a corpus into train/val token shards for training (numpy memmaps + manifest.json).
 
     Documents go to train or val by a seeded hash of their text (a single-document corpus is
-    split at a line break near the end); each document is followed by the eos token. Without
+    split at a line break near the end); each document is followed by the eos token. A .jsonl
+    of chat conversations ({"messages": [{"role", "content"}, ...]} per line) is rendered with the
+    chat template and gets loss masks, so training learns the assistant replies only (docs/finetune.md). Without
     --tokenizer, a tokenizer is trained on the train split and saved in OUT/tokenizer. A run
     whose inputs are unchanged since the last one is skipped.
 
@@ -409,7 +416,8 @@ def prepare_command(source: str = "shakespeare", out: str = "data/shakespeare", 
         val_fraction: share of the corpus characters to put in the validation split, in [0, 1).
         seed: seed of the document hash that decides the split.
         num_workers: tokenizer processes; 0 or 1 = in this process (default: 0 below 16M characters, else CPUs up to 8).
-        column: text column of .jsonl/.parquet files and datasets.
+        column: text column of .jsonl/.parquet files and datasets; `messages` (or a .jsonl whose lines have a
+            messages list and no text column) reads chat conversations.
         split: split of a Hugging Face dataset.
         streaming: stream a Hugging Face dataset.
         doc_separator: regular expression that splits .txt files into documents (e.g. '\\n\\s*\\n').

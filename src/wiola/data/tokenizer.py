@@ -10,7 +10,8 @@ directory that `transformers.AutoTokenizer.from_pretrained` loads as a fast toke
   `<|bos|>`, `<|eos|>`, `<|pad|>`, `<|unk|>` (ids 0-3); characters not seen in training
   encode as `<|unk|>`, everything else round-trips exactly. `vocab_size` does not apply.
 
-Encoding adds no special tokens; `wiola prepare` appends `<|eos|>` after each document.
+Encoding adds no special tokens; `wiola prepare` appends `<|eos|>` after each document. Both kinds
+carry the default chat template of `wiola.data.chat` (`chat_template.jinja`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def train_tokenizer(texts: Iterable[str], kind: Literal["bpe", "char"] = "bpe", 
         raise WiolaError("no text to train the tokenizer on")
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, **special)
+    from wiola.data.chat import CHAT_TEMPLATE
+
+    return PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, chat_template=CHAT_TEMPLATE, **special)
 
 
 class _Counting:

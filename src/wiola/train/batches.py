@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from wiola.data import chat
 from wiola.data.loader import RandomBatchSampler, TokenDataset
 from wiola.data.manifest import read_manifest as _read_manifest
 from wiola.data.manifest import tokenizer_dir as _tokenizer_dir
@@ -52,12 +53,19 @@ def special_token_ids(data_dir: str | Path, manifest: dict[str, Any]) -> dict[st
 
 def train_sampler(data_dir: str | Path, *, batch_size: int, seq_len: int, seed: int, rank: int, world_size: int) -> RandomBatchSampler:
     """This rank's share of each global training batch; resumable through state_dict()."""
-    return RandomBatchSampler(TokenDataset(data_dir, "train"), batch_size, seq_len, seed=seed, rank=rank, world_size=world_size)
+    dataset = TokenDataset(data_dir, "train")
+    sampler = RandomBatchSampler(dataset, batch_size, seq_len, seed=seed, rank=rank, world_size=world_size)
+    mask = chat.loss_mask(dataset)  # chat data: labels outside assistant replies become -100
+    return sampler if mask is None else chat.MaskedSampler(sampler, mask)
 
 
 def eval_batches(data_dir: str | Path, split: str, *, batch_size: int, seq_len: int, max_batches: int | None = None) -> Iterator[Batch]:
     """Consecutive non-overlapping windows from the start of `split` (the same on every call)."""
-    return TokenDataset(data_dir, split).iter_eval_batches(batch_size, seq_len, max_batches=max_batches)
+    dataset = TokenDataset(data_dir, split)
+    mask = chat.loss_mask(dataset)
+    if mask is not None:
+        return chat.masked_eval_batches(dataset, mask, batch_size, seq_len, max_batches=max_batches)
+    return dataset.iter_eval_batches(batch_size, seq_len, max_batches=max_batches)
 
 
 def document_positions(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -74,5 +82,8 @@ def document_positions(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32 of logits [B, T, V] against shifted labels [B, T]."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    """Mean next-token cross-entropy in fp32 of logits [B, T, V] against shifted labels [B, T].
+
+    Labels of -100 (outside the loss mask of chat data) are skipped; a batch without any label gives 0."""
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp(min=1)

@@ -245,7 +245,11 @@ def load_for_inference(path: str | Path, device: torch.device):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a load report of missing keys becomes our one-line error below
     try:
-        if legacy.needs_upgrade(model_dir):
+        if (model_dir / "adapter_config.json").is_file():  # a `wiola train --lora` run: base + adapter, merged
+            from wiola.finetune import load_lora_model
+
+            model, info = load_lora_model(model_dir)[0].merge_and_unload(), {}
+        elif legacy.needs_upgrade(model_dir):
             model, info = legacy.load_upgraded(model_dir, torch.float32), {}
             print(f"note: {model_dir} has the GCLA layout of wiola 0.2.0.dev (dead layer-0 tensors); upgraded in memory, "
                   f"`wiola convert {model_dir} NEW_DIR` rewrites it", file=sys.stderr)

@@ -74,9 +74,18 @@ class TrainConfig:
     document_mask: bool = False
     distributed: str = "ddp"
     tensorboard: bool = True
+    # fine-tuning (wiola.finetune): start weights, and LoRA adapters instead of full training
+    init_from: str | None = None
+    lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] | None = None
 
     # Options that fix which tokens each step sees; they cannot change across a resume.
     DATA_LAYOUT = ("batch_size", "seq_len", "seed", "document_mask")
+    # Options that fix which parameters exist and what they start from; also fixed across a resume.
+    MODEL_LAYOUT = ("init_from", "lora", "lora_rank", "lora_targets")
 
     @classmethod
     def layered(cls, *layers: dict[str, Any] | None) -> "TrainConfig":
@@ -123,6 +132,11 @@ class TrainConfig:
             raise WiolaError(f"--dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
         if not (cfg.lr > 0 and math.isfinite(cfg.lr)) or cfg.min_lr < 0 or cfg.min_lr > cfg.lr:
             raise WiolaError(f"need 0 <= --min-lr <= --lr and --lr > 0 (got lr={cfg.lr}, min_lr={cfg.min_lr})")
+        if cfg.lora and (cfg.lora_rank <= 0 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1):
+            raise WiolaError(f"--lora needs --lora-rank > 0, --lora-alpha > 0 and --lora-dropout in [0, 1) "
+                             f"(got {cfg.lora_rank}, {cfg.lora_alpha}, {cfg.lora_dropout})")
+        if cfg.lora and not cfg.init_from:
+            raise WiolaError("--lora trains adapters on trained weights: give the base model with --init-from DIR")
         return cfg
 
     def grad_accum_steps(self, world_size: int) -> int:

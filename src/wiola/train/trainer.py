@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 
-from wiola import legacy
+from wiola import finetune, legacy
 from wiola.data.lock import claim_dir, shared_lock
 from wiola.data.manifest import verify as verify_data
 from wiola.errors import WiolaError
@@ -112,12 +112,10 @@ class Trainer:
         self._stop, self._stop_everywhere = GracefulStop(), False  # fit() installs the signal handlers
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = build_model(model_config)
+        model = finetune.starting_model(build_model(model_config), cfg, resume_from)  # resume / --init-from / --lora
         self.eos_token_id = getattr(model.config, "eos_token_id", None)
         if cfg.document_mask and self.eos_token_id is None:
             raise WiolaError("--document-mask needs the data's eos token id (none in the manifest or tokenizer)")
-        if resume_from is not None:
-            checkpoint.load_weights_into(model, resume_from)
         model.to(self.device)
         if cfg.compile:
             model.compile()
@@ -286,7 +284,8 @@ class Trainer:
         started = time.perf_counter()
         if main:
             log.log({"event": "start", "step": self.step, "world_size": self.dist.world_size, "grad_accum": self.accum,
-                     "parameters": sum(p.numel() for p in self.raw_model.parameters()), "device": str(self.device)})
+                     "parameters": sum(p.numel() for p in self.raw_model.parameters()), "device": str(self.device),
+                     "trainable_parameters": finetune.trainable_parameters(self.raw_model)})
         try:
             with GracefulStop() as stop:
                 self._stop = stop
@@ -424,6 +423,8 @@ def _train(config: str, data_dir: Path, out_dir: Path, *, overrides: dict[str, A
         raise WiolaError(f"{out_dir} already holds a training run; pass --resume to continue it, or choose a new --out")
     given = TrainConfig.layered(_given_options(ckpt_state) if ckpt_state else None, file_options, options)
     cfg = given
+    if cfg.init_from:  # recorded absolute, so --resume and `wiola merge` find it from anywhere
+        cfg.init_from = str(finetune.init_model_dir(cfg.init_from))
     # like the training options, --set overrides of the resumed run stay in force unless given again
     overrides = {**(ckpt_state or {}).get("model_overrides", {}), **(overrides or {})}
 
@@ -438,6 +439,7 @@ def _train(config: str, data_dir: Path, out_dir: Path, *, overrides: dict[str, A
             raise WiolaError(f"--resume: the model config differs from the checkpoint's in {len(diffs)} field(s): " + "; ".join(diffs))
         saved = ckpt_state["train_config"]
         changed = [k for k in TrainConfig.DATA_LAYOUT if saved.get(k) is not None and saved.get(k) != getattr(cfg, k)]
+        changed += [k for k in TrainConfig.MODEL_LAYOUT if saved.get(k, getattr(TrainConfig, k)) != getattr(cfg, k)]
         if changed:
             raise WiolaError("--resume: cannot change " + ", ".join(f"{k} ({saved[k]} -> {getattr(cfg, k)})" for k in changed))
         old = ckpt_state.get("data_source")
@@ -540,6 +542,12 @@ def train_command(
     tensorboard: bool | None = None,
     resume: bool = False,
     allow_new_data: bool = False,
+    init_from: str | None = None,
+    lora: bool | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    lora_dropout: float | None = None,
+    lora_targets: list[str] | None = None,
 ) -> int:
     """Train a model on prepared token data; `out/` ends as a loadable model with its tokenizer.
 
@@ -584,9 +592,23 @@ def train_command(
         tensorboard: also write TensorBoard logs when tensorboard is installed (default on).
         resume: continue the run in `out` from checkpoints/latest. Options given again apply from the
             current step as if the run had started with them (lr schedule recomputed); batch size,
-            sequence length and seed cannot change.
+            sequence length, seed, --document-mask and the LoRA/--init-from layout cannot change.
         allow_new_data: with --resume, continue on a data directory other than the checkpoint's
             (recorded in log.jsonl); without it such a resume is refused.
+        init_from: start from the weights of this model directory (a training out/, one of its
+            checkpoints/..., or any saved Wiola/LLaMA-style model) with a fresh optimizer, schedule
+            and step 0: fine-tuning. CONFIG still gives the architecture (usually the same
+            directory); the weights must fit it. Unlike --resume, which continues an interrupted
+            run of OUT exactly, this starts a new run. A model directory as CONFIG alone gives only
+            the architecture (random weights). See docs/finetune.md.
+        lora: train PEFT LoRA adapters on the frozen --init-from weights instead of all weights;
+            `wiola merge OUT MERGED` folds them back into a plain model (default off).
+        lora_rank: LoRA rank r (default 8).
+        lora_alpha: LoRA alpha; the update is scaled by alpha/r (default 16).
+        lora_dropout: dropout on the LoRA input (default 0).
+        lora_targets: linear layers to adapt, by name suffix (default: all attention and MLP
+            projections present: q/k/v/o_proj, output_gate_proj, gate/up/down_proj, bypass_proj,
+            wide_up_proj, wide_down_proj, fusion_proj).
     """
     options = {
         "max_steps": max_steps, "batch_size": batch_size, "micro_batch_size": micro_batch_size, "seq_len": seq_len,
@@ -594,6 +616,8 @@ def train_command(
         "weight_decay": weight_decay, "beta1": beta1, "beta2": beta2, "grad_clip": grad_clip, "eval_every": eval_every,
         "eval_batches": eval_batches, "log_every": log_every, "save_every": save_every, "seed": seed, "device": device,
         "dtype": dtype, "compile": compile, "document_mask": document_mask, "distributed": distributed, "tensorboard": tensorboard,
+        "init_from": init_from, "lora": lora, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout, "lora_targets": lora_targets,
     }
     result = train(config, data, out, overrides=parse_overrides(set), options=options, resume=resume,
                    allow_new_data=allow_new_data)

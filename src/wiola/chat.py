@@ -1,0 +1,142 @@
+"""`wiola chat`: an interactive terminal chat with a model, streaming its replies token by token.
+
+Each turn renders the whole conversation with the tokenizer's chat template (the default of
+`wiola.data.chat` when the tokenizer has none) and `add_generation_prompt=True`, and decodes the reply
+until the eos token: Wiola models on the fast decoder (`wiola.fast_decode.StaticDecoder`, one cache
+of the model's context length, reused every turn), other models through `generate()`. When the
+conversation no longer fits the context, its oldest turns are left out of the prompt.
+Commands at the prompt: `/reset` forgets the conversation, `/exit` (or Ctrl-D) ends the chat.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from wiola.errors import WiolaError
+
+USER_PROMPT = "you> "
+BOT_PROMPT = "bot> "
+
+
+def fit_prompt(tokenizer, messages: list[dict[str, str]], context: int, reserve: int) -> tuple[torch.Tensor, int]:
+    """Prompt ids [1, n] of the conversation, leaving out its oldest turns (never a system message) until
+    n + reserve fits `context`; returns the ids and how many messages were left out."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    rest = messages[len(system):]
+    for dropped in range(len(rest)):
+        kept = rest[dropped:]
+        ids = tokenizer.apply_chat_template(system + kept, add_generation_prompt=True, return_dict=True,
+                                            return_tensors="pt")["input_ids"]
+        if ids.shape[1] + reserve <= context:
+            return ids, dropped
+    raise WiolaError(f"the last message does not fit the model's context of {context} tokens with room for a reply")
+
+
+def chat_command(
+    checkpoint: str,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    greedy: bool = False,
+    seed: int = 1337,
+    device: str = "auto",
+) -> int:
+    """Chat with a model in the terminal; replies stream token by token.
+
+    The conversation is rendered with the tokenizer's chat template (docs/finetune.md); type
+    /reset to start over, /exit or Ctrl-D to leave. A LoRA run's directory works too (base +
+    adapter, merged in memory).
+
+    Args:
+        checkpoint: a model directory (a training out/, one of its checkpoints/..., a merged LoRA model or any saved model).
+        system: a system message that opens every conversation.
+        max_new_tokens: most tokens per reply (fewer when the context is nearly full).
+        temperature: sampling temperature; 0 means greedy decoding.
+        top_k: sample from the k most likely tokens only (0 or unset: no limit).
+        top_p: nucleus sampling: smallest set of tokens with this total probability.
+        greedy: always take the most likely token (no sampling).
+        seed: random seed of the first reply (reply i uses seed + i).
+        device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.
+    """
+    from transformers import TextStreamer
+
+    from wiola.data.chat import ensure_chat_template
+    from wiola.train.checkpoint import load_for_inference
+    from wiola.train.distributed import resolve_device
+
+    if max_new_tokens <= 0:
+        raise WiolaError("--max-new-tokens must be positive")
+    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1):
+        raise WiolaError("--temperature must be >= 0 and --top-p in (0, 1]")
+    dev = resolve_device(device)
+    model, tokenizer, model_dir = load_for_inference(checkpoint, dev)
+    if ensure_chat_template(tokenizer):
+        print(f"note: the tokenizer of {model_dir} has no chat template; using the default one (docs/finetune.md)", file=sys.stderr)
+    if tokenizer.eos_token_id is None:
+        raise WiolaError(f"the tokenizer of {model_dir} has no eos token to end a reply")
+    context = model.config.max_position_embeddings
+    do_sample = not greedy and temperature > 0
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    decoder = None
+    if getattr(model.config, "model_type", None) == "wiola":
+        from wiola.fast_decode import StaticDecoder
+
+        decoder = StaticDecoder(model, max_cache_len=context, compile=False)
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:  # pragma: no cover - not on every platform
+        pass
+
+    base = [{"role": "system", "content": system}] if system else []
+    messages = list(base)
+    print(f"wiola chat with {model_dir}: /reset starts over, /exit or Ctrl-D quits", flush=True)
+    turn = 0
+    while True:
+        try:
+            line = input(USER_PROMPT)
+        except EOFError:
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            messages = list(base)
+            print("(conversation cleared)", flush=True)
+            continue
+        messages.append({"role": "user", "content": text})
+        reserve = min(max_new_tokens, max(1, context // 4))
+        try:
+            ids, dropped = fit_prompt(tokenizer, messages, context, reserve)
+        except WiolaError as exc:
+            messages.pop()
+            print(f"(message not sent: {exc})", flush=True)
+            continue
+        if dropped:
+            print(f"(the {dropped} oldest message(s) no longer fit the context and are left out)", flush=True)
+        ids = ids.to(dev)
+        new = min(max_new_tokens, context - ids.shape[1])
+        print(BOT_PROMPT, end="", flush=True)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        if decoder is not None:
+            out = decoder.generate(ids, max_new_tokens=new, do_sample=do_sample, temperature=temperature, top_k=top_k or None,
+                                   top_p=top_p, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, seed=seed + turn,
+                                   streamer=streamer)
+        else:
+            from transformers import set_seed
+
+            set_seed(seed + turn)
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=do_sample,
+                                     temperature=temperature if do_sample else None, top_k=(top_k or None) if do_sample else None,
+                                     top_p=top_p if do_sample else None, eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=pad_id, streamer=streamer)
+        reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": reply.strip()})
+        turn += 1
