@@ -17,7 +17,9 @@
 #   bash scripts/gpu_check.sh              # on the GPU machine (stops with one line if CUDA is missing)
 #   bash scripts/gpu_check.sh --dry-run    # anywhere: the same stages on CPU at toy sizes, nothing compiled
 #   bash scripts/gpu_check.sh --commands   # print the command lines the GPU run would execute, and exit
-# Knobs: OUT, PYTHON (default python3), GPU_CHECK_SECONDS (the whole budget, default 450 on a GPU).
+# Knobs: OUT, PYTHON (default python3), GPU_CHECK_SECONDS (the whole budget, default 450 on a GPU; a stage is
+# skipped when fewer seconds than it needs are left), GPU_CHECK_BUDGETS (each stage's own limit, five numbers,
+# default "140 110 130 70 300"; the main job gets what is left).
 set -uo pipefail  # no -e: a failing stage is recorded and the next one runs
 cd "$(dirname "$0")/.."
 
@@ -43,8 +45,7 @@ if [ "$mode" = dry ]; then
   BENCH_120M=("$PY" -m wiola bench --config wiola-120m --set "${TINY_120M[@]}" "${tiny[@]}" --out "$OUT/bench_wiola-120m.json")
   ATM=("$PY" benchmarks/atm_bench.py --device cpu --tiny --steps 1)
   MAIN_KNOBS=(STEPS=2 BATCH=2 SEQ=32)
-  #          correctness  nano  120m  atm  main job
-  BUDGETS=(  240          180   180   180  300 )
+  budgets="240 180 180 180 300"  # seconds: correctness, bench nano, bench 120m, atm, main job
   TOTAL=${GPU_CHECK_SECONDS:-1080}
 else
   CORRECTNESS=("$PY" scripts/gpu_check.py correctness --out "$OUT/correctness.json" --device cuda)
@@ -55,9 +56,10 @@ else
               --compile "${decode[@]}" --out "$OUT/bench_wiola-120m.json")
   ATM=("$PY" benchmarks/atm_bench.py --device cuda --steps 5)
   MAIN_KNOBS=(STEPS=400 BATCH=8 SEQ=256)  # the README's CPU run, for a like-for-like loss and wall time
-  BUDGETS=(  140          110   130   70   300 )
+  budgets="140 110 130 70 300"  # seconds: correctness, bench nano, bench 120m, atm, main job (takes what is left)
   TOTAL=${GPU_CHECK_SECONDS:-450}  # + start-up and summary: under 8 minutes
 fi
+read -r -a BUDGETS <<<"${GPU_CHECK_BUDGETS:-$budgets}"
 MAIN=(env WIOLA_SETUP=0 "PYTHON=$PY" "OUT=$WORK/main-job" "DATA=$WORK/shakespeare" "${MAIN_KNOBS[@]}" bash scripts/main_job.sh)
 
 if [ "$mode" = commands ]; then
@@ -93,15 +95,15 @@ record() {  # record NAME STATUS SECONDS NOTE
   echo "=== $1: $2 after $3 s${4:+ ($4)}"
 }
 
-stage() {  # stage NAME BUDGET MIN_SECONDS OUTPUT_FILE|- COMMAND...: run COMMAND under min(BUDGET, time left)
-  local name=$1 budget=$2 need=$3 file=$4
+stage() {  # stage NAME BUDGET MIN_SECONDS OUTPUT_FILE|- COMMAND...: run COMMAND for at most min(BUDGET, time
+  local name=$1 budget=$2 need=$3 file=$4  # left), unless less than MIN_SECONDS are left
   shift 4
   local left=$((TOTAL - (SECONDS - START)))
-  ((budget > left)) && budget=$left
-  if ((budget < need)); then
+  if ((left < need)); then
     record "$name" SKIP 0 "out of time: $left s left of $TOTAL s, needs $need s"
     return 0
   fi
+  ((budget > left)) && budget=$left
   echo
   echo "=== $name (at most $budget s, $(date -u +%H:%M:%S) UTC)"
   echo "+ $*"
