@@ -19,7 +19,7 @@ rewritten after every check so that a run cut off still leaves the rows it finis
    merge of the static cache under graph replay). Two `generate` calls: capture, then replay.
 3. `train bf16 <preset>`: one training step's loss and gradients under bf16 autocast against fp32 from
    the same weights and batch: both finite, loss within 1e-2 relative, gradient vector cosine ≥ 0.99
-   and relative error ≤ 0.05.
+   and relative error ≤ 0.1.
 
 Without CUDA (`--device cpu`, the dry run) the same code runs at toy sizes (`--tiny`); the parts that
 need CUDA are SKIP rows that say so — the CUDA-graph comparison (the eager static decode still runs) and
@@ -224,7 +224,7 @@ def check_train(report: Report, label: str, config, device, seq: int) -> None:
     cos = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
     per = [float(torch.nn.functional.cosine_similarity(g16[n].flatten(), g32[n].flatten(), dim=0)) for n in names if g32[n].norm() > 0]
     figs = dict(loss_fp32=loss32, loss_bf16=loss16, grad_cos=cos, grad_rel=_rel_norm(a, b), worst_tensor_cos=min(per) if per else float("nan"))
-    ok = finite and set(g32) == set(g16) and abs(loss16 - loss32) <= 1e-2 * abs(loss32) and cos >= 0.99 and figs["grad_rel"] <= 0.05
+    ok = finite and set(g32) == set(g16) and abs(loss16 - loss32) <= 1e-2 * abs(loss32) and cos >= 0.99 and figs["grad_rel"] <= 0.1
     kernel = "flex" if device.type == "cuda" and config.merge_layers else "mask" if config.merge_layers else "no ATM"
     report.add(f"train bf16 {label}", "PASS" if ok else "FAIL", f"2×{seq}, ATM kernel: {kernel}" + ("" if finite else "; NON-FINITE"), **figs)
 
