@@ -50,13 +50,17 @@ def time_layer(config: WiolaConfig, layer_idx: int, batch: int, seq: int, device
     return sorted(times)[len(times) // 2]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--tiny", action="store_true", help="toy sizes (CPU smoke run)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     device = torch.device(args.device)
     shape = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3, vocab_size=256, intermediate_size=64, dsff_wide_size=128) if args.tiny else {}
     lengths = (64, 128) if args.tiny else (1024, 4096)

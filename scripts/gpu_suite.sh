@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# Every GPU measurement the docs ask for (ATM, main job, speed, comparison), in stages that each fit one
-# 10-minute call of a lent H100/H200 that cannot reach the network. It uses the GPU machine's own python3
-# (torch + transformers + matplotlib preinstalled) with src/ on PYTHONPATH; nothing is pip-installed there.
+# The GPU work that does not fit in one call: the larger presets and the comparisons of docs/results.md, in
+# stages for a lent H100/H200 that cannot reach the network, plus `prep`, which fetches here what that machine
+# cannot (also the corpus of scripts/gpu_check.sh's main-job stage). The headline figures (correctness, wiola
+# bench for nano and 120m, ATM, main job) come from one call of `bash scripts/gpu_check.sh` instead. It uses
+# the GPU machine's own python3 (torch + transformers + matplotlib preinstalled) with src/ on PYTHONPATH;
+# nothing is pip-installed there.
 #
 #   bash scripts/gpu_suite.sh prep          # HERE, on the development machine: fetch what the GPU box cannot
 #                                           # (the Shakespeare corpus into .gpu/cache, tinyshakespeare.txt) into
 #                                           # .gpu/, which git ignores; carry ".gpu" with every GPU call
-# then on the GPU machine, one stage per call (figures land in $OUT, default $OUT or runs/gpu):
-#   bash scripts/gpu_suite.sh bench         # wiola bench, wiola-nano and wiola-120m: train eager+compiled, decode
-#   bash scripts/gpu_suite.sh presets       # wiola bench --no-decode for micro, small, 360m, 700m and 1.5b
-#   bash scripts/gpu_suite.sh atm           # benchmarks/atm_bench.py
-#   bash scripts/gpu_suite.sh main          # scripts/main_job.sh on the GPU
+# then on the GPU machine, one stage per call (figures land in $OUT, default runs/gpu):
+#   bash scripts/gpu_suite.sh presets [PRESET ...]         # wiola bench --no-decode: micro, small, 360m, 700m, 1.5b
 #   bash scripts/gpu_suite.sh compare-char [ENTRANT ...]   # wiola compare, char-level Shakespeare (resumable)
 #   bash scripts/gpu_suite.sh compare-bpe  [ENTRANT ...]   # wiola compare, BPE Shakespeare (resumable)
 # A comparison resumes where it stopped, so a stage cut off at 10 minutes continues on the next call while
 # the machine stays warm (runs/ survives between calls); its reports are copied to $OUT after each call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_suite.sh prep|bench|presets|atm|main|compare-char|compare-bpe [entrants...]}
+stage=${1:?usage: gpu_suite.sh prep|presets|compare-char|compare-bpe [presets or entrants...]}
 shift
+case $stage in
+  prep | presets | compare-char | compare-bpe) ;;
+  *) echo "gpu_suite: unknown stage '$stage' (bench, atm and main moved to one call of scripts/gpu_check.sh)" >&2; exit 2 ;;
+esac
 
 if [ "$stage" = prep ]; then
   bash scripts/setup.sh
@@ -54,12 +58,6 @@ compare() {  # compare SPEC NAME [entrants...]
 }
 
 case $stage in
-  bench)
-    $PY -m wiola bench --config wiola-nano --train-batch 32 --seq-len 1024 --compile --decode-batch 1 64 \
-      --prompt-len 32 --new-tokens 256 --decode-repeats 3 --out "$OUT/bench_nano.json" | tee "$OUT/bench_nano.md"
-    $PY -m wiola bench --config wiola-120m --train-batch 16 --seq-len 1024 --compile --decode-batch 1 64 \
-      --prompt-len 32 --new-tokens 256 --decode-repeats 3 --out "$OUT/bench_120m.json" | tee "$OUT/bench_120m.md"
-    ;;
   presets)
     for preset in ${*:-wiola-micro wiola-small wiola-360m wiola-700m wiola-1.5b}; do
       batch=16
@@ -68,21 +66,10 @@ case $stage in
         --out "$OUT/bench_$preset.json" | tee "$OUT/bench_$preset.md"
     done
     ;;
-  atm)
-    $PY benchmarks/atm_bench.py | tee "$OUT/atm_bench.md"
-    ;;
-  main)
-    WIOLA_SETUP=0 PYTHON=$PY OUT=runs/main-job-gpu bash scripts/main_job.sh 2>&1 | tee "$OUT/main_job.txt"
-    cp runs/main-job-gpu/loss.png "$OUT/main_job_loss.png"
-    ;;
   compare-char)
     compare configs/compare/shakespeare_char.yaml shakespeare_char "$@"
     ;;
   compare-bpe)
     compare configs/compare/shakespeare_bpe.yaml shakespeare_bpe "$@"
-    ;;
-  *)
-    echo "gpu_suite: unknown stage '$stage'" >&2
-    exit 2
     ;;
 esac

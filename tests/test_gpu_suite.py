@@ -1,6 +1,7 @@
-"""`scripts/gpu_suite.sh`, the staged runbook for a lent GPU machine, cannot be run here; what can go
-wrong without a GPU is checked: the script parses, every `wiola` command line in it parses with the
-real CLI, and a stage without the carried `.gpu/` folder stops with one clear line."""
+"""`scripts/gpu_suite.sh`, the staged runbook for the GPU work that needs more than one call (larger presets,
+comparisons), cannot be run here; what can go wrong without a GPU is checked: the script parses, every
+`wiola` command line in it parses with the real CLI, a stage without the carried `.gpu/` folder stops with
+one clear line, and the stages that moved to `scripts/gpu_check.sh` are refused with a pointer to it."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def test_every_wiola_command_line_parses():
         assert args.command == command[0]
 
 
-@pytest.mark.parametrize("stage", ["bench", "atm", "main", "compare-char"])
+@pytest.mark.parametrize("stage", ["presets", "compare-char", "compare-bpe"])
 def test_a_stage_without_the_carried_folder_stops_clearly(tmp_path, stage):
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
@@ -52,3 +53,10 @@ def test_a_stage_without_the_carried_folder_stops_clearly(tmp_path, stage):
     result = subprocess.run(["bash", "scripts/gpu_suite.sh", stage], cwd=repo, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == "gpu_suite: .gpu/ is missing: run 'bash scripts/gpu_suite.sh prep' here and carry .gpu"
+
+
+@pytest.mark.parametrize("stage", ["bench", "atm", "main"])
+def test_a_stage_that_moved_to_gpu_check_is_refused_with_a_pointer(stage):
+    result = subprocess.run(["bash", str(SCRIPT), stage], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "scripts/gpu_check.sh" in result.stderr and len(result.stderr.strip().splitlines()) == 1
