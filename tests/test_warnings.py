@@ -17,8 +17,10 @@ from tests.train.tinyrun import FAST, make_dataset, write_model_config
 from wiola.cli import main
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-       "PYTHONWARNINGS": "always"}
+# the CLI runs with Python's default warning filters, as a user's shell has them (FutureWarning shown,
+# DeprecationWarning from libraries hidden); transformers' own deprecation notes go through its logger
+ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}, "OMP_NUM_THREADS": "1",
+       "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 PAPER = dict(position_encoding="srpe", cross_layer_context="gcla", token_merging="atm", atm_threshold=-1.0, mlp="dsff",
              dsff_wide_size=64, norm="wiola_rmsnorm", num_hidden_layers=3)
 
