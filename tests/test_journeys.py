@@ -23,20 +23,13 @@ from safetensors.torch import load_file
 
 from wiola.cli import main
 
-from .train.tinyrun import FAST, corpus, read_log, train_losses
+from .train.tinyrun import FAMILIES, FAST, corpus, read_log, train_losses
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 MODEL = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
          "intermediate_size": 48, "max_position_embeddings": 96}
-FAMILIES = {
-    "seed": dict(position_encoding="spiral", attention_gate="gsa", mlp="butterfly"),
-    # ATM forced on (threshold -1 merges every eligible pair in layer 1), GCLA reads layers 0-1
-    "paper": dict(position_encoding="srpe", cross_layer_context="gcla", token_merging="atm", atm_threshold=-1.0,
-                  mlp="dsff", dsff_wide_size=64, norm="wiola_rmsnorm"),
-    "all-off": {},
-}
 STEPS = 40
 RUN = [*FAST, "--max-steps", str(STEPS), "--eval-every", "20", "--save-every", "1000"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.tinyrun import FAST, make_dataset, write_model_config
+from tests.train.tinyrun import FAMILIES, FAST, make_dataset, write_model_config
 from wiola.cli import main
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -21,8 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # DeprecationWarning from libraries hidden); transformers' own deprecation notes go through its logger
 ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}, "OMP_NUM_THREADS": "1",
        "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-PAPER = dict(position_encoding="srpe", cross_layer_context="gcla", token_merging="atm", atm_threshold=-1.0, mlp="dsff",
-             dsff_wide_size=64, norm="wiola_rmsnorm", num_hidden_layers=3)
+PAPER = FAMILIES["paper"]
 
 
 def _noise(stderr: str) -> list[str]:

@@ -65,13 +65,11 @@ def chat_command(
     from transformers import TextStreamer
 
     from wiola.data.chat import ensure_chat_template
+    from wiola.generate import check_sampling, sampling_arguments
     from wiola.train.checkpoint import load_for_inference
     from wiola.train.distributed import resolve_device
 
-    if max_new_tokens <= 0:
-        raise WiolaError("--max-new-tokens must be positive")
-    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1):
-        raise WiolaError("--temperature must be >= 0 and --top-p in (0, 1]")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     dev = resolve_device(device)
     model, tokenizer, model_dir = load_for_inference(checkpoint, dev)
     if ensure_chat_template(tokenizer):
@@ -133,10 +131,9 @@ def chat_command(
 
             set_seed(seed + turn)
             with torch.no_grad():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=do_sample,
-                                     temperature=temperature if do_sample else None, top_k=(top_k or None) if do_sample else None,
-                                     top_p=top_p if do_sample else None, eos_token_id=tokenizer.eos_token_id,
-                                     pad_token_id=pad_id, streamer=streamer)
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                     **sampling_arguments(do_sample, temperature, top_k, top_p),
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, streamer=streamer)
         reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         messages.append({"role": "assistant", "content": reply.strip()})
         turn += 1

@@ -13,7 +13,6 @@ import dataclasses
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 CACHE_KWARG = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
-OTHER_CACHE_KWARG = "past_key_values" if CACHE_KWARG == "cache" else "cache"
 
 
 def pick_cache(cache=None, past_key_values=None):

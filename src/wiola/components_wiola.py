@@ -98,6 +98,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 # --------------------------------------------------------------------------- attention kernels (SPEC §2.3)
+def segment_first(starts: torch.Tensor) -> torch.Tensor:
+    """For `starts` [B, T] bool (True where a segment — a document of a packed row — begins; column 0 must
+    be True), the position where each token's segment begins. Equal values mean the same segment."""
+    pos = torch.arange(starts.shape[1], device=starts.device)
+    return torch.where(starts, pos[None, :], torch.zeros_like(pos)[None, :]).cummax(dim=1).values
+
+
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """[B, H_kv, S, d] -> [B, H_kv·n_rep, S, d] (query head h uses kv head h // n_rep)."""
     if n_rep == 1:

@@ -389,7 +389,8 @@ def _drop_dead_context(tensors: dict, origin: dict) -> list[str]:
         origin.pop(key, None)
     if not dropped:
         return []
-    return [f"Dropped layer 0's unused GCLA tensors ({', '.join(k.rsplit('.', 2)[-2] if k.endswith('weight') else 'blend_logit' for k in dropped)})."]
+    names = [key.removeprefix("model.layers.0.self_attn.").removesuffix(".weight") for key in dropped]
+    return [f"Dropped layer 0's unused GCLA tensors ({', '.join(names)})."]
 
 
 def _untie(tensors: dict, origin: dict) -> None:

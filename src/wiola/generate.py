@@ -32,6 +32,22 @@ def encode_prompt(tokenizer, prompt: str, context: int, device: torch.device) ->
     return ids.to(device)
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """One-line errors for decoding options that `wiola generate` and `wiola chat` share."""
+    if max_new_tokens <= 0:
+        raise WiolaError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0) or (top_p is not None and not 0 < top_p <= 1):
+        raise WiolaError(f"--temperature must be a finite number >= 0 and --top-p in (0, 1] (got {temperature}, {top_p})")
+    if top_k is not None and top_k < 0:
+        raise WiolaError(f"--top-k must be >= 0 (0: no limit), got {top_k}")
+
+
+def sampling_arguments(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None) -> dict:
+    """transformers' `generate()` sampling arguments: none of them when decoding greedily."""
+    return dict(do_sample=do_sample, temperature=temperature if do_sample else None,
+                top_k=(top_k or None) if do_sample else None, top_p=top_p if do_sample else None)
+
+
 def generate_command(
     checkpoint: str,
     prompt: str,
@@ -71,12 +87,9 @@ def generate_command(
     from wiola.train.checkpoint import load_for_inference
     from wiola.train.distributed import resolve_device
 
-    if max_new_tokens <= 0 or num_samples <= 0:
-        raise WiolaError("--max-new-tokens and --num-samples must be positive")
-    if not (math.isfinite(temperature) and temperature >= 0) or (top_p is not None and not 0 < top_p <= 1):
-        raise WiolaError(f"--temperature must be a finite number >= 0 and --top-p in (0, 1] (got {temperature}, {top_p})")
-    if top_k is not None and top_k < 0:
-        raise WiolaError(f"--top-k must be >= 0 (0: no limit), got {top_k}")
+    if num_samples <= 0:
+        raise WiolaError(f"--num-samples must be positive, got {num_samples}")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     dev = resolve_device(device)
     model, tokenizer, _ = load_for_inference(checkpoint, dev)
     is_wiola = getattr(model.config, "model_type", None) == "wiola"
@@ -106,10 +119,7 @@ def generate_command(
         return _finish(tokenizer, out, num_samples, streamer)
     gen = GenerationConfig(
         max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_k=(top_k or None) if do_sample else None,
-        top_p=top_p if do_sample else None,
+        **sampling_arguments(do_sample, temperature, top_k, top_p),
         num_return_sequences=num_samples,
         pad_token_id=pad_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -35,14 +35,15 @@ def take_edges(similarity_ok: torch.Tensor, prev_taken: torch.Tensor) -> torch.T
 
 
 def merged_attention(q, k, v, x, real, threshold: float, n_rep: int, implementation: str, dropout: float = 0.0, cache=None, kernel: str = "mask",
-                     doc=None):
+                     doc_first=None):
     """ATM attention for one layer.
 
     q `[B,H,T,d]` (rotated, gated), k/v `[B,H_kv,T,d]` (k rotated), x `[B,T,D]` the layer's attention
     input, real `[B,T]` bool. `cache` is the layer's `WiolaCacheLayer` (or None) and is updated in place.
     `kernel="flex"` attends over the compacted groups with FlexAttention (work falls with T'); it serves
     forwards without cached groups and without attention dropout, else the explicit-mask path runs.
-    `doc` `[B,T]` (document index in a packed row, no cache) keeps pairs and visibility inside documents.
+    `doc_first` `[B,T]` (a packed row, no cache: where each token's document starts) keeps pairs and
+    visibility inside documents.
     Returns the attention output `[B,H,T,d]` and the joiner mask `[B,T]` (token t merged into its
     predecessor's group; its sum is the number of merged pairs).
     """
@@ -63,8 +64,8 @@ def merged_attention(q, k, v, x, real, threshold: float, n_rep: int, implementat
     prev_real = torch.cat([last_real[:, None], real[:, :-1]], dim=1)
     rho = F.cosine_similarity(prev_x.float(), x.float(), dim=-1)
     qualifies = (rho > threshold) & real & prev_real
-    if doc is not None:  # never pair across a document start
-        qualifies = qualifies & torch.cat([torch.zeros_like(doc[:, :1], dtype=torch.bool), doc[:, 1:] == doc[:, :-1]], dim=1)
+    if doc_first is not None:  # never pair across a document start
+        qualifies = qualifies & (doc_first != torch.arange(t, device=device)[None, :])
     joins = take_edges(qualifies, last_taken)  # token t joins t−1's group
 
     # 3: one slot per group starter; a starter followed by a joiner holds the pair's mean
@@ -80,7 +81,7 @@ def merged_attention(q, k, v, x, real, threshold: float, n_rep: int, implementat
 
     flex_ok = q.device.type == "cuda" or not (torch.is_grad_enabled() and q.requires_grad)  # no flex backward on CPU
     if kernel == "flex" and flex_ok and not has_past and not dropout and implementation != "eager":
-        out = _flex_groups(q, k, v, k_slot, v_slot, slot_valid, slot_end, next_joins | ~real, doc)
+        out = _flex_groups(q, k, v, k_slot, v_slot, slot_valid, slot_end, next_joins | ~real, doc_first)
         if cache is not None:
             _store(cache, k_slot, v_slot, slot_valid, None, None, None)
             cache.last_x, cache.last_real, cache.last_taken = x[:, -1].detach(), real[:, -1], joins[:, -1]
@@ -88,8 +89,8 @@ def merged_attention(q, k, v, x, real, threshold: float, n_rep: int, implementat
 
     # 4: visibility — cached groups (all past), new groups ended by t, own raw entry when t opens a pair
     slot_vis = slot_valid[:, None, :] & (slot_end[:, None, :] <= pos[None, :, None])
-    if doc is not None:  # a group belongs to its starter's document
-        slot_vis = slot_vis & (doc[:, None, :] == doc[:, :, None])
+    if doc_first is not None:  # a group belongs to its starter's document
+        slot_vis = slot_vis & (doc_first[:, None, :] == doc_first[:, :, None])
     raw_vis = (pos[None, :, None] == pos[None, None, :]) & (next_joins | ~real)[:, :, None]
     keys, values, vis = [k_slot, k], [v_slot, v], [slot_vis, raw_vis]
     if has_past:
@@ -180,10 +181,10 @@ def _flex_attention_lse(*args, **kwargs):
     return out, aux.lse
 
 
-def _flex_groups(q, k, v, k_slot, v_slot, slot_valid, slot_end, use_own, doc=None):
+def _flex_groups(q, k, v, k_slot, v_slot, slot_valid, slot_end, use_own, doc_first=None):
     """Attention over the compacted groups (FlexAttention block mask from group ends), plus each
     query's own raw key/value where `use_own` (it opens a pair, or it is padding), merged exactly
-    through the log-sum-exp of the group attention. With `doc` (a packed row), query t sees only the
+    through the log-sum-exp of the group attention. With `doc_first` (a packed row), query t sees only the
     groups of its own document: groups never span documents and are sorted by end, so those are the range
     from the count of groups ended before the document's start up to the count ended by t."""
     from torch.nn.attention.flex_attention import create_block_mask
@@ -197,14 +198,11 @@ def _flex_groups(q, k, v, k_slot, v_slot, slot_valid, slot_end, use_own, doc=Non
     visible = torch.zeros(b, t + 1, dtype=torch.long, device=q.device).scatter_add_(1, ends, torch.ones_like(ends))
     visible = visible[:, :t].cumsum(dim=1)
 
-    if doc is None:
+    if doc_first is None:
         lower = torch.zeros_like(visible)
     else:
-        pos = torch.arange(t, device=q.device)
-        starts = torch.cat([torch.ones_like(doc[:, :1], dtype=torch.bool), doc[:, 1:] != doc[:, :-1]], dim=1)
-        first = torch.where(starts, pos[None, :], torch.zeros_like(pos)[None, :]).cummax(dim=1).values
         before = torch.cat([torch.zeros_like(visible[:, :1]), visible[:, :-1]], dim=1)  # groups ended by t - 1
-        lower = before.gather(1, first)
+        lower = before.gather(1, doc_first)
 
     def mask_mod(batch, head, q_idx, kv_idx):  # one definition: torch 2.6's dynamo cannot trace a choice of two
         return (kv_idx >= lower[batch, q_idx]) & (kv_idx < visible[batch, q_idx])

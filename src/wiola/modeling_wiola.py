@@ -20,7 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .cache_wiola import WiolaCache, WiolaCacheLayer, WiolaStaticCache
 from .compat_wiola import CACHE_KWARG, kwargs_cache, output_cache, pick_cache
-from .components_wiola import WiolaRMSNorm, WiolaRotaryEmbedding, apply_rotary, attend, build_mlp, build_norm, repeat_kv, rotary_table
+from .components_wiola import WiolaRMSNorm, WiolaRotaryEmbedding, apply_rotary, attend, build_mlp, build_norm, repeat_kv, rotary_table, segment_first
 from .configuration_wiola import WiolaConfig
 from .merging_wiola import merged_attention
 
@@ -47,8 +47,7 @@ class StepInfo:
     padded: bool  # some token (new or cached) is padding
     mask: torch.Tensor | None  # [B or 1, 1, T, S] bool for plain layers, or None
     is_causal: bool  # plain layers: no mask needed beyond plain causality
-    doc: torch.Tensor | None = None  # [B, T] long document index of each token in a packed row, or None
-    doc_first: torch.Tensor | None = None  # [B, T] long position where each token's document starts
+    doc_first: torch.Tensor | None = None  # packed rows: [B, T] position where each token's document starts
 
     def running_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Causal running sums of `x` [B, T, n] along T; in a packed row they restart at each document."""
@@ -136,7 +135,7 @@ class WiolaAttention(nn.Module):
             kernel = self.atm_kernel
             if kernel == "auto":
                 kernel = "flex" if x.device.type == "cuda" else "mask"
-            out, merged = merged_attention(q_self, k, v, x, step.real, self.atm_threshold, self.n_rep, implementation, dropout, cache, kernel, step.doc)
+            out, merged = merged_attention(q_self, k, v, x, step.real, self.atm_threshold, self.n_rep, implementation, dropout, cache, kernel, step.doc_first)
         else:
             merged = None
             if cache is not None:
@@ -279,13 +278,11 @@ class WiolaModel(WiolaPreTrainedModel):
     @staticmethod
     def _documents(step: StepInfo, starts: torch.Tensor, device) -> None:
         """Per-document bookkeeping of a packed batch `starts` [B, T] (True where a document begins)."""
-        t = starts.shape[1]
-        pos = torch.arange(t, device=device)
-        step.doc = starts.long().cumsum(dim=1)
-        step.doc_first = torch.where(starts, pos[None, :], torch.zeros_like(pos)[None, :]).cummax(dim=1).values
+        pos = torch.arange(starts.shape[1], device=device)
+        step.doc_first = segment_first(starts)
         step.cum_real = pos[None, :] + 1 - step.doc_first
         step.count = step.cum_real[..., None].to(torch.float32)
-        same = step.doc[:, :, None] == step.doc[:, None, :]
+        same = step.doc_first[:, :, None] == step.doc_first[:, None, :]
         step.mask = (same & (pos[None, :] <= pos[:, None])[None])[:, None]
         step.is_causal = False
 

@@ -46,7 +46,8 @@ def test_num_items_in_batch_normalises_over_the_whole_batch():
 
 
 def test_two_gloo_processes_log_the_single_process_loss(single, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    path = os.pathsep.join([str(SRC), str(SRC.parent), os.environ.get("PYTHONPATH", "")])  # src/, and the root for `tests`
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     out = tmp_path / "ddp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(Path(__file__).with_name("trainer_run.py")), str(out), str(GLOBAL_BATCH // 2), "1"]

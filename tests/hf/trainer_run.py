@@ -13,12 +13,8 @@ import sys
 
 import torch
 
-FAMILIES = {
-    "seed": dict(position_encoding="spiral", attention_gate="gsa", mlp="butterfly"),
-    "paper": dict(position_encoding="srpe", cross_layer_context="gcla", token_merging="atm", atm_threshold=-1.0,
-                  mlp="dsff", dsff_wide_size=64, norm="wiola_rmsnorm"),
-    "all-off": {},
-}
+from tests.train.tinyrun import FAMILIES
+
 GLOBAL_BATCH, STEPS, VOCAB, LENGTH = 8, 3, 97, 24
 
 
@@ -46,8 +42,8 @@ def run(family: str, per_device: int, accum: int, out_dir: str) -> list[float]:
     from wiola import WiolaConfig, WiolaForCausalLM
 
     torch.manual_seed(0)
-    config = WiolaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=48, max_position_embeddings=64, **FAMILIES[family])
+    config = WiolaConfig(**{**dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=48, max_position_embeddings=64), **FAMILIES[family]})
     model = WiolaForCausalLM(config)
     args = TrainingArguments(
         output_dir=out_dir, per_device_train_batch_size=per_device, gradient_accumulation_steps=accum, max_steps=STEPS,

@@ -14,7 +14,7 @@ import torch
 from wiola.cli import main
 from wiola.train import checkpoint
 
-from .tinyrun import FAST, read_log, train_losses, write_model_config
+from .tinyrun import FAMILIES, FAST, read_log, train_losses, write_model_config
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 STEPS = ["--max-steps", "5", "--eval-every", "5", "--save-every", "3"]
@@ -33,16 +33,8 @@ def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-# every model family: all-off, seed-style, and paper-style with ATM forced on (GCLA: layer 0 has no
-# context parameters, so DDP finds no unused ones; φ is 1-element, so FSDP2 can shard it)
-FAMILIES = {
-    "all-off": {},
-    "seed": dict(position_encoding="spiral", attention_gate="gsa", mlp="butterfly"),
-    "paper": dict(position_encoding="srpe", cross_layer_context="gcla", token_merging="atm", atm_threshold=-1.0,
-                  mlp="dsff", dsff_wide_size=64, norm="wiola_rmsnorm", num_hidden_layers=3),
-}
-
-
+# every model family (tinyrun.FAMILIES); paper-style: GCLA's layer 0 has no context parameters, so DDP
+# finds no unused ones, and φ is 1-element, so FSDP2 can shard it
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family_config(request, tmp_path_factory):
     return write_model_config(tmp_path_factory.mktemp("cfg") / f"{request.param}.json", **FAMILIES[request.param])

@@ -40,6 +40,16 @@ TINY_MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 
               "intermediate_size": 64, "max_position_embeddings": 64}
 
 
+# the three model families every journey runs: seed-style, paper-style with ATM forced on (threshold -1
+# merges every eligible pair; 3 layers, so that layer 1 merges and GCLA reads layers 0-1), and all-off
+FAMILIES = {
+    "seed": dict(position_encoding="spiral", attention_gate="gsa", mlp="butterfly"),
+    "paper": dict(position_encoding="srpe", cross_layer_context="gcla", token_merging="atm", atm_threshold=-1.0,
+                  mlp="dsff", dsff_wide_size=64, norm="wiola_rmsnorm", num_hidden_layers=3),
+    "all-off": {},
+}
+
+
 def write_model_config(path: Path, **fields) -> Path:
     path.write_text(json.dumps({**TINY_MODEL, **fields}))
     return path

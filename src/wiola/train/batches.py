@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from wiola.data import chat
 from wiola.data.loader import RandomBatchSampler, TokenDataset
@@ -72,18 +71,19 @@ def document_positions(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """Position ids that restart at 0 after every eos token: each document of a packed training window
     then attends only to itself, and the model's running means restart with it (`--document-mask`).
     The eos closing a document belongs to that document; the token after it starts the next."""
-    b, t = ids.shape
-    pos = torch.arange(t, device=ids.device)
+    from wiola.components_wiola import segment_first
+
     starts = torch.zeros_like(ids, dtype=torch.bool)
     starts[:, 0] = True
     starts[:, 1:] = ids[:, :-1] == eos_token_id
-    first = torch.where(starts, pos[None, :], torch.zeros_like(pos)[None, :]).cummax(dim=1).values
-    return pos[None, :] - first
+    return torch.arange(ids.shape[1], device=ids.device)[None, :] - segment_first(starts)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in fp32 of logits [B, T, V] against shifted labels [B, T].
 
-    Labels of -100 (outside the loss mask of chat data) are skipped; a batch without any label gives 0."""
-    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
-    return total / (labels != -100).sum().clamp(min=1)
+    Labels of -100 (outside the loss mask of chat data) are skipped; a batch without any label gives 0.
+    The model's own loss with the labels already aligned (`shift_labels`), normalised by their count."""
+    from wiola.modeling_wiola import causal_lm_loss as model_loss
+
+    return model_loss(logits, shift_labels=labels, num_items_in_batch=(labels != -100).sum().clamp(min=1))
