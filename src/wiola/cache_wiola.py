@@ -3,6 +3,8 @@
 * keys/values — every processed token, pads included, for plain layers; for ATM layers a compacted
   store of `T' ≤ T` merged groups per row (`lengths[b]` valid slots, pads never stored);
 * the GSA running sum of head-mean queries (fp32) and the GCLA running sum of the layer's outputs (fp32);
+* for HLN norms, the running sums of token mean squares of the layer's two norms (and, on the last layer,
+  of the final norm) (fp32, `[B, 1]`);
 * for ATM layers, the last token's attention input and whether it was merged (to pair the next token).
 
 Cache-wide: the token counter returned by `get_seq_length()` (pads included, as generate expects), the
@@ -17,7 +19,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .configuration_wiola import WiolaConfig
 
-_ROW_STATE = ("keys", "values", "gsa_sum", "out_sum", "lengths", "last_x", "last_real", "last_taken")
+SUMS = ("gsa_sum", "out_sum", "hln_in", "hln_post", "hln_final")  # running sums continued by `accumulate`
+_ROW_STATE = ("keys", "values", *SUMS, "lengths", "last_x", "last_real", "last_taken")
 
 
 class WiolaCacheLayer(CacheLayerMixin):
@@ -30,8 +33,8 @@ class WiolaCacheLayer(CacheLayerMixin):
     def __init__(self, merging: bool = False):
         super().__init__()
         self.merging = merging
-        self.gsa_sum: torch.Tensor | None = None
-        self.out_sum: torch.Tensor | None = None
+        for name in SUMS:
+            setattr(self, name, None)
         self.lengths: torch.Tensor | None = None
         self.last_x: torch.Tensor | None = None
         self.last_real: torch.Tensor | None = None
@@ -46,7 +49,7 @@ class WiolaCacheLayer(CacheLayerMixin):
 
     def accumulate(self, name: str, running: torch.Tensor) -> torch.Tensor:
         """Continue a running sum `[B, T, n]` (this chunk's cumulative sums) from the cached total in
-        `name` ("gsa_sum" or "out_sum"), store the new total and return the continued sums."""
+        `name` (one of `SUMS`), store the new total and return the continued sums."""
         total = getattr(self, name)
         if total is not None:
             running = running + total[:, None]
@@ -174,25 +177,21 @@ class WiolaStaticLayer(CacheLayerMixin):
         super().__init__()
         self.owner, self.merging = owner, merging
         self.static = True
-        self._gsa: torch.Tensor | None = None
-        self._out: torch.Tensor | None = None
+        self.sums: dict[str, torch.Tensor] = {}  # running sums by name (`SUMS`), allocated by `WiolaStaticCache.load`
         self.lengths = self.last_x = self.last_real = self.last_taken = None
 
     def lazy_initialization(self, key_states, value_states) -> None:  # buffers come from `WiolaStaticCache.load`
         raise RuntimeError("a WiolaStaticCache layer is filled by WiolaStaticCache.load (the prefill), not by update()")
 
-    # running sums, read like `WiolaCacheLayer`'s; written only through `accumulate`
-    @property
-    def gsa_sum(self) -> torch.Tensor | None:
-        return self._gsa
-
-    @property
-    def out_sum(self) -> torch.Tensor | None:
-        return self._out
+    # running sums, read like `WiolaCacheLayer`'s (`layer.gsa_sum`, …); written only through `accumulate`
+    def __getattr__(self, name: str):
+        if name in SUMS:
+            return self.__dict__.get("sums", {}).get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def accumulate(self, name: str, running: torch.Tensor) -> torch.Tensor:
         """One decode step (`running` is `[B, 1, n]`): add it to the stored total in place and return the total."""
-        total = self._gsa if name == "gsa_sum" else self._out
+        total = self.sums[name]
         total.add_(running[:, 0])
         return total[:, None]
 
@@ -215,7 +214,7 @@ class WiolaStaticLayer(CacheLayerMixin):
         return self.owner.capacity, 0
 
     def buffers(self) -> dict[str, torch.Tensor]:
-        names = {"keys": self.keys, "values": self.values, "_gsa": self._gsa, "_out": self._out, "lengths": self.lengths,
+        names = {"keys": self.keys, "values": self.values, **self.sums, "lengths": self.lengths,
                  "last_x": self.last_x, "last_real": self.last_real, "last_taken": self.last_taken}
         return {k: v for k, v in names.items() if v is not None}
 
@@ -332,7 +331,7 @@ class WiolaStaticCache(Cache):
             width = int(src.lengths.max()) if src.merging else seen
             dst.lazy_initialization(src.keys, src.values)
             dst.keys, dst.values = src.keys[:, :, :width].clone(), src.values[:, :, :width].clone()
-            for name in ("gsa_sum", "out_sum", "lengths", "last_x", "last_real", "last_taken"):
+            for name in (*SUMS, "lengths", "last_x", "last_real", "last_taken"):
                 value = getattr(src, name)
                 setattr(dst, name, None if value is None else value.clone())
         return dynamic
@@ -356,12 +355,12 @@ class WiolaStaticCache(Cache):
             dst.values.zero_()
             dst.keys[:, :, :width].copy_(src.keys)
             dst.values[:, :, :width].copy_(src.values)
-            state = {"_gsa": src.gsa_sum, "_out": src.out_sum, "lengths": src.lengths, "last_x": src.last_x,
-                     "last_real": src.last_real, "last_taken": src.last_taken}
-            for name, value in state.items():
+            for name, buf in dst.sums.items():
+                buf.copy_(getattr(src, name))
+            for name in ("lengths", "last_x", "last_real", "last_taken"):
                 buf = getattr(dst, name)
                 if buf is not None:
-                    buf.copy_(value)
+                    buf.copy_(getattr(src, name))
         self.ready = True
 
     def _allocate(self, dynamic: WiolaCache) -> None:
@@ -381,6 +380,6 @@ class WiolaStaticCache(Cache):
             b, h, _, d = src.keys.shape
             dst.keys = buffer(src.keys, (b, h, self.capacity, d))
             dst.values = buffer(src.values, (b, h, self.capacity, d))
-            dst._gsa, dst._out = buffer(src.gsa_sum), buffer(src.out_sum)
+            dst.sums = {name: buffer(getattr(src, name)) for name in SUMS if getattr(src, name) is not None}
             dst.lengths, dst.last_x, dst.last_real, dst.last_taken = (buffer(getattr(src, n)) for n in ("lengths", "last_x", "last_real", "last_taken"))
             dst.is_initialized, dst.dtype, dst.device = True, src.keys.dtype, src.keys.device

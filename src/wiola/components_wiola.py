@@ -1,7 +1,9 @@
 """Building blocks chosen by `WiolaConfig` switches: norms, positional encodings, the attention kernel
-(SDPA or the eager reference) and MLPs (SPEC §2.1–2.4).
+(SDPA or the eager reference) and MLPs (SPEC §2.1–2.4), and the article's AGU / F3N MLPs and HLN norm
+(SPEC §6.1–6.3: this project's interpretations, each exactly the LLaMA part at its neutral setting).
 
-Everything here is per token and knows nothing of caches or attention.
+Everything here is per token and knows nothing of caches or attention, except HLN's sequence statistic,
+which reads the forward's real-token bookkeeping (`StepInfo`) and continues its sums from the cache.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class WiolaRMSNorm(nn.Module):
         self.offset = nn.Parameter(torch.zeros(hidden_size)) if offset else None
         self.variance_epsilon = eps
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, step=None, cache=None) -> torch.Tensor:  # (step, cache: for HLN's signature)
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         if self.offset is not None:
@@ -36,7 +38,52 @@ class WiolaRMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}, offset={self.offset is not None}"
 
 
-def build_norm(config: WiolaConfig) -> WiolaRMSNorm:
+class HierarchicalNorm(nn.Module):
+    """`hln` (SPEC §6.3): RMS normalisation by a learned mix of mean squares over a channel group (one per
+    attention head), the token, and the sequence so far (real tokens, cached prefix included), in fp32:
+    `v = (1 − a_k − a_s)·r_t + a_k·r_{t,k} + a_s·s_t`, `y = γ ⊙ x / sqrt(v + ε)`. `mix` holds the raw
+    (a_k, a_s), clamped into `a ≥ 0, a_k + a_s ≤ 1`; at 0 (init) this is `rmsnorm` exactly, and the clamp's
+    gradient at the boundary is 1, so the mix can grow. `state` names its running sum in the cache."""
+
+    def __init__(self, hidden_size: int, groups: int, eps: float = 1e-6, state: str = "hln_in"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.mix = nn.Parameter(torch.zeros(2))
+        self.groups, self.variance_epsilon, self.state = groups, eps, state
+
+    def mixing(self) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.mix.float().clamp(0.0, 1.0)
+        a = a / a.sum().clamp(min=1.0)
+        return a[0], a[1]
+
+    def forward(self, hidden_states: torch.Tensor, step=None, cache=None) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        x = hidden_states.to(torch.float32)
+        b, t, d = x.shape
+        sq = x * x
+        r_token = sq.mean(-1, keepdim=True)  # [B, T, 1]
+        r_group = sq.view(b, t, self.groups, d // self.groups).mean(-1, keepdim=True)  # [B, T, G, 1]
+        # the sequence statistic: running mean of r over real tokens (restarting per packed document)
+        running = r_token
+        if step is not None and step.padded:
+            running = running * step.real[..., None]
+        running = step.running_sum(running) if step is not None else running.cumsum(dim=1)
+        if cache is not None:
+            running = cache.accumulate(self.state, running)
+        count = step.count if step is not None else torch.arange(1, t + 1, device=x.device, dtype=torch.float32)[None, :, None]
+        r_seq = running / count
+        a_k, a_s = self.mixing()
+        v = (1.0 - a_k - a_s) * r_token[:, :, None] + a_k * r_group + a_s * r_seq[:, :, None]
+        x = (x.view(b, t, self.groups, -1) * torch.rsqrt(v + self.variance_epsilon)).view(b, t, d)
+        return self.weight * x.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, groups={self.groups}, eps={self.variance_epsilon}, state={self.state}"
+
+
+def build_norm(config: WiolaConfig, state: str = "hln_in") -> nn.Module:
+    if config.norm == "hln":
+        return HierarchicalNorm(config.hidden_size, config.num_attention_heads, config.rms_norm_eps, state)
     return WiolaRMSNorm(config.hidden_size, config.rms_norm_eps, offset=config.norm == "wiola_rmsnorm")
 
 
@@ -192,8 +239,105 @@ class GeluMLP(nn.Module):
         return self.down_proj(F.gelu(self.up_proj(x)))
 
 
-MLP_CLASSES = {"swiglu": SwiGLUMLP, "butterfly": ButterflyMLP, "dsff": DualStreamMLP, "gelu": GeluMLP}
+class AdaptiveThreshold(nn.Module):
+    """AGU's per-token threshold `τ(x) = β·σ(w_τ·x + b_τ)` (SPEC §6.1; β, w_τ, b_τ all start at 0)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.threshold_proj = nn.Linear(hidden_size, 1, bias=True)  # w_τ, b_τ
+        self.threshold_scale = nn.Parameter(torch.zeros(1))  # β (1 element: FSDP2 cannot shard 0-d parameters)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Soft-threshold the gate `h`: `sign(h)·max(|h| − τ(x), 0)` — exactly `h` when τ = 0."""
+        tau = (self.threshold_scale * torch.sigmoid(self.threshold_proj(x))).to(h.dtype)
+        return torch.sign(h) * F.relu(h.abs() - tau)
 
 
-def build_mlp(config: WiolaConfig) -> nn.Module:
+class GatedUnitsMLP(nn.Module):
+    """The article's MLPs, both SwiGLU-shaped (LLaMA's `gate_proj`/`up_proj`/`down_proj`):
+
+    * `agu` — Adaptive Gating Unit (SPEC §6.1, after CATS): the SiLU gate is soft-thresholded per token,
+      `out = W_down(h̃ ⊙ W_up x)`; β = 0 (init) is `swiglu` exactly. `agu_l1` adds `mean |h̃|` to the loss.
+    * `f3n` — Fractal FFN (SPEC §6.2, after MatFormer): the first `m_g` units form a complete FFN for each
+      level g; inference runs level `f3n_level` (sliced weights), training samples levels (`f3n_sampling`)
+      by masking the units above the drawn width. Level G without sampling is `swiglu` exactly.
+      `f3n_gate=agu` adds the AGU threshold on the gate.
+
+    `forward(x, step)` returns `(out, zero_share, l1)`: the share of zero gate units over real tokens and
+    active units, and the `mean |h̃|` penalty (None when it does not apply). At batch-1 decoding (one token,
+    eval mode, not compiling) the zero units' `W_up` rows and `W_down` columns are skipped (exact)."""
+
+    def __init__(self, config: WiolaConfig, layer_idx: int = 0):
+        super().__init__()
+        d, w = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(d, w, bias=False)
+        self.up_proj = nn.Linear(d, w, bias=False)
+        self.down_proj = nn.Linear(w, d, bias=False)
+        self.fractal = config.mlp == "f3n"
+        self.threshold = AdaptiveThreshold(d) if config.mlp == "agu" or (self.fractal and config.f3n_gate == "agu") else None
+        self.layer_idx, self.width = layer_idx, w
+        self.l1 = float(config.agu_l1) if self.threshold is not None else 0.0
+        self.sparse_decode = bool(config.agu_sparse_decode)
+        if self.fractal:
+            self.widths = config.f3n_widths()
+            self.sampling = config.f3n_sampling
+            self.level = config.f3n_layer_levels()[layer_idx]
+            self.register_buffer("keep", self.level_masks(), persistent=False)
+
+    def level_masks(self) -> torch.Tensor:
+        """`[G, f]` bool: row g−1 marks the units of level g (training with sampled levels masks the rest)."""
+        units = torch.arange(self.width)
+        return torch.stack([units < m for m in self.widths])
+
+    def set_level(self, level: int) -> None:
+        if not 1 <= level <= len(self.widths):
+            raise ValueError(f"f3n level {level} is outside 1..{len(self.widths)}")
+        self.level = level
+
+    def forward(self, x: torch.Tensor, step=None):
+        sampled = self.fractal and self.training and self.sampling != "none" and step is not None and step.f3n_levels is not None
+        m = self.widths[self.level - 1] if self.fractal and not self.training else self.width
+        if m == self.width:
+            gate_w, up_w, down_w = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+        else:  # a coarser F3N level: the first m units are a complete FFN
+            gate_w, up_w, down_w = self.gate_proj.weight[:m], self.up_proj.weight[:m], self.down_proj.weight[:, :m]
+        h = F.silu(F.linear(x, gate_w))
+        if self.threshold is not None:
+            h = self.threshold(x, h)
+        keep = None
+        if sampled:  # (index_select of a 1-element tensor: no data-dependent Python int, so it compiles)
+            keep = self.keep.index_select(0, step.f3n_levels[self.layer_idx:self.layer_idx + 1] - 1)[0]
+        if keep is not None:
+            h = h * keep
+        if (self.threshold is not None and self.sparse_decode and not self.training and x.shape[0] * x.shape[1] == 1
+                and not torch.compiler.is_compiling()):
+            units = h.reshape(-1).nonzero().squeeze(-1)  # batch-1 decoding: only the non-zero units
+            inner = h.reshape(-1)[units] * F.linear(x.reshape(1, -1), up_w.index_select(0, units))[0]
+            out = F.linear(inner, down_w.index_select(1, units)).view_as(x)
+        else:
+            out = F.linear(h * F.linear(x, up_w), down_w)
+        zero_share = l1 = None
+        if self.threshold is not None:
+            with torch.no_grad():
+                zero = h == 0
+                real = step.real[..., None] if step is not None and step.padded else None
+                active = keep if keep is not None else None
+                if active is not None:
+                    zero = zero & active
+                if real is not None:
+                    zero = zero & real
+                n_tokens = real.sum() if real is not None else torch.tensor(h.shape[0] * h.shape[1], device=h.device)
+                n_units = active.sum().float() if active is not None else float(h.shape[-1])
+                zero_share = zero.sum() / (n_tokens.clamp(min=1) * n_units)
+            if self.l1 and self.training:
+                l1 = h.abs().mean()
+        return out, zero_share, l1
+
+
+MLP_CLASSES = {"swiglu": SwiGLUMLP, "butterfly": ButterflyMLP, "dsff": DualStreamMLP, "gelu": GeluMLP, "agu": GatedUnitsMLP, "f3n": GatedUnitsMLP}
+
+
+def build_mlp(config: WiolaConfig, layer_idx: int = 0) -> nn.Module:
+    if config.mlp in ("agu", "f3n"):
+        return GatedUnitsMLP(config, layer_idx)
     return MLP_CLASSES[config.mlp](config)

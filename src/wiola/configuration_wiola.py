@@ -17,8 +17,10 @@ ATTENTION_GATES = ("none", "gsa")
 ATM_KERNELS = ("auto", "mask", "flex")
 CROSS_LAYER_CONTEXTS = ("none", "gcla")
 TOKEN_MERGINGS = ("none", "atm")
-MLPS = ("swiglu", "butterfly", "dsff", "gelu")
-NORMS = ("rmsnorm", "wiola_rmsnorm")
+MLPS = ("swiglu", "butterfly", "dsff", "gelu", "agu", "f3n")
+NORMS = ("rmsnorm", "wiola_rmsnorm", "hln")
+F3N_SAMPLINGS = ("none", "step", "layer")
+F3N_GATES = ("swiglu", "agu")
 
 _CHOICES = {
     "position_encoding": POSITION_ENCODINGS,
@@ -28,6 +30,8 @@ _CHOICES = {
     "mlp": MLPS,
     "norm": NORMS,
     "atm_kernel": ATM_KERNELS,
+    "f3n_sampling": F3N_SAMPLINGS,
+    "f3n_gate": F3N_GATES,
 }
 
 
@@ -70,6 +74,13 @@ class WiolaConfig(PreTrainedConfig):
     atm_layers: list[int] | None = None
     atm_kernel: str = "auto"  # "flex": FlexAttention over compacted groups; "mask": SDPA/eager with a mask; "auto": flex on CUDA
     mlp: str = "swiglu"
+    # the article's components (SPEC §6): our interpretations, each exactly LLaMA at its neutral setting
+    agu_l1: float = 0.0  # weight of the mean |h̃| penalty of AGU gates (mlp=agu, or f3n with f3n_gate=agu)
+    agu_sparse_decode: bool = True  # batch-1 decoding skips the W_up rows / W_down columns of zero AGU units
+    f3n_levels: int = 4  # G nested sub-FFNs of widths f/2^(G-g)
+    f3n_sampling: str = "none"  # training: "none" (level G), "step" (one level per step), "layer" (one per layer per step)
+    f3n_level: int | list[int] | None = None  # inference granularity: one level, or one per layer; None = G
+    f3n_gate: str = "swiglu"  # "agu": the AGU threshold on the F3N gate
     norm: str = "rmsnorm"
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
@@ -122,6 +133,31 @@ class WiolaConfig(PreTrainedConfig):
                 raise ValueError(f"atm_layers {bad} are outside 0..{self.num_hidden_layers - 1}")
         if self.mlp == "dsff" and (self.dsff_wide_size or 0) <= 0:
             raise ValueError(f"dsff_wide_size must be a positive integer, got {self.dsff_wide_size!r}")
+        if not isinstance(self.agu_l1, (int, float)) or isinstance(self.agu_l1, bool) or not self.agu_l1 >= 0:
+            raise ValueError(f"agu_l1 must be a number >= 0, got {self.agu_l1!r}")
+        if not isinstance(self.f3n_levels, int) or isinstance(self.f3n_levels, bool) or self.f3n_levels < 1:
+            raise ValueError(f"f3n_levels must be a positive integer, got {self.f3n_levels!r}")
+        if self.mlp == "f3n":
+            if self.intermediate_size < 8 * 2 ** (self.f3n_levels - 1):
+                raise ValueError(f"f3n_levels={self.f3n_levels} needs intermediate_size >= {8 * 2 ** (self.f3n_levels - 1)} "
+                                 f"(the smallest level keeps 8 units), got {self.intermediate_size}")
+            self.f3n_layer_levels()  # validates f3n_level
+
+    def f3n_layer_levels(self) -> list[int]:
+        """The inference level of every layer (`f3n_level` expanded; G when unset)."""
+        level, n, g = self.f3n_level, self.num_hidden_layers, self.f3n_levels
+        levels = [g] * n if level is None else [level] * n if not isinstance(level, (list, tuple)) else list(level)
+        if len(levels) != n:
+            raise ValueError(f"f3n_level lists {len(levels)} levels for {n} layers; give one level, or one per layer")
+        for v in levels:
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= g:
+                raise ValueError(f"f3n_level {v!r} is outside 1..{g} (f3n_levels={g})")
+        return levels
+
+    def f3n_widths(self) -> list[int]:
+        """Hidden units of F3N levels 1..G: m_g = f / 2^(G−g), rounded to a multiple of 8, m_G = f (SPEC §6.2)."""
+        f, g = self.intermediate_size, self.f3n_levels
+        return [f if level == g else max(8, 8 * round(f / 2 ** (g - level) / 8)) for level in range(1, g + 1)]
 
     @property
     def merge_layers(self) -> list[int]:
@@ -168,6 +204,9 @@ PRESETS: dict[str, dict] = {
     "wiola-360m": dict(_PAPER, hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4, intermediate_size=1024, dsff_wide_size=4096),
     "wiola-700m": dict(_PAPER, hidden_size=1536, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8, intermediate_size=1536, dsff_wide_size=6144),
     "wiola-1.5b": dict(_PAPER, hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, intermediate_size=2048, dsff_wide_size=8192),
+    # the news article's 1.3B (SPEC §6.5): the paper's components, and the same shape with the article's
+    "wiola-1.3b": dict(_PAPER, hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8, intermediate_size=2048, dsff_wide_size=8192),
+    "wiola-1.3b-article": dict(_PAPER, mlp="f3n", f3n_gate="agu", norm="hln", hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8, intermediate_size=8192),
 }
 
 
@@ -187,8 +226,10 @@ def count_parameters(config: WiolaConfig) -> int:
         "gelu": 2 * d * w,
         "butterfly": d * 2 * w + d * w + w * d,
         "dsff": 3 * d * w + 2 * d * (config.dsff_wide_size or 0) + 2 * d * d,
+        "agu": 3 * d * w + d + 2,  # + the threshold: w_τ, b_τ, β
+        "f3n": 3 * d * w + (d + 2 if config.f3n_gate == "agu" else 0),
     }[config.mlp]
-    norm = d * (2 if config.norm == "wiola_rmsnorm" else 1)
+    norm = {"rmsnorm": d, "wiola_rmsnorm": 2 * d, "hln": d + 2}[config.norm]
     embed = config.vocab_size * d * (1 if config.tie_word_embeddings else 2)
     return embed + config.num_hidden_layers * (attn + mlp + 2 * norm) + context + norm
 
@@ -212,6 +253,48 @@ def _llama_baseline(preset: dict, target: int | None = None) -> dict:
 
 for _name in list(PRESETS):
     PRESETS["llama-" + _name.split("-", 1)[1]] = _llama_baseline(PRESETS[_name])
+# what the article compares its 1.3B with: the shape of LLaMA 3.2 3B, with this vocabulary and context
+PRESETS["llama-3b"] = dict(position_encoding="rope", attention_gate="none", cross_layer_context="none", token_merging="none", mlp="swiglu", norm="rmsnorm",
+                           max_position_embeddings=2048, hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, intermediate_size=8192)
+
+
+def flops_per_token(config: WiolaConfig, context: int | None = None, sparsity: float = 0.0, f3n_level: int | list[int] | None = None) -> int:
+    """Inference FLOPs per token, Kaplan et al. (2020)'s count: 2 × (weights multiplied per token, LM head
+    included, embedding lookup not) + 2·L·T·d_attn for the attention scores and their weighted sum at
+    context T (default: the config's `max_position_embeddings`), d_attn = H·d_h. GCLA adds its context
+    projections and attention over the Λ layer summaries; ATM layers are counted unmerged (μ = 0).
+    `sparsity` is the share of zero AGU units (their W_up rows and W_down columns are skipped); `f3n_level`
+    (one, or one per layer; default `config.f3n_level`, else G) picks the F3N width."""
+    d, h, kv, dh, n = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.num_hidden_layers
+    t = config.max_position_embeddings if context is None else context
+    w = config.intermediate_size
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    if config.mlp == "f3n":
+        levels = WiolaConfig(**{**config.to_dict(), "f3n_level": f3n_level}).f3n_layer_levels() if f3n_level is not None else config.f3n_layer_levels()
+        widths = [config.f3n_widths()[g - 1] for g in levels]
+    else:
+        widths = [w] * n
+    total = d * config.vocab_size  # LM head
+    for i, m in enumerate(widths):
+        attn = 2 * d * h * dh + 2 * d * kv * dh
+        if config.attention_gate == "gsa":
+            attn += dh * h + h * h
+        if config.cross_layer_context == "gcla":
+            attn += d * h * dh  # output gate
+            if i > 0:
+                views = min(i, config.gcla_lookback)
+                attn += views * 2 * d * kv * dh + views * 2 * h * dh  # context K/V projections + q·k, p·v over Λ
+        gated = config.mlp == "agu" or (config.mlp == "f3n" and config.f3n_gate == "agu")
+        mlp = {
+            "swiglu": 3 * d * w, "gelu": 2 * d * w, "butterfly": 4 * d * w,
+            "dsff": 3 * d * w + 2 * d * (config.dsff_wide_size or 0) + 2 * d * d,
+        }.get(config.mlp, 0)
+        if config.mlp in ("agu", "f3n"):
+            mlp = d * m + round((1.0 - sparsity) * 2 * d * m) if gated else 3 * d * m
+            mlp += d if gated else 0
+        total += attn + mlp
+    return int(2 * total + 2 * n * t * h * dh)
 
 
 def list_presets() -> dict[str, int]:
@@ -219,13 +302,23 @@ def list_presets() -> dict[str, int]:
     return {name: count_parameters(WiolaConfig.from_preset(name)) for name in PRESETS}
 
 
-def presets_command() -> None:
-    """List the named presets with their components and real parameter counts."""
-    print(f"{'preset':<12} {'params':>15}  d     L   H/Hkv  components")
+def presets_command(context: int | None = None, sparsity: float = 0.0) -> None:
+    """List the named presets with their components, real parameter counts and inference FLOPs per token.
+
+    Args:
+        context: context length T of the attention term of the FLOPs (default: each preset's own context).
+        sparsity: share of zero AGU units assumed for the FLOPs of AGU models (default 0: dense).
+    """
+    print(f"{'preset':<19} {'params':>15} {'GFLOPs/token':>12}  d     L   H/Hkv  ctx   components")
     for name, params in list_presets().items():
         c = WiolaConfig.from_preset(name)
         comps = f"{c.position_encoding} + {c.attention_gate} + {c.cross_layer_context} + {c.token_merging} + {c.mlp} {c.intermediate_size} + {c.norm}"
-        print(f"{name:<12} {params:>15,}  {c.hidden_size:<5} {c.num_hidden_layers:<3} {c.num_attention_heads}/{c.num_key_value_heads:<4} {comps}")
+        if c.mlp == "f3n":
+            comps += f" (f3n gate {c.f3n_gate}, {c.f3n_levels} levels)"
+        flops = flops_per_token(c, context, sparsity) / 1e9
+        print(f"{name:<19} {params:>15,} {flops:>12.2f}  {c.hidden_size:<5} {c.num_hidden_layers:<3} {c.num_attention_heads}/{c.num_key_value_heads:<4} {c.max_position_embeddings:<5} {comps}")
+    print("FLOPs/token = 2 × weights multiplied per token (LM head included) + 2·L·T·H·d_h, T = context"
+          + (f" {context}" if context else " of each preset") + (f"; AGU sparsity {sparsity:g}" if sparsity else "") + " (Kaplan et al. 2020).")
 
 
-__all__ = ["WiolaConfig", "PRESETS", "list_presets", "count_parameters", "llama_baseline"]
+__all__ = ["WiolaConfig", "PRESETS", "list_presets", "count_parameters", "flops_per_token", "llama_baseline"]

@@ -20,21 +20,32 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .cache_wiola import WiolaCache, WiolaCacheLayer, WiolaStaticCache
 from .compat_wiola import CACHE_KWARG, kwargs_cache, output_cache, pick_cache
-from .components_wiola import WiolaRMSNorm, WiolaRotaryEmbedding, apply_rotary, attend, build_mlp, build_norm, repeat_kv, rotary_table, segment_first
+from .components_wiola import AdaptiveThreshold, GatedUnitsMLP, HierarchicalNorm, WiolaRMSNorm, WiolaRotaryEmbedding, apply_rotary, attend, build_mlp, build_norm, repeat_kv, rotary_table, segment_first
 from .configuration_wiola import WiolaConfig
 from .merging_wiola import merged_attention
 
 
 @dataclass
 class WiolaModelOutput(BaseModelOutputWithPast):
-    """`merge_ratios`: per ATM layer index, μ = 1 − T'/T of this forward (batch mean, a 0-d tensor)."""
+    """`merge_ratios`: per ATM layer index, μ = 1 − T'/T of this forward (batch mean, a 0-d tensor).
+    `activation_sparsity`: per AGU layer index, the share of zero gate units over real tokens (0-d tensor).
+    `f3n_levels`: the F3N level each layer ran in a training forward with sampled levels ([L] long).
+    `aux_loss`: `agu_l1` × the mean over AGU layers of `mean |h̃|` (training forwards with `agu_l1 > 0`)."""
 
     merge_ratios: dict | None = None
+    activation_sparsity: dict | None = None
+    f3n_levels: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 @dataclass
 class WiolaCausalLMOutput(CausalLMOutputWithPast):
+    """`loss` includes `aux_loss` (the AGU penalty) when labels are given."""
+
     merge_ratios: dict | None = None
+    activation_sparsity: dict | None = None
+    f3n_levels: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -48,6 +59,7 @@ class StepInfo:
     mask: torch.Tensor | None  # [B or 1, 1, T, S] bool for plain layers, or None
     is_causal: bool  # plain layers: no mask needed beyond plain causality
     doc_first: torch.Tensor | None = None  # packed rows: [B, T] position where each token's document starts
+    f3n_levels: torch.Tensor | None = None  # training with sampled F3N levels: [L] long, the level of each layer
 
     def running_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Causal running sums of `x` [B, T, n] along T; in a packed row they restart at each document."""
@@ -156,24 +168,30 @@ class WiolaDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: WiolaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.input_layernorm = build_norm(config)
+        self.input_layernorm = build_norm(config, "hln_in")
         self.self_attn = WiolaAttention(config, layer_idx)
-        self.post_attention_layernorm = build_norm(config)
-        self.mlp = build_mlp(config)
+        self.post_attention_layernorm = build_norm(config, "hln_post")
+        self.mlp = build_mlp(config, layer_idx)
+        self.mlp_reports = config.mlp in ("agu", "f3n")  # returns (out, zero share, L1 penalty)
         self.dropout = config.hidden_dropout
 
     def forward(self, hidden_states, cos, sin, step, context=None, cache=None, past_key_values=None):
         # the cache arrives under the name the installed transformers uses (gradient checkpointing drops it by name)
         cache = pick_cache(cache, past_key_values)
         cache = cache.layers[self.layer_idx] if cache is not None else None
-        attn, merged = self.self_attn(self.input_layernorm(hidden_states), cos, sin, step, context, cache)
+        attn, merged = self.self_attn(self.input_layernorm(hidden_states, step, cache), cos, sin, step, context, cache)
         if self.dropout:  # residual dropout (nanoGPT style) on both branches; skipped entirely at p = 0
             attn = F.dropout(attn, self.dropout, self.training)
         hidden_states = hidden_states + attn
-        mlp = self.mlp(self.post_attention_layernorm(hidden_states))
+        normed = self.post_attention_layernorm(hidden_states, step, cache)
+        if self.mlp_reports:
+            mlp, zero_share, l1 = self.mlp(normed, step)
+        else:
+            mlp, zero_share, l1 = self.mlp(normed), None, None
         if self.dropout:
             mlp = F.dropout(mlp, self.dropout, self.training)
-        return hidden_states + mlp, merged
+        # flat outputs: reentrant checkpointing tracks gradients only of tensors at the top level
+        return hidden_states + mlp, merged, zero_share, l1
 
 
 class WiolaPreTrainedModel(PreTrainedModel):
@@ -203,6 +221,15 @@ class WiolaPreTrainedModel(PreTrainedModel):
                 init.constant_(module.blend_logit, float(self.config.gcla_gate_init))
         elif isinstance(module, WiolaRotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq())
+        elif isinstance(module, AdaptiveThreshold):  # τ = 0 at init: AGU starts as SwiGLU
+            init.zeros_(module.threshold_proj.weight)
+            init.zeros_(module.threshold_proj.bias)
+            init.zeros_(module.threshold_scale)
+        elif isinstance(module, HierarchicalNorm):  # mix 0 at init: HLN starts as RMSNorm
+            init.ones_(module.weight)
+            init.zeros_(module.mix)
+        elif isinstance(module, GatedUnitsMLP) and module.fractal:
+            init.copy_(module.keep, module.level_masks())
 
 
 class WiolaModel(WiolaPreTrainedModel):
@@ -256,12 +283,18 @@ class WiolaModel(WiolaPreTrainedModel):
         lookback = self.config.gcla_lookback
         gcla = self.config.cross_layer_context == "gcla"
         merge_ratios: dict[int, torch.Tensor] = {}
+        sparsity: dict[int, torch.Tensor] = {}
+        penalties: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
             context = torch.stack(summaries[-lookback:], dim=2).to(hidden.dtype) if gcla and summaries else None
             # context goes positionally: reentrant checkpointing sees only positional tensors as inputs
-            hidden, merged = layer(hidden, cos, sin, step, context, **{CACHE_KWARG: cache})
+            hidden, merged, zero_share, l1 = layer(hidden, cos, sin, step, context, **{CACHE_KWARG: cache})
             if merged is not None:
                 merge_ratios[i] = merged.sum() / real.sum().clamp(min=1)
+            if zero_share is not None:
+                sparsity[i] = zero_share
+            if l1 is not None:
+                penalties.append(l1)
             if gcla and i < len(self.layers) - 1:
                 running = hidden.float() * real[..., None] if step.padded else hidden.float()
                 running = step.running_sum(running)
@@ -270,10 +303,11 @@ class WiolaModel(WiolaPreTrainedModel):
                 summaries.append(running / step.count)
             if output_hidden_states:
                 all_hidden += (hidden,)
-        hidden = self.norm(hidden)
+        hidden = self.norm(hidden, step, cache.layers[-1] if cache is not None else None)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden,)
-        return hidden, all_hidden, merge_ratios
+        aux = self.config.agu_l1 * torch.stack(penalties).mean() if penalties else None
+        return hidden, all_hidden, merge_ratios, (sparsity or None, aux)
 
     @staticmethod
     def _documents(step: StepInfo, starts: torch.Tensor, device) -> None:
@@ -319,10 +353,11 @@ class WiolaModel(WiolaPreTrainedModel):
             count=cum_real[..., None].to(torch.float32), padded=False, mask=mask, is_causal=False,
         )
         cos, sin = cache.rotary[0][position_ids][:, None].to(hidden.dtype), cache.rotary[1][position_ids][:, None].to(hidden.dtype)
-        hidden, all_hidden, merge_ratios = self._layers(self.dropout(hidden), cos, sin, step, cache, output_hidden_states)
+        hidden, all_hidden, merge_ratios, (sparsity, _) = self._layers(self.dropout(hidden), cos, sin, step, cache, output_hidden_states)
         cache.real_count.add_(1)
         cache.position.add_(1)
-        return WiolaModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, merge_ratios=merge_ratios or None, **{CACHE_KWARG: cache})
+        return WiolaModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, merge_ratios=merge_ratios or None,
+                                activation_sparsity=sparsity, **{CACHE_KWARG: cache})
 
     def forward(
         self,
@@ -390,14 +425,20 @@ class WiolaModel(WiolaPreTrainedModel):
                 cache = None  # a packed batch is not continued: no cache for it
                 self._documents(step, starts.expand(b, t), device)
 
+        if self.training and self.config.mlp == "f3n" and self.config.f3n_sampling != "none":
+            # MatFormer-style level draws from the global torch RNG: seeded by the run, saved in its checkpoints
+            n = self.config.num_hidden_layers
+            draws = torch.randint(1, self.config.f3n_levels + 1, (n if self.config.f3n_sampling == "layer" else 1,))
+            step.f3n_levels = draws.expand(n).to(device)
         cos, sin = self.rotary_emb(position_ids, hidden.dtype)
-        hidden, all_hidden, merge_ratios = self._layers(self.dropout(hidden), cos, sin, step, cache, output_hidden_states)
+        hidden, all_hidden, merge_ratios, (sparsity, aux) = self._layers(self.dropout(hidden), cos, sin, step, cache, output_hidden_states)
         if cache is not None:
             cache.seen_tokens = past + t
             cache.real_mask = key_real
             cache.real_count = cum_real[:, -1]
         self.last_merge_ratios = merge_ratios
-        return WiolaModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, merge_ratios=merge_ratios or None, **{CACHE_KWARG: cache})
+        return WiolaModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, merge_ratios=merge_ratios or None,
+                                activation_sparsity=sparsity, f3n_levels=step.f3n_levels, aux_loss=aux, **{CACHE_KWARG: cache})
 
 
 LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
@@ -460,11 +501,16 @@ class WiolaForCausalLM(WiolaPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None or kwargs.get("shift_labels") is not None:
             loss = causal_lm_loss(logits, labels, **{k: v for k, v in kwargs.items() if k in LOSS_KWARGS})
+            if outputs.aux_loss is not None:
+                loss = loss + outputs.aux_loss
         return WiolaCausalLMOutput(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
             merge_ratios=outputs.merge_ratios,
+            activation_sparsity=outputs.activation_sparsity,
+            f3n_levels=outputs.f3n_levels,
+            aux_loss=outputs.aux_loss,
             **{CACHE_KWARG: output_cache(outputs)},
         )
 

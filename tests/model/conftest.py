@@ -16,10 +16,19 @@ MLP = ("swiglu", "butterfly", "dsff", "gelu")
 NORM = ("rmsnorm", "wiola_rmsnorm")
 
 COMBOS = [dict(position_encoding=p, attention_gate=g, cross_layer_context=c, mlp=m, norm=n) for p, g, c, m, n in itertools.product(POSITION, GATE, CROSS, MLP, NORM)]
+# the article's components (SPEC §6) in every attention/position context, each with a different norm or MLP:
+# 4 contexts × 4 settings instead of the full product (which would more than double the suite)
+_CONTEXTS = [dict(position_encoding="rope"), dict(position_encoding="spiral", attention_gate="gsa"),
+             dict(position_encoding="srpe", cross_layer_context="gcla"), dict(position_encoding="rope", attention_gate="gsa", cross_layer_context="gcla")]
+_ARTICLE = [dict(mlp="agu", norm="rmsnorm"), dict(mlp="f3n", f3n_levels=3, f3n_level=2, norm="wiola_rmsnorm"),
+            dict(mlp="f3n", f3n_gate="agu", f3n_levels=3, f3n_level=[1, 2, 3, 3, 2, 1], norm="hln")]
+ARTICLE_COMBOS = [dict(ctx, **new) for ctx in _CONTEXTS for new in _ARTICLE]
+ARTICLE_COMBOS += [dict(ctx, mlp=mlp, norm="hln") for ctx, mlp in zip(_CONTEXTS, ("swiglu", "butterfly", "dsff", "gelu"))]
+COMBOS = COMBOS + ARTICLE_COMBOS
 
 
 def combo_id(combo: dict) -> str:
-    return "-".join(str(v) for v in combo.values())
+    return "-".join(str(v).replace(" ", "") for v in combo.values())
 
 
 def tiny_config(**overrides) -> WiolaConfig:
@@ -41,6 +50,10 @@ def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.15) -> tor
             p.add_(torch.randn(p.shape, generator=g) * scale)
             if name.endswith("blend_logit"):
                 p.fill_(0.3)
+            elif name.endswith("threshold_scale"):  # AGU: a threshold that zeroes a good share of the gate
+                p.fill_(0.5)
+            elif name.endswith(".mix"):  # HLN: all three scopes of statistics in play
+                p.copy_(torch.tensor([0.25, 0.35]))
     return model
 
 

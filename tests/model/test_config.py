@@ -45,7 +45,7 @@ def test_spec_table_matches_when_the_workspace_has_it():
         assert f"| `{name}` |" in spec.read_text() and f"{count:,}" in spec.read_text(), name
 
 
-@pytest.mark.parametrize("name", ["wiola-nano", "wiola-micro", "wiola-120m", "llama-nano", "llama-120m"])
+@pytest.mark.parametrize("name", ["wiola-nano", "wiola-micro", "wiola-120m", "llama-nano", "llama-120m", "wiola-1.3b", "wiola-1.3b-article", "llama-3b"])
 def test_built_model_has_the_counted_parameters(name):
     config = WiolaConfig.from_preset(name)
     with torch.device("meta"):
@@ -63,6 +63,19 @@ def test_llama_baseline_matches_budget(name):
     assert abs(count_parameters(base) - target) <= per_8_width / 2
 
 
+def test_llama_3b_is_the_transformers_llama_of_that_shape():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = WiolaConfig.from_preset("llama-3b")
+    with torch.device("meta"):
+        llama = LlamaForCausalLM(LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+                                             num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+                                             intermediate_size=c.intermediate_size, tie_word_embeddings=True))
+        llama.tie_weights()
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) == (3072, 28, 24, 8, 8192)
+    assert count_parameters(c) == sum(p.numel() for p in llama.parameters())
+
+
 def test_preset_overrides_and_unknown_preset():
     config = WiolaConfig.from_preset("wiola-nano", num_hidden_layers=2, vocab_size=100)
     assert config.num_hidden_layers == 2 and config.mlp == "butterfly"
@@ -75,8 +88,10 @@ def test_preset_overrides_and_unknown_preset():
     ("attention_gate", "gate", "choose one of: none, gsa"),
     ("cross_layer_context", "x", "choose one of: none, gcla"),
     ("token_merging", "tome", "choose one of: none, atm"),
-    ("mlp", "moe", "choose one of: swiglu, butterfly, dsff, gelu"),
-    ("norm", "layernorm", "choose one of: rmsnorm, wiola_rmsnorm"),
+    ("mlp", "moe", "choose one of: swiglu, butterfly, dsff, gelu, agu, f3n"),
+    ("norm", "layernorm", "choose one of: rmsnorm, wiola_rmsnorm, hln"),
+    ("f3n_sampling", "random", "choose one of: none, step, layer"),
+    ("f3n_gate", "relu", "choose one of: swiglu, agu"),
 ])
 def test_unknown_component_lists_choices(field, value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -89,6 +104,10 @@ def test_unknown_component_lists_choices(field, value, message):
     (dict(hidden_size=36, num_attention_heads=4), "head_dim=9 is odd"),
     (dict(atm_layers=[7], num_hidden_layers=6), r"atm_layers \[7\] are outside 0..5"),
     (dict(hidden_dropout=1.5), "hidden_dropout must be in"),
+    (dict(agu_l1=-0.1), "agu_l1 must be a number >= 0"),
+    (dict(mlp="f3n", intermediate_size=64, f3n_level=5), r"f3n_level 5 is outside 1..4"),
+    (dict(mlp="f3n", intermediate_size=64, num_hidden_layers=3, f3n_level=[1, 2]), "f3n_level lists 2 levels for 3 layers"),
+    (dict(mlp="f3n", intermediate_size=40, f3n_levels=4), "f3n_levels=4 needs intermediate_size >= 64"),
 ])
 def test_invalid_shapes_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):

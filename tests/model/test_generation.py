@@ -15,6 +15,7 @@ VARIANTS = {
     "seed": dict(position_encoding="spiral", attention_gate="gsa", mlp="butterfly"),
     "paper": dict(position_encoding="srpe", cross_layer_context="gcla", mlp="dsff", norm="wiola_rmsnorm", token_merging="atm", atm_threshold=-1.0),
     "all": dict(position_encoding="srpe", attention_gate="gsa", gate_pre_rope=False, cross_layer_context="gcla", mlp="butterfly", token_merging="atm", atm_threshold=0.0),
+    "article": dict(position_encoding="srpe", cross_layer_context="gcla", token_merging="atm", atm_threshold=-1.0, mlp="f3n", f3n_gate="agu", f3n_levels=3, f3n_level=2, norm="hln"),
 }
 
 
