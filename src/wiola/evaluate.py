@@ -86,6 +86,7 @@ def eval_command(
     dtype: Literal["fp32", "bf16"] = "fp32",
     json: bool = False,
     allow_tokenizer_mismatch: bool = False,
+    f3n_level: str | None = None,
 ) -> dict[str, float]:
     """Evaluate a model on a prepared split: loss, perplexity and bits per byte.
 
@@ -101,6 +102,8 @@ def eval_command(
         json: print one JSON object instead of a table.
         allow_tokenizer_mismatch: evaluate even when the model's tokenizer.json differs from the one the
             data was prepared with (the numbers are then meaningless; a warning is printed).
+        f3n_level: F3N models: the granularity to evaluate — one level (`2`), one per layer (`1,2,4,4`), or
+            `all` (every level in turn); each result also gives the inference FLOPs per token.
     """
     from wiola.data.manifest import file_sha256, verify
     from wiola.train import batches as batch_io
@@ -133,16 +136,15 @@ def eval_command(
         if not allow_tokenizer_mismatch:
             raise WiolaError(message + "; prepare the data with the model's tokenizer (or pass --allow-tokenizer-mismatch)")
         print(f"wiola eval: warning: {message}; the numbers below are not comparable", file=sys.stderr)
+    settings = f3n_settings(model.config, f3n_level)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    result = evaluate_batches(
-        model,
-        batch_io.eval_batches(data, split, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches),
-        dev,
-        torch.bfloat16 if dtype == "bf16" else None,
-        tokenizer=tokenizer,
-    )
+    batches = list(batch_io.eval_batches(data, split, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches))
+    if settings is not None:
+        return _eval_f3n_levels(model, settings, batches, dev, torch.bfloat16 if dtype == "bf16" else None, tokenizer,
+                                {"checkpoint": str(model_dir), "split": split, "seq_len": seq_len}, json)
+    result = evaluate_batches(model, batches, dev, torch.bfloat16 if dtype == "bf16" else None, tokenizer=tokenizer)
     result = {"checkpoint": str(model_dir), "split": split, "seq_len": seq_len, **result}
     if json:
         print(_json.dumps(result))
@@ -152,3 +154,45 @@ def eval_command(
         print(f"  perplexity     {result['perplexity']:.3f}")
         print(f"  bits per byte  {result['bits_per_byte']:.4f}")
     return result
+
+
+def f3n_settings(config: Any, spec: str | None) -> list[list[int]] | None:
+    """The per-layer F3N levels `--f3n-level` asks for: `all` (each level 1..G), one level, or one per layer."""
+    if spec is None:
+        return None
+    if getattr(config, "mlp", None) != "f3n":
+        raise WiolaError(f"--f3n-level needs an F3N model (mlp=f3n); this one has mlp={getattr(config, 'mlp', None)}")
+    n, g = config.num_hidden_layers, config.f3n_levels
+    if spec.strip() == "all":
+        return [[level] * n for level in range(1, g + 1)]
+    try:
+        levels = [int(v) for v in spec.split(",")]
+    except ValueError:
+        raise WiolaError(f"--f3n-level takes 'all', a level, or one level per layer (comma-separated), got {spec!r}") from None
+    if len(levels) == 1:
+        levels = levels * n
+    if len(levels) != n or not all(1 <= v <= g for v in levels):
+        raise WiolaError(f"--f3n-level {spec!r}: give 'all', one level in 1..{g}, or {n} comma-separated levels in 1..{g}")
+    return [levels]
+
+
+def _eval_f3n_levels(model, settings, batches, dev, amp_dtype, tokenizer, head: dict, as_json: bool) -> list[dict]:
+    from wiola.configuration_wiola import flops_per_token
+
+    layers = [m for m in model.modules() if hasattr(m, "set_level")]
+    results = []
+    for levels in settings:
+        for mlp, level in zip(layers, levels):
+            mlp.set_level(level)
+        result = evaluate_batches(model, batches, dev, amp_dtype, tokenizer=tokenizer)
+        flops = flops_per_token(model.config, context=head["seq_len"], f3n_level=levels)
+        results.append({**head, "f3n_level": levels, "flops_per_token": flops, **result})
+    if as_json:
+        print(_json.dumps(results))
+    else:
+        print(f"{head['checkpoint']} on {head['split']} (seq_len {head['seq_len']}), F3N widths {model.config.f3n_widths()}")
+        print(f"  {'level':<16} {'loss':>8} {'bits/byte':>10} {'MFLOPs/token':>13}")
+        for r in results:
+            level = str(r["f3n_level"][0]) if len(set(r["f3n_level"])) == 1 else ",".join(map(str, r["f3n_level"]))
+            print(f"  {level:<16} {r['loss']:>8.4f} {r['bits_per_byte']:>10.4f} {r['flops_per_token'] / 1e6:>13.2f}")
+    return results

@@ -230,6 +230,16 @@ class WiolaPreTrainedModel(PreTrainedModel):
             init.zeros_(module.mix)
         elif isinstance(module, GatedUnitsMLP) and module.fractal:
             init.copy_(module.keep, module.level_masks())
+        elif isinstance(module, WiolaModel):
+            init.constant_(module.f3n_step_levels, self.config.f3n_levels)
+
+
+def draw_f3n_levels(config: WiolaConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One training step's F3N levels, [L] long in 1..G: one level for every layer (`step`) or one per
+    layer (`layer`), from `generator` (default: the global torch RNG)."""
+    n = config.num_hidden_layers
+    draws = torch.randint(1, config.f3n_levels + 1, (n if config.f3n_sampling == "layer" else 1,), generator=generator)
+    return draws.expand(n).clone()
 
 
 class WiolaModel(WiolaPreTrainedModel):
@@ -239,12 +249,22 @@ class WiolaModel(WiolaPreTrainedModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([WiolaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = build_norm(config)
+        self.norm = build_norm(config, "hln_final")  # (HLN: its running sum lives on the last layer's cache entry)
         self.rotary_emb = WiolaRotaryEmbedding(config)
         self.dropout = nn.Dropout(config.hidden_dropout) if config.hidden_dropout else nn.Identity()
         self.gradient_checkpointing = False
         self.last_merge_ratios: dict[int, torch.Tensor] = {}
+        # F3N sampling: a training loop may fix each optimizer step's levels (`set_f3n_levels`); otherwise
+        # every training forward draws its own from the global torch RNG
+        self.register_buffer("f3n_step_levels", torch.full((config.num_hidden_layers,), config.f3n_levels), persistent=False)
+        self.f3n_levels_fixed = False
         self.post_init()
+
+    def set_f3n_levels(self, levels: torch.Tensor) -> None:
+        """Fix the F3N level of every layer ([L] long) for the training forwards that follow (written in
+        place, so a compiled model does not recompile when the levels change)."""
+        self.f3n_step_levels.copy_(levels.to(self.f3n_step_levels.device))
+        self.f3n_levels_fixed = True
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past: int) -> tuple[int, int]:
         if (input_ids is None) == (inputs_embeds is None):
@@ -427,9 +447,10 @@ class WiolaModel(WiolaPreTrainedModel):
 
         if self.training and self.config.mlp == "f3n" and self.config.f3n_sampling != "none":
             # MatFormer-style level draws from the global torch RNG: seeded by the run, saved in its checkpoints
-            n = self.config.num_hidden_layers
-            draws = torch.randint(1, self.config.f3n_levels + 1, (n if self.config.f3n_sampling == "layer" else 1,))
-            step.f3n_levels = draws.expand(n).to(device)
+            if self.f3n_levels_fixed:
+                step.f3n_levels = self.f3n_step_levels
+            else:
+                step.f3n_levels = draw_f3n_levels(self.config).to(device)
         cos, sin = self.rotary_emb(position_ids, hidden.dtype)
         hidden, all_hidden, merge_ratios, (sparsity, aux) = self._layers(self.dropout(hidden), cos, sin, step, cache, output_hidden_states)
         if cache is not None:

@@ -51,7 +51,9 @@ def run(family: str, per_device: int, accum: int, out_dir: str) -> list[float]:
         use_cpu=True, seed=0, data_seed=0, dataloader_drop_last=True, disable_tqdm=True,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=Rows())
+    from wiola.train.hf_callbacks import F3NLevels
+
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[F3NLevels()])
     trainer.train()
     return [r["loss"] for r in trainer.state.log_history if "loss" in r]
 

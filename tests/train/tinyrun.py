@@ -40,13 +40,17 @@ TINY_MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 
               "intermediate_size": 64, "max_position_embeddings": 64}
 
 
-# the three model families every journey runs: seed-style, paper-style with ATM forced on (threshold -1
-# merges every eligible pair; 3 layers, so that layer 1 merges and GCLA reads layers 0-1), and all-off
+# the model families every journey runs: seed-style, paper-style with ATM forced on (threshold -1
+# merges every eligible pair; 3 layers, so that layer 1 merges and GCLA reads layers 0-1), all-off, and article-style
 FAMILIES = {
     "seed": dict(position_encoding="spiral", attention_gate="gsa", mlp="butterfly"),
     "paper": dict(position_encoding="srpe", cross_layer_context="gcla", token_merging="atm", atm_threshold=-1.0,
                   mlp="dsff", dsff_wide_size=64, norm="wiola_rmsnorm", num_hidden_layers=3),
     "all-off": {},
+    # the news article's components (SPEC §6): F3N with the AGU gate (levels drawn per step and layer, an L1
+    # penalty) and HLN, on the paper's attention (ATM forced on)
+    "article": dict(position_encoding="srpe", cross_layer_context="gcla", token_merging="atm", atm_threshold=-1.0,
+                    mlp="f3n", f3n_gate="agu", f3n_levels=3, f3n_sampling="layer", agu_l1=0.001, norm="hln", num_hidden_layers=3),
 }
 
 

@@ -121,6 +121,11 @@ class Trainer:
             model.compile()
         self.model = distributed.wrap_model(model, dist, cfg.distributed)
         self.raw_model = distributed.unwrap(self.model)
+        # F3N level sampling: one draw per optimizer step, from (seed, step) — the same on every rank and
+        # micro-batch, and exactly the same after --resume
+        cfg_model = model.config
+        self._f3n_models = [m for m in self.raw_model.modules() if hasattr(m, "set_f3n_levels")] \
+            if getattr(cfg_model, "mlp", None) == "f3n" and getattr(cfg_model, "f3n_sampling", "none") != "none" else []
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.train_batches = batches.train_sampler(
@@ -214,6 +219,12 @@ class Trainer:
     def train_step(self) -> tuple[float, float, dict[str, float]]:
         """One optimizer step over `accum` micro-batches; returns (mean loss over all ranks, grad norm, extras)."""
         self.model.train()
+        if self._f3n_models:
+            from wiola.train.hf_callbacks import step_levels
+
+            levels = step_levels(self._f3n_models[0].config, self.cfg.seed, self.step)
+            for m in self._f3n_models:
+                m.set_f3n_levels(levels)
         inputs, labels = (t.to(self.device, non_blocking=True) for t in next(self.train_batches))
         micro = list(zip(inputs.split(self.cfg.micro_batch_size), labels.split(self.cfg.micro_batch_size)))
         loss_sum = torch.zeros((), device=self.device)
@@ -222,8 +233,11 @@ class Trainer:
             with distributed.gradient_sync(self.model, i == len(micro) - 1), autocast(self.device, self.amp_dtype):
                 output = self.model(input_ids=ids, use_cache=False, **self._positions(ids))
                 loss = batches.causal_lm_loss(output.logits, targets)
-            (loss / len(micro)).backward()
+                aux = getattr(output, "aux_loss", None)  # the AGU L1 penalty (agu_l1 > 0): trained on, logged apart
+            ((loss if aux is None else loss + aux) / len(micro)).backward()
             loss_sum += loss.detach()
+            if aux is not None:
+                extras["aux_loss"] = extras.get("aux_loss", 0.0) + float(aux.detach()) / len(micro)
             for key, value in extra_metrics(output).items():
                 extras[key] = extras.get(key, 0.0) + value / len(micro)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
