@@ -258,3 +258,15 @@ def test_ablation_widths_match_keeps_every_ablation_at_the_base_budget():
     no_gcla = next(a for a in ablations if a.name == "paper:cross_layer_context=none")
     assert no_gcla.fields["intermediate_size"] > base.fields["intermediate_size"]  # the freed GCLA parameters go to the MLP
     assert no_gcla.fields["dsff_wide_size"] == 4 * no_gcla.fields["intermediate_size"]
+
+
+def test_article_switches_are_compare_ablations():
+    """`mlp=agu`, `mlp=f3n` and `norm=hln` ablate like every other switch (SPEC §6)."""
+    spec = load_spec(REPO / "configs" / "compare" / "shakespeare_char.yaml")
+    spec.entrants = [{**{k: v for k, v in e.items() if k != "budget"}, "ablations": ["mlp=agu", "mlp=f3n", "norm=hln"]}
+                     for e in spec.entrants if e["name"] == "llama-arch"]
+    entrants = resolve_entrants(spec, {"vocab_size": 69})
+    assert [e.name for e in entrants] == ["llama-arch", "llama-arch:mlp=agu", "llama-arch:mlp=f3n", "llama-arch:norm=hln"]
+    assert [(e.shape["mlp"], e.shape["norm"]) for e in entrants[1:]] == [("agu", "rmsnorm"), ("f3n", "rmsnorm"), ("swiglu", "hln")]
+    base = entrants[0].parameters
+    assert [e.parameters - base for e in entrants[1:]] == [6 * (384 + 2), 0, 13 * 2]  # d + 2 per AGU layer, 2 per HLN norm

@@ -20,8 +20,10 @@ def test_quickstart_runs(tmp_path, monkeypatch):
 
 
 def test_preset_table_matches_code():
-    rows = dict(re.findall(r"^\| `([\w.-]+)` \| ([\d,]+) \|", README.read_text(), re.M))
-    assert rows == {name: f"{count:,}" for name, count in list_presets().items()}
+    from wiola.configuration_wiola import WiolaConfig, flops_per_token
+
+    rows = {name: (count, flops) for name, count, flops in re.findall(r"^\| `([\w.-]+)` \| ([\d,]+) \| ([\d.]+) \|", README.read_text(), re.M)}
+    assert rows == {name: (f"{count:,}", f"{flops_per_token(WiolaConfig.from_preset(name)) / 1e9:.3f}") for name, count in list_presets().items()}
 
 
 def test_command_table_names_every_command_with_its_positional_arguments():

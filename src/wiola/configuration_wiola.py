@@ -138,9 +138,6 @@ class WiolaConfig(PreTrainedConfig):
         if not isinstance(self.f3n_levels, int) or isinstance(self.f3n_levels, bool) or self.f3n_levels < 1:
             raise ValueError(f"f3n_levels must be a positive integer, got {self.f3n_levels!r}")
         if self.mlp == "f3n":
-            if self.intermediate_size < 8 * 2 ** (self.f3n_levels - 1):
-                raise ValueError(f"f3n_levels={self.f3n_levels} needs intermediate_size >= {8 * 2 ** (self.f3n_levels - 1)} "
-                                 f"(the smallest level keeps 8 units), got {self.intermediate_size}")
             self.f3n_layer_levels()  # validates f3n_level
 
     def f3n_layer_levels(self) -> list[int]:
@@ -155,9 +152,10 @@ class WiolaConfig(PreTrainedConfig):
         return levels
 
     def f3n_widths(self) -> list[int]:
-        """Hidden units of F3N levels 1..G: m_g = f / 2^(G−g), rounded to a multiple of 8, m_G = f (SPEC §6.2)."""
+        """Hidden units of F3N levels 1..G: m_g = f / 2^(G−g), rounded to a multiple of 8 (at least 8, at most f),
+        m_G = f (SPEC §6.2)."""
         f, g = self.intermediate_size, self.f3n_levels
-        return [f if level == g else max(8, 8 * round(f / 2 ** (g - level) / 8)) for level in range(1, g + 1)]
+        return [f if level == g else min(f, max(8, 8 * round(f / 2 ** (g - level) / 8))) for level in range(1, g + 1)]
 
     @property
     def merge_layers(self) -> list[int]:
