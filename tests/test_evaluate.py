@@ -66,3 +66,36 @@ def test_eval_errors_are_one_line(trained, tmp_path, capsys):
     assert "no split 'test'" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "nothing"), str(data)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_eval_f3n_levels_match_the_model_at_each_level(tmp_path, capsys):
+    """`--f3n-level all` evaluates one trained F3N model at every granularity: each loss is the model's own at
+    that level (config f3n_level), FLOPs fall with the level, and level G is the plain evaluation."""
+    from wiola import WiolaForCausalLM
+    from wiola.configuration_wiola import flops_per_token
+
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    cfg = write_model_config(tmp_path / "m.json", mlp="f3n", f3n_levels=3, f3n_sampling="layer")
+    assert main(["train", str(cfg), str(data), str(out), *FAST, "--max-steps", "4", "--eval-every", "4"]) == 0
+    log = [r for r in read_log(out) if "f3n_levels/0" in r]
+    assert log and all(1 <= r["f3n_levels/0"] <= 3 for r in log)  # the drawn levels are logged
+    capsys.readouterr()
+    assert main(["eval", str(out), str(data), "--seq-len", "16", "--batch-size", "4", "--max-batches", "2", "--json",
+                 "--device", "cpu", "--f3n-level", "all"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["f3n_level"] for r in results] == [[1, 1], [2, 2], [3, 3]]
+    flops = [r["flops_per_token"] for r in results]
+    assert flops[0] < flops[1] < flops[2]
+    plain = eval_command(str(out), str(data), seq_len=16, batch_size=4, max_batches=2, device="cpu")
+    assert results[2]["loss"] == pytest.approx(plain["loss"], abs=1e-6)
+    tokens = torch.from_numpy(np.fromfile(data / "val.bin", dtype=np.uint16).astype(np.int64))
+    rows = torch.stack([tokens[j * 16 : j * 16 + 17] for j in range(8)])  # 2 batches x 4 windows of 16 + 1 tokens
+    for r in results:  # the model built at that level (config f3n_level), computed directly
+        model = WiolaForCausalLM.from_pretrained(out, f3n_level=r["f3n_level"][0]).eval()
+        assert r["flops_per_token"] == flops_per_token(model.config, context=16)
+        with torch.no_grad():
+            logits = model(rows[:, :-1]).logits
+        assert r["loss"] == pytest.approx(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1)).item(), rel=1e-5)
+    assert main(["eval", str(out), str(data), "--f3n-level", "7", "--device", "cpu"]) == 2
+    assert "--f3n-level '7'" in capsys.readouterr().err

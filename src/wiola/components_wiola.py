@@ -264,7 +264,7 @@ class GatedUnitsMLP(nn.Module):
       `f3n_gate=agu` adds the AGU threshold on the gate.
 
     `forward(x, step)` returns `(out, zero_share, l1)`: the share of zero gate units over real tokens and
-    active units, and the `mean |h̃|` penalty (None when it does not apply). At batch-1 decoding (one token,
+    active units, and `mean |h̃|` per position ([B, T]; None when no penalty applies). At batch-1 decoding (one token,
     eval mode, not compiling) the zero units' `W_up` rows and `W_down` columns are skipped (exact)."""
 
     def __init__(self, config: WiolaConfig, layer_idx: int = 0):
@@ -330,7 +330,7 @@ class GatedUnitsMLP(nn.Module):
                 n_units = active.sum().float() if active is not None else float(h.shape[-1])
                 zero_share = zero.sum() / (n_tokens.clamp(min=1) * n_units)
             if self.l1 and self.training:
-                l1 = h.abs().mean()
+                l1 = h.abs().mean(dim=-1)  # per position [B, T]
         return out, zero_share, l1
 
 

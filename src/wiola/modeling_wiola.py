@@ -30,12 +30,15 @@ class WiolaModelOutput(BaseModelOutputWithPast):
     """`merge_ratios`: per ATM layer index, μ = 1 − T'/T of this forward (batch mean, a 0-d tensor).
     `activation_sparsity`: per AGU layer index, the share of zero gate units over real tokens (0-d tensor).
     `f3n_levels`: the F3N level each layer ran in a training forward with sampled levels ([L] long).
-    `aux_loss`: `agu_l1` × the mean over AGU layers of `mean |h̃|` (training forwards with `agu_l1 > 0`)."""
+    `aux_loss`: `agu_l1` × the mean over AGU layers of `mean |h̃|` (training forwards with `agu_l1 > 0`),
+    averaged over positions; `aux_tokens`: the same per position ([B, T]), which `WiolaForCausalLM` averages
+    over the labelled positions instead."""
 
     merge_ratios: dict | None = None
     activation_sparsity: dict | None = None
     f3n_levels: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    aux_tokens: torch.Tensor | None = None
 
 
 @dataclass
@@ -326,7 +329,8 @@ class WiolaModel(WiolaPreTrainedModel):
         hidden = self.norm(hidden, step, cache.layers[-1] if cache is not None else None)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden,)
-        aux = self.config.agu_l1 * torch.stack(penalties).mean() if penalties else None
+        # the AGU penalty per position ([B, T]: agu_l1 × mean over AGU layers of mean |h̃|)
+        aux = self.config.agu_l1 * torch.stack(penalties).mean(dim=0) if penalties else None
         return hidden, all_hidden, merge_ratios, (sparsity or None, aux)
 
     @staticmethod
@@ -458,8 +462,8 @@ class WiolaModel(WiolaPreTrainedModel):
             cache.real_mask = key_real
             cache.real_count = cum_real[:, -1]
         self.last_merge_ratios = merge_ratios
-        return WiolaModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, merge_ratios=merge_ratios or None,
-                                activation_sparsity=sparsity, f3n_levels=step.f3n_levels, aux_loss=aux, **{CACHE_KWARG: cache})
+        return WiolaModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, merge_ratios=merge_ratios or None, activation_sparsity=sparsity,
+                                f3n_levels=step.f3n_levels, aux_loss=None if aux is None else aux.mean(), aux_tokens=aux, **{CACHE_KWARG: cache})
 
 
 LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
@@ -523,7 +527,17 @@ class WiolaForCausalLM(WiolaPreTrainedModel, GenerationMixin):
         if labels is not None or kwargs.get("shift_labels") is not None:
             loss = causal_lm_loss(logits, labels, **{k: v for k, v in kwargs.items() if k in LOSS_KWARGS})
             if outputs.aux_loss is not None:
-                loss = loss + outputs.aux_loss
+                # with labels the penalty is averaged over the predicting (labelled) positions like the loss, and
+                # normalised by `num_items_in_batch` when given: gradient accumulation and ranks then sum to the
+                # penalty of the whole batch, counted once
+                shifted = kwargs.get("shift_labels")
+                shifted = F.pad(labels, (0, 1), value=-100)[:, 1:] if shifted is None else shifted
+                labelled = (shifted != kwargs.get("ignore_index", -100)).to(outputs.aux_tokens.device)
+                total = (outputs.aux_tokens * labelled).sum()
+                n = kwargs.get("num_items_in_batch")
+                aux = total / (labelled.sum().clamp(min=1) if n is None else (n.to(total.device) if torch.is_tensor(n) else n))
+                outputs.aux_loss = aux
+                loss = loss + aux
         return WiolaCausalLMOutput(
             loss=loss,
             logits=logits,

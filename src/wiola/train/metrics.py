@@ -108,7 +108,7 @@ def extra_metrics(output: Any) -> dict[str, float]:
     """
     import torch
 
-    standard = {"loss", "logits", "past_key_values", "cache", "hidden_states", "attentions", "aux_loss", "router_logits"}
+    standard = {"loss", "logits", "past_key_values", "cache", "hidden_states", "attentions", "aux_loss", "aux_tokens", "router_logits"}
     keys = list(output.keys()) if hasattr(output, "keys") else []
     if hasattr(output, "merge_ratios") and "merge_ratios" not in keys:
         keys.append("merge_ratios")
