@@ -349,8 +349,8 @@ def _eval_rows(evals: list[dict[str, Any]]) -> list[str]:
         shots = result.get("n-shot", {})
         for task, metrics in sorted(result.get("results", {}).items()):
             for key, value in metrics.items():
-                name, _, filt = key.partition(",")
-                if not isinstance(value, (int, float)) or name.endswith("_stderr") or name == "alias":
+                name, comma, filt = key.partition(",")  # metrics are "name,filter"; sample_len, alias are not
+                if not comma or not isinstance(value, (int, float)) or name.endswith("_stderr"):
                     continue
                 err = metrics.get(f"{name}_stderr,{filt}")
                 err_text = f" ± {err:.4f}" if isinstance(err, (int, float)) else ""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json as _json
+import logging
 import math
 import re
 import sys
@@ -113,7 +114,7 @@ def eval_command(
         num_fewshot: few-shot examples per question for --tasks (default: each task's own setting, usually 0).
         limit: evaluate only this many examples per task (a fraction below 1: that share of them).
         include_path: extra folders of lm-eval YAML tasks for --tasks.
-        output: where to save the --tasks results as JSON (default CHECKPOINT/lm_eval/TASKS_NSHOT.json).
+        output: where to save the --tasks results as JSON (default CHECKPOINT/lm_eval/TASKS[_Nshot][_limitN].json).
         split: which split to read.
         batch_size: sequences per forward pass.
         seq_len: tokens per sequence (default the model's max_position_embeddings).
@@ -190,6 +191,17 @@ def eval_command(
 # ----------------------------------------------------------------------------- lm-evaluation-harness
 
 
+class _KnownNoise(logging.Filter):
+    """Drops lm-eval's warnings about what wiola does on purpose: handing HFLM a loaded model, and a task
+    whose data comes from a Python loader (the shipped wiola_shakespeare)."""
+
+    NOISE = ("model kwarg is not of type `str`", "neither marked as CausalLM", "already-initialized model through",
+             "Custom kwargs can be passed to `--metadata`")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in self.NOISE)
+
+
 def _lm_eval():
     try:
         import lm_eval  # noqa: F401
@@ -228,9 +240,9 @@ def resolve_tasks(names: list[str], include_path: list[str] | None = None):
 
 def default_output(model_dir: Path, names: list[str], num_fewshot: int | None, limit: float | None) -> Path:
     stem = re.sub(r"[^\w.+-]+", "-", "+".join(Path(n).stem if n.endswith((".yaml", ".yml")) else n for n in names))[:120]
-    shots = "default" if num_fewshot is None else str(num_fewshot)
+    shots = "" if num_fewshot is None else f"_{num_fewshot}shot"
     part = "" if limit is None else f"_limit{limit:g}"
-    return model_dir / "lm_eval" / f"{stem}_{shots}shot{part}.json"
+    return model_dir / "lm_eval" / f"{stem}{shots}{part}.json"
 
 
 def eval_tasks(checkpoint: str, tasks: str, *, num_fewshot: int | None = None, limit: float | None = None,
@@ -252,6 +264,9 @@ def eval_tasks(checkpoint: str, tasks: str, *, num_fewshot: int | None = None, l
     from lm_eval.models.huggingface import HFLM
     from lm_eval.utils import handle_non_serializable, make_table
 
+    for name in ("lm_eval.models.huggingface", "lm_eval.api.task"):
+        if not any(isinstance(f, _KnownNoise) for f in logging.getLogger(name).filters):
+            logging.getLogger(name).addFilter(_KnownNoise())
     model, tokenizer, model_dir = load_for_inference(checkpoint, resolve_device(device))
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
