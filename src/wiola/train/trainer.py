@@ -3,8 +3,8 @@
 `train_command` (the CLI entry) resolves options and the model config, then `Trainer`
 runs: gradient accumulation over micro-batches, gradient clipping, AdamW with a warmup +
 cosine/WSD/constant schedule, periodic validation, checkpoints (`latest` every
-`save_every` steps, `best` on a new lowest validation loss, `final` at the end), logs and a
-live progress bar. The model is any transformers causal LM; the loop knows nothing of its
+`save_every` steps, `best` on a new lowest validation loss, `final` at the end), logs, a
+live progress bar and, at the end, the model card `out/README.md` (`wiola.card`). The model is any transformers causal LM; the loop knows nothing of its
 internals. Under torchrun every rank runs this file; rank 0 alone writes files.
 
 Before step 1 everything the run needs is checked: the output directory is locked (one writer),
