@@ -102,6 +102,17 @@ async def level(url: str, concurrency: int, texts: list[str], args) -> dict:
             "mean_batch": (after["batched_rows"] - health["batched_rows"]) / steps if steps else 0.0}
 
 
+async def check_exact(url: str, texts: list[str], args) -> tuple[int, int]:
+    """Greedy tokens of each prompt sent alone, one after another, against all of them sent at once."""
+    bodies = [{"prompt": " ".join(t.split()[: 2 + (i * 5) % args.prompt_words]), "temperature": 0, "return_token_ids": True,
+               "max_tokens": args.max_tokens - (i * 13) % args.max_tokens} for i, t in enumerate(texts)]  # ragged on purpose
+    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=len(texts) + 4)) as client:
+        alone = [(await client.post(f"{url}/v1/completions", json=b)).json()["choices"][0]["token_ids"] for b in bodies]
+        together = await asyncio.gather(*(client.post(f"{url}/v1/completions", json=b) for b in bodies))
+    together = [r.json()["choices"][0]["token_ids"] for r in together]
+    return sum(a == b for a, b in zip(alone, together)), len(texts)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="model directory: start `wiola serve` on it")
@@ -116,12 +127,17 @@ def main() -> None:
     p.add_argument("--max-queue", type=int, default=256, help="(with --model) the server's queue")
     p.add_argument("--device", default="auto", help="(with --model) the server's device")
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--check-exact", type=int, default=0, metavar="K",
+                   help="first send K prompts one by one, then all K at once (greedy), and count identical token sequences")
     args = p.parse_args()
     if bool(args.model) == bool(args.url):
         p.error("give --model DIR or --url URL")
     proc, url = start_server(args) if args.model else (None, args.url.rstrip("/"))
     try:
         texts = prompts(args)
+        if args.check_exact:
+            same, total = asyncio.run(check_exact(url, (texts * args.check_exact)[: args.check_exact], args))
+            print(f"exactness: {same}/{total} requests got the same greedy tokens sent together as sent alone", flush=True)
         rows = [asyncio.run(level(url, int(c), texts, args)) for c in args.concurrency.split(",")]
     finally:
         if proc is not None:

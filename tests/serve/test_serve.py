@@ -135,6 +135,9 @@ def test_streaming_chat_and_completions(model_dirs, tokenizer):
             time.sleep(0.02)
         assert engine.stats()["running"] == 0
         assert c.models.list().data[0].id == "tiny" and httpx.get(f"{url}/health").json()["status"] == "ok"
+        echoed = c.completions.create(model="tiny", prompt=["the king", "a fool"], max_tokens=3, temperature=0, echo=True)
+        assert [ch.text[:len(p)] for ch, p in zip(echoed.choices, ["the king", "a fool"])] == ["the king", "a fool"]
+        assert echoed.usage.prompt_tokens == len(tokenizer("the king").input_ids) + len(tokenizer("a fool").input_ids)
 
 
 BAD = [  # (path, body, status, param)
@@ -231,7 +234,7 @@ def test_sigterm_finishes_the_requests_in_flight(model_dirs):
         signalled.set()
         for t in threads:
             t.join(60)
-        assert proc.wait(30) in (0, -signal.SIGTERM), "".join(lines)
+        assert proc.wait(30) == -signal.SIGTERM, "".join(lines)  # uvicorn re-raises the signal once it has drained
         assert finish == ["length"] * 3 and sum(after) > 0
         assert all(n == 120 for n in received)  # every token of every request arrived
         with pytest.raises(httpx.ConnectError):
@@ -239,6 +242,18 @@ def test_sigterm_finishes_the_requests_in_flight(model_dirs):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_llama_model_is_refused_with_a_pointer():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from wiola.errors import WiolaError
+    from wiola.serve.engine import Engine
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(WiolaError, match="needs a Wiola model; this checkpoint is 'llama'"):
+        Engine(llama, tokenizer=None)
 
 
 def test_without_the_serve_extra_the_command_names_it(monkeypatch, capsys, tmp_path):

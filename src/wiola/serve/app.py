@@ -68,11 +68,15 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request body")
-        return JSONResponse(bad(message, where).body(), status_code=400)
+        first = (exc.errors() or [{}])[0]
+        loc = [str(p) for p in first.get("loc", ())[1:]]
+        if first.get("type") == "json_invalid":
+            error = bad(f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})")
+        elif not loc:
+            error = bad("the request body must be a JSON object (Content-Type: application/json)")
+        else:  # param: the top-level field; the message names the whole path (e.g. messages.0.role)
+            error = bad(f"{'.'.join(loc)}: {first.get('msg', 'invalid value')}", loc[0])
+        return JSONResponse(error.body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
