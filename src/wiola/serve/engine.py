@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import itertools
 import queue
+import secrets
 import sys
 import threading
 import time
@@ -179,7 +180,8 @@ class Engine:
         for seq in seqs:
             if not seq.params.greedy:
                 seq.generator = torch.Generator(device=self.device)
-                seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else torch.seed())
+                # (an unseeded request draws a fresh seed; torch.seed() would also reseed the global generator)
+                seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else secrets.randbits(63))
         with self._lock:
             if self._closing:
                 raise EngineClosed("the server is shutting down")
