@@ -26,7 +26,6 @@ import queue
 import secrets
 import sys
 import threading
-import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
@@ -95,7 +94,6 @@ class Sequence:
     cancelled: bool = False
     start: int = 0  # first plain-layer slot of the row
     generator: torch.Generator | None = None
-    submitted: float = field(default_factory=time.perf_counter)
     counted: bool = False  # holds a batch place in the engine's count (from admission to its last event)
 
     @property
