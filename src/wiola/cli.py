@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "card": "wiola.card:card_command",
     "push": "wiola.publish:push_command",
     "compare": "wiola.compare:compare_command",
+    "serve": "wiola.serve:serve_command",
 }
 
 
