@@ -19,6 +19,7 @@ CROSS_LAYER_CONTEXTS = ("none", "gcla")
 TOKEN_MERGINGS = ("none", "atm")
 MLPS = ("swiglu", "butterfly", "dsff", "gelu")
 NORMS = ("rmsnorm", "wiola_rmsnorm")
+PREFILL_ATTENTIONS = ("dense", "delta", "window")  # "window": sinks + sliding window, no correction (a control)
 
 _CHOICES = {
     "position_encoding": POSITION_ENCODINGS,
@@ -28,6 +29,7 @@ _CHOICES = {
     "mlp": MLPS,
     "norm": NORMS,
     "atm_kernel": ATM_KERNELS,
+    "prefill_attention": PREFILL_ATTENTIONS,
 }
 
 
@@ -71,6 +73,11 @@ class WiolaConfig(PreTrainedConfig):
     atm_kernel: str = "auto"  # "flex": FlexAttention over compacted groups; "mask": SDPA/eager with a mask; "auto": flex on CUDA
     mlp: str = "swiglu"
     norm: str = "rmsnorm"
+    # inference only (SPEC §6.4): sparse prefill with delta correction — sinks S, window W, anchor stride λ (docs/delta.md)
+    prefill_attention: str = "dense"
+    delta_sink: int = 64
+    delta_window: int = 256
+    delta_stride: int = 64
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -120,6 +127,10 @@ class WiolaConfig(PreTrainedConfig):
             bad = [i for i in self.atm_layers if not 0 <= i < self.num_hidden_layers]
             if bad:
                 raise ValueError(f"atm_layers {bad} are outside 0..{self.num_hidden_layers - 1}")
+        for name, low in (("delta_sink", 0), ("delta_window", 1), ("delta_stride", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.mlp == "dsff" and (self.dsff_wide_size or 0) <= 0:
             raise ValueError(f"dsff_wide_size must be a positive integer, got {self.dsff_wide_size!r}")
 
