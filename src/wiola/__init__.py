@@ -9,6 +9,7 @@ try:  # the model files land separately from the toolchain; keep `import wiola.d
     from wiola.configuration_wiola import WiolaConfig, list_presets  # noqa: F401
     from wiola.modeling_wiola import WiolaForCausalLM, WiolaModel, WiolaPreTrainedModel  # noqa: F401
     from wiola.cache_wiola import WiolaCache, WiolaStaticCache  # noqa: F401
+    from wiola.incremental import reprefill  # noqa: F401
 except ImportError:  # pragma: no cover
     pass
 else:

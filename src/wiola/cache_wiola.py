@@ -8,8 +8,17 @@
 * for ATM layers, the last token's attention input and whether it was merged (to pair the next token).
 
 Cache-wide: the token counter returned by `get_seq_length()` (pads included, as generate expects), the
-2-D real-token mask of the history and the per-row count of real tokens. Running sums cannot be undone,
-so the cache cannot be cropped (assisted decoding is refused) but beam search can reorder it.
+2-D real-token mask of the history and the per-row count of real tokens. Beam search reorders all of it.
+
+Cropping (SPEC §6.4, docs/delta.md). Running sums and merged pairs cannot be undone from their totals, so
+`crop(n)` reads a per-position *history* that the cache keeps only when asked: `WiolaCache(config,
+history="full")` keeps it for every token (crop to any length: edited-prompt re-prefill), and
+`activate_past_recording()` (what transformers' assisted decoding calls; also `history="recent"`) keeps it
+only since the last crop (what draft verification needs). A layer without running state (plain K/V) crops
+without any history. History per layer, per token: each running sum's value after the token (fp32), and for
+ATM layers the token's attention input, raw key/value and whether it joined the previous group.
+Any running sum that goes through `WiolaCacheLayer.accumulate(name, ...)` is registered under `name` and is
+cropped, reordered and reset with no further code.
 """
 
 from __future__ import annotations
@@ -19,29 +28,47 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .configuration_wiola import WiolaConfig
 
-SUMS = ("gsa_sum", "out_sum", "hln_in", "hln_post", "hln_final")  # running sums continued by `accumulate`
-_ROW_STATE = ("keys", "values", *SUMS, "lengths", "last_x", "last_real", "last_taken")
+SUMS = ("gsa_sum", "out_sum", "hln_in", "hln_post", "hln_final")  # the running sums a model writes (`accumulate`)
+_ROW_STATE = ("keys", "values", "lengths", "last_x", "last_real", "last_taken")
+HISTORY_MODES = ("none", "recent", "full")
+# per-token history of an ATM layer (batch first, tokens second): attention input, raw key/value, joined flag
+_ATM_HISTORY = ("atm_x", "atm_k", "atm_v", "atm_join")
 
 
 class WiolaCacheLayer(CacheLayerMixin):
-    """One layer's state. Tensors are created on first use; every tensor is indexed by batch row first."""
+    """One layer's state. Tensors are created on first use; every tensor is indexed by batch row first.
+
+    Running sums live in attributes named by `accumulate` (`gsa_sum`, `out_sum`, or any new name) and are
+    listed in `sum_names`. With `recording` on, every forward also appends per-token history to `history`
+    (name -> list of `[B, t, ...]` chunks) for the tokens after position `owner.history_base`; `base`
+    holds the state at that position (a crop back to exactly it needs nothing else)."""
 
     is_compileable = False
-    is_croppable = False
     is_sliding = False
 
     def __init__(self, merging: bool = False):
         super().__init__()
         self.merging = merging
-        for name in SUMS:
-            setattr(self, name, None)
+        self.sum_names: list[str] = []  # registered by `accumulate` (`SUMS`)
         self.lengths: torch.Tensor | None = None
         self.last_x: torch.Tensor | None = None
         self.last_real: torch.Tensor | None = None
         self.last_taken: torch.Tensor | None = None
+        self.recording = False
+        self.history: dict[str, list[torch.Tensor]] = {}
+        self.base: dict[str, torch.Tensor | None] = {}
 
     def __repr__(self):
         return f"WiolaCacheLayer(merging={self.merging}, entries={self.get_seq_length()})"
+
+    @property
+    def stateful(self) -> bool:
+        """Holds state that only history can crop (running sums or merged groups)."""
+        return self.merging or bool(self.sum_names)
+
+    @property
+    def is_croppable(self) -> bool:
+        return self.recording or not self.stateful
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -49,16 +76,96 @@ class WiolaCacheLayer(CacheLayerMixin):
 
     def accumulate(self, name: str, running: torch.Tensor) -> torch.Tensor:
         """Continue a running sum `[B, T, n]` (this chunk's cumulative sums) from the cached total in
-        `name` (one of `SUMS`), store the new total and return the continued sums."""
+        attribute `name`, store the new total and return the continued sums. A new `name` registers a new
+        running-sum state: crop, reorder and reset then handle it like the GSA and GCLA sums."""
+        if name not in self.sum_names:
+            self.sum_names.append(name)
+            if not hasattr(self, name):
+                setattr(self, name, None)
         total = getattr(self, name)
         if total is not None:
             running = running + total[:, None]
         setattr(self, name, running[:, -1])
+        if self.recording:
+            self.history.setdefault(name, []).append(running.detach())
         return running
+
+    def record_tokens(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, joins: torch.Tensor) -> None:
+        """ATM layers: keep this chunk's attention inputs `[B, t, D]`, raw keys/values `[B, H_kv, t, d]` and
+        joined flags `[B, t]` (when recording), so that a crop can restore a merged pair cut in two."""
+        if self.recording:
+            for name, value in zip(_ATM_HISTORY, (x, k.transpose(1, 2), v.transpose(1, 2), joins)):
+                self.history.setdefault(name, []).append(value.detach())
+
+    def mark_base(self) -> None:
+        """Forget the history: the current state becomes the base (the earliest state a crop can restore)."""
+        self.history = {}
+        self.base = {name: getattr(self, name) for name in self.sum_names}
+        if self.merging:
+            self.base.update(lengths=self.lengths, last_x=self.last_x, last_real=self.last_real, last_taken=self.last_taken)
+            last_k = last_v = None
+            if self.lengths is not None:  # the newest group: a crop may cut the pair that it later becomes
+                slot = (self.lengths - 1).clamp(min=0)[:, None, None, None].expand(-1, self.keys.shape[1], 1, self.keys.shape[3])
+                last_k, last_v = self.keys.gather(2, slot), self.values.gather(2, slot)
+            self.base.update(last_k=last_k, last_v=last_v)
+
+    def _history(self, name: str) -> torch.Tensor | None:
+        chunks = self.history.get(name)
+        if not chunks:
+            return None
+        if len(chunks) > 1:
+            chunks[:] = [torch.cat(chunks, dim=1)]
+        return chunks[0]
+
+    def crop_to(self, n: int, seen: int, base: int, real_mask: torch.Tensor | None) -> None:
+        """Restore the state after the first `n` of `seen` tokens (`base <= n <= seen` when stateful;
+        `real_mask` `[B, seen]` is the cache's real-token mask)."""
+        if n >= seen:
+            return
+        if n == 0:
+            self.reset()
+            return
+        i = n - base  # history index of token n (tokens base … seen−1 are recorded)
+        if not self.merging and self.keys is not None:
+            self.keys, self.values = self.keys[:, :, :n], self.values[:, :, :n]
+        for name in self.sum_names:
+            hist = self._history(name)
+            setattr(self, name, self.base.get(name) if i == 0 else hist[:, i - 1])
+        if self.merging:
+            self._crop_groups(n, i, real_mask)
+        for name in list(self.history):
+            self.history[name] = [self._history(name)[:, :i]]
+
+    def _crop_groups(self, n: int, i: int, real_mask: torch.Tensor | None) -> None:
+        """ATM: keep the groups that end before token n; if token n had joined token n−1 (a pair the crop
+        cuts in two), the pair's slot gets back token n−1's own key/value."""
+        joins = self._history("atm_join")
+        base_len = self.base.get("lengths")
+        real = real_mask[:, n - i:n]
+        starts = (real & ~joins[:, :i]).sum(dim=1)
+        lengths = starts if base_len is None else base_len + starts
+        width = int(lengths.max())
+        keys, values = self.keys[:, :, :width], self.values[:, :, :width]
+        cut = joins[:, i]  # token n joined token n−1: slot lengths−1 holds their mean
+        if bool(cut.any()):
+            if i > 0:
+                raw_k, raw_v = self._history("atm_k")[:, i - 1, :, None], self._history("atm_v")[:, i - 1, :, None]
+            else:
+                raw_k, raw_v = self.base["last_k"], self.base["last_v"]
+            slot = (lengths - 1).clamp(min=0)
+            at = (torch.arange(width, device=keys.device)[None, :] == slot[:, None]) & cut[:, None]
+            keys = torch.where(at[:, None, :, None], raw_k.to(keys.dtype), keys)
+            values = torch.where(at[:, None, :, None], raw_v.to(values.dtype), values)
+        self.keys, self.values, self.lengths = keys, values, lengths
+        if i > 0:
+            self.last_x, self.last_taken = self._history("atm_x")[:, i - 1], joins[:, i - 1]
+            self.last_real = real_mask[:, n - 1]
+        else:
+            self.last_x, self.last_real, self.last_taken = self.base["last_x"], self.base["last_real"], self.base["last_taken"]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append keys/values `[B, H_kv, T, d_h]` (plain layers) and return the whole store."""
-        if not self.is_initialized:
+        if not self.is_initialized or self.keys is None:
             self.lazy_initialization(key_states, value_states)
             self.keys, self.values = key_states, value_states
         else:
@@ -79,10 +186,12 @@ class WiolaCacheLayer(CacheLayerMixin):
         return self.get_seq_length() + query_length, 0
 
     def _apply(self, fn) -> None:
-        for name in _ROW_STATE:
+        for name in _ROW_STATE + tuple(self.sum_names):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, fn(value))
+        self.history = {name: [fn(t) for t in chunks] for name, chunks in self.history.items()}
+        self.base = {name: None if t is None else fn(t) for name, t in self.base.items()}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -94,25 +203,59 @@ class WiolaCacheLayer(CacheLayerMixin):
         self._apply(lambda t: t[indices])
 
     def reset(self) -> None:
-        for name in _ROW_STATE:
+        for name in _ROW_STATE + tuple(self.sum_names):
             setattr(self, name, None)
+        self.history, self.base = {}, {}
         self.is_initialized = False
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError("WiolaCache holds running sums and merged tokens; it cannot be cropped")
+        raise NotImplementedError("crop a WiolaCache as a whole (WiolaCache.crop): a layer alone does not know the token count")
 
 
 class WiolaCache(Cache):
-    """Cache for `WiolaForCausalLM`; build it with `WiolaCache(config)` or let `generate` do it."""
+    """Cache for `WiolaForCausalLM`; build it with `WiolaCache(config)` or let `generate` do it.
+
+    `history`: "none" (default; layers with running state crop only back to the present), "recent"
+    (history since the last crop: assisted/prompt-lookup decoding; also set by `activate_past_recording()`)
+    or "full" (history of every token: `crop(n)` to any n, e.g. `wiola.reprefill` of an edited prompt).
+    """
 
     is_compileable = False
 
-    def __init__(self, config: WiolaConfig, **kwargs):
+    def __init__(self, config: WiolaConfig, history: str = "none", **kwargs):
+        if history not in HISTORY_MODES:
+            raise ValueError(f"history={history!r} is not valid; choose one of: {', '.join(HISTORY_MODES)}")
         merge = set(config.merge_layers) if config.atm_threshold < 1.0 else set()
         super().__init__(layers=[WiolaCacheLayer(merging=i in merge) for i in range(config.num_hidden_layers)])
         self.seen_tokens = 0
         self.real_mask: torch.Tensor | None = None  # [B, seen_tokens] bool
         self.real_count: torch.Tensor | None = None  # [B] long
+        self.history_mode = "none"
+        self.history_base = 0  # the earliest token count a crop can restore (layers with running state)
+        self.set_history(history)
+
+    def set_history(self, mode: str) -> None:
+        """Switch the history kept for `crop` from now on (the earliest restorable point becomes the present,
+        except that "full" on an empty cache covers everything)."""
+        if mode not in HISTORY_MODES:
+            raise ValueError(f"history={mode!r} is not valid; choose one of: {', '.join(HISTORY_MODES)}")
+        self.history_mode = mode
+        self._mark_base()
+
+    def _mark_base(self) -> None:
+        self.history_base = self.seen_tokens
+        for layer in self.layers:
+            layer.recording = self.history_mode != "none"
+            layer.mark_base()
+
+    def activate_past_recording(self) -> None:
+        """transformers' hook before assisted decoding: keep the history since the last crop."""
+        if self.history_mode == "none":
+            self.set_history("recent")
+
+    @property
+    def record_past(self) -> bool:
+        return self.history_mode != "none"
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens processed so far, pads included (what `generate` uses to slice its inputs)."""
@@ -152,15 +295,44 @@ class WiolaCache(Cache):
     def reset(self) -> None:
         super().reset()
         self.seen_tokens, self.real_mask, self.real_count = 0, None, None
+        self._mark_base()
+
+    @property
+    def crop_floor(self) -> int:
+        """The shortest length `crop` can restore exactly (0 when no layer holds running state)."""
+        if not any(layer.stateful for layer in self.layers):
+            return 0
+        return self.seen_tokens if self.history_mode == "none" else self.history_base
 
     def crop(self, max_length: int) -> None:
-        if max_length == 0 and self.seen_tokens == 0:
-            return
-        raise NotImplementedError("WiolaCache holds running sums and merged tokens; it cannot be cropped (assisted decoding is not supported)")
+        """Keep the first `max_length` tokens (`max_length > 0`), or drop the last `-max_length`
+        (`max_length <= 0`, transformers' convention; `crop(0)` drops nothing). Afterwards every layer's
+        state equals that of a fresh prefill of the kept tokens. In "recent" mode the history before the
+        new end is then forgotten (what assisted decoding needs: the next crop only undoes later tokens)."""
+        n = max_length if max_length > 0 else self.seen_tokens + max_length
+        if n < 0:
+            raise ValueError(f"cannot drop {-max_length} tokens from a WiolaCache that holds {self.seen_tokens}")
+        n = min(n, self.seen_tokens)
+        if 0 < n < self.crop_floor:  # (an empty cache is always reachable)
+            raise ValueError(
+                f"this WiolaCache can be cropped back to {self.crop_floor} tokens at most, not {n}: its running sums and "
+                f"merged tokens need history; build it with WiolaCache(config, history='full') to crop anywhere"
+            )
+        if n < self.seen_tokens:
+            for layer in self.layers:
+                layer.crop_to(n, self.seen_tokens, self.history_base, self.real_mask)
+            if n == 0:
+                self.seen_tokens, self.real_mask, self.real_count = 0, None, None
+            else:
+                self.seen_tokens = n
+                self.real_mask = self.real_mask[:, :n]
+                self.real_count = self.real_mask.sum(dim=1)
+        if self.history_mode == "recent" or n == 0:
+            self._mark_base()
 
     @property
     def is_croppable(self) -> bool:
-        return False
+        return all(layer.is_croppable for layer in self.layers)
 
 
 # --------------------------------------------------------------------------- static (preallocated) cache
@@ -227,7 +399,7 @@ class WiolaStaticLayer(CacheLayerMixin):
             buf.zero_()
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError("WiolaStaticCache holds running sums and merged tokens; it cannot be cropped")
+        raise NotImplementedError("WiolaStaticCache cannot be cropped (docs/delta.md)")
 
 
 class WiolaStaticCache(Cache):
@@ -280,9 +452,12 @@ class WiolaStaticCache(Cache):
         return False
 
     def crop(self, max_length: int) -> None:
-        if max_length == 0 and not self.ready:
+        if max_length == 0:
             return
-        raise NotImplementedError("WiolaStaticCache holds running sums and merged tokens; it cannot be cropped")
+        raise NotImplementedError(
+            "WiolaStaticCache cannot be cropped (its decode step writes fixed buffers in place and keeps no history); "
+            "crop a WiolaCache(config, history='full') and copy it in with WiolaStaticCache.load (docs/delta.md)"
+        )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if not self.ready:
@@ -331,7 +506,10 @@ class WiolaStaticCache(Cache):
             width = int(src.lengths.max()) if src.merging else seen
             dst.lazy_initialization(src.keys, src.values)
             dst.keys, dst.values = src.keys[:, :, :width].clone(), src.values[:, :, :width].clone()
-            for name in (*SUMS, "lengths", "last_x", "last_real", "last_taken"):
+            for name, value in src.sums.items():
+                setattr(dst, name, value.clone())
+            dst.sum_names = list(src.sums)
+            for name in ("lengths", "last_x", "last_real", "last_taken"):
                 value = getattr(src, name)
                 setattr(dst, name, None if value is None else value.clone())
         return dynamic
@@ -380,6 +558,6 @@ class WiolaStaticCache(Cache):
             b, h, _, d = src.keys.shape
             dst.keys = buffer(src.keys, (b, h, self.capacity, d))
             dst.values = buffer(src.values, (b, h, self.capacity, d))
-            dst.sums = {name: buffer(getattr(src, name)) for name in SUMS if getattr(src, name) is not None}
+            dst.sums = {name: buffer(getattr(src, name)) for name in src.sum_names if getattr(src, name) is not None}
             dst.lengths, dst.last_x, dst.last_real, dst.last_taken = (buffer(getattr(src, n)) for n in ("lengths", "last_x", "last_real", "last_taken"))
             dst.is_initialized, dst.dtype, dst.device = True, src.keys.dtype, src.keys.device

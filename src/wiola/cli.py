@@ -2,7 +2,7 @@
 
 Each subcommand is a plain Python function with annotated parameters; this module turns
 its signature into an argparse parser (parameters without a default become positional
-arguments, the rest `--options`), its docstring into the help text, and runs it.
+arguments, the rest `--options`, except `Annotated[..., "positional"]` ones: optional positionals), its docstring into the help text, and runs it.
 User errors (`WiolaError`, bad values, missing files, full or read-only disks and other
 `OSError`s) end in one clear line and exit status 2; `--debug` or `WIOLA_DEBUG=1` shows the full traceback instead.
 """
@@ -34,7 +34,10 @@ COMMANDS: dict[str, str] = {
     "merge": "wiola.finetune:merge_command",
     "presets": "wiola.configuration_wiola:presets_command",
     "bench": "wiola.bench:bench_command",
+    "card": "wiola.card:card_command",
+    "push": "wiola.publish:push_command",
     "compare": "wiola.compare:compare_command",
+    "serve": "wiola.serve:serve_command",
 }
 
 
@@ -69,11 +72,18 @@ def _unwrap_optional(tp: Any) -> Any:
 
 
 def _add_argument(parser: argparse.ArgumentParser, param: inspect.Parameter, tp: Any, help_text: str) -> None:
+    positional = False
+    if get_origin(tp) is typing.Annotated:  # Annotated[str | None, "positional"]: an optional positional argument
+        positional = "positional" in tp.__metadata__
+        tp = get_args(tp)[0]
     tp = _unwrap_optional(tp)
     name = param.name
     flag = "--" + name.replace("_", "-")
     has_default = param.default is not inspect.Parameter.empty
     kwargs: dict[str, Any] = {"help": help_text or None}
+    if positional:
+        parser.add_argument(name, nargs="?", default=param.default, type=tp, **kwargs)
+        return
     if tp is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=param.default if has_default else False, **kwargs)
         return
@@ -110,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         summary = doc.split("\n\n")[0].strip()
         description = doc.split("Args:")[0].strip()
         p = sub.add_parser(command, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)
         pdocs = _param_docs(doc)
         for param in inspect.signature(fn).parameters.values():
             _add_argument(p, param, hints.get(param.name, str), pdocs.get(param.name, ""))

@@ -21,6 +21,7 @@ MLPS = ("swiglu", "butterfly", "dsff", "gelu", "agu", "f3n")
 NORMS = ("rmsnorm", "wiola_rmsnorm", "hln")
 F3N_SAMPLINGS = ("none", "step", "layer")
 F3N_GATES = ("swiglu", "agu")
+PREFILL_ATTENTIONS = ("dense", "delta", "window")  # "window": sinks + sliding window, no correction (a control)
 
 _CHOICES = {
     "position_encoding": POSITION_ENCODINGS,
@@ -32,6 +33,7 @@ _CHOICES = {
     "atm_kernel": ATM_KERNELS,
     "f3n_sampling": F3N_SAMPLINGS,
     "f3n_gate": F3N_GATES,
+    "prefill_attention": PREFILL_ATTENTIONS,
 }
 
 
@@ -82,6 +84,11 @@ class WiolaConfig(PreTrainedConfig):
     f3n_level: int | list[int] | None = None  # inference granularity: one level, or one per layer; None = G
     f3n_gate: str = "swiglu"  # "agu": the AGU threshold on the F3N gate
     norm: str = "rmsnorm"
+    # inference only (SPEC §6.4): sparse prefill with delta correction — sinks S, window W, anchor stride λ (docs/delta.md)
+    prefill_attention: str = "dense"
+    delta_sink: int = 64
+    delta_window: int = 256
+    delta_stride: int = 64
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -131,6 +138,10 @@ class WiolaConfig(PreTrainedConfig):
             bad = [i for i in self.atm_layers if not 0 <= i < self.num_hidden_layers]
             if bad:
                 raise ValueError(f"atm_layers {bad} are outside 0..{self.num_hidden_layers - 1}")
+        for name, low in (("delta_sink", 0), ("delta_window", 1), ("delta_stride", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.mlp == "dsff" and (self.dsff_wide_size or 0) <= 0:
             raise ValueError(f"dsff_wide_size must be a positive integer, got {self.dsff_wide_size!r}")
         if not isinstance(self.agu_l1, (int, float)) or isinstance(self.agu_l1, bool) or not self.agu_l1 >= 0:

@@ -1,4 +1,11 @@
-"""`wiola eval`: loss, perplexity and bits per byte of a checkpoint on a prepared split.
+"""`wiola eval`: loss, perplexity and bits per byte of a checkpoint on a prepared split, and benchmark tasks.
+
+With `--tasks NAME[,NAME]` the checkpoint runs through lm-evaluation-harness (`wiola[eval]`): any lm-eval
+task or group (mmlu, gsm8k, hellaswag, ... or a glob), the shipped offline task `wiola_shakespeare`
+(`TASKS_DIR`), or YAML tasks in `--include-path` folders; results are saved as JSON beside the checkpoint
+(`CHECKPOINT/lm_eval/`). The model is loaded once by wiola (LoRA runs and older layouts included) and handed
+to lm-eval's `HFLM`, which gives the numbers `lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`
+gives (tests/test_eval_tasks.py).
 
 The split is read in consecutive windows of `seq_len + 1` tokens (`wiola.data.loader`);
 each window's last `seq_len` tokens are predicted from the ones before them. Bits per byte divide the total negative log-likelihood (in bits) by the UTF-8 length
@@ -11,13 +18,18 @@ from __future__ import annotations
 
 import contextlib
 import json as _json
+import logging
 import math
+import re
 import sys
-from typing import Any, Iterable, Literal
+from pathlib import Path
+from typing import Annotated, Any, Iterable, Literal
 
 import torch
 
 from wiola.errors import WiolaError
+
+TASKS_DIR = Path(__file__).with_name("eval_tasks")  # lm-eval YAML tasks shipped with wiola (wiola_shakespeare)
 
 
 @torch.no_grad()
@@ -77,7 +89,12 @@ def evaluate_batches(
 
 def eval_command(
     checkpoint: str,
-    data: str,
+    data: Annotated[str | None, "positional"] = None,
+    tasks: str | None = None,
+    num_fewshot: int | None = None,
+    limit: float | None = None,
+    include_path: list[str] | None = None,
+    output: str | None = None,
     split: str = "val",
     batch_size: int = 8,
     seq_len: int | None = None,
@@ -88,11 +105,17 @@ def eval_command(
     allow_tokenizer_mismatch: bool = False,
     f3n_level: str | None = None,
 ) -> dict[str, float]:
-    """Evaluate a model on a prepared split: loss, perplexity and bits per byte.
+    """Evaluate a model: loss, perplexity and bits per byte on a prepared split (DATA), and/or lm-eval tasks (--tasks).
 
     Args:
         checkpoint: a model directory (a training `out/`, or one of its checkpoints/...).
-        data: directory written by `wiola prepare`.
+        data: directory written by `wiola prepare` (optional with --tasks).
+        tasks: comma-separated lm-evaluation-harness tasks or groups (e.g. mmlu, gsm8k, hellaswag; globs work),
+            or wiola_shakespeare, the offline task shipped with wiola. Needs `pip install 'wiola[eval]'`.
+        num_fewshot: few-shot examples per question for --tasks (default: each task's own setting, usually 0).
+        limit: evaluate only this many examples per task (a fraction below 1: that share of them).
+        include_path: extra folders of lm-eval YAML tasks for --tasks.
+        output: where to save the --tasks results as JSON (default CHECKPOINT/lm_eval/TASKS[_Nshot][_limitN].json).
         split: which split to read.
         batch_size: sequences per forward pass.
         seq_len: tokens per sequence (default the model's max_position_embeddings).
@@ -116,6 +139,19 @@ def eval_command(
         raise WiolaError("--batch-size and --max-batches must be positive")
     if seq_len is not None and seq_len <= 0:
         raise WiolaError(f"--seq-len must be positive, got {seq_len}")
+    if data is None and tasks is None:
+        raise WiolaError("give DATA (a prepared data directory: loss, perplexity, bits per byte) and/or --tasks (lm-eval tasks)")
+    if data is None and f3n_level is not None:
+        raise WiolaError("--f3n-level evaluates on a prepared split: give DATA")
+    if tasks is not None:
+        split_result = None
+        if data is not None:
+            split_result = eval_command(checkpoint, data, split=split, batch_size=batch_size, seq_len=seq_len,
+                                        max_batches=max_batches, device=device, dtype=dtype, json=json,
+                                        allow_tokenizer_mismatch=allow_tokenizer_mismatch, f3n_level=f3n_level)
+        result = eval_tasks(checkpoint, tasks, num_fewshot=num_fewshot, limit=limit, include_path=include_path,
+                            output=output, batch_size=batch_size, device=device, dtype=dtype, json=json)
+        return {**result, "split": split_result} if split_result is not None else result
     dev = resolve_device(device)
     manifest = batch_io.read_manifest(data)
     verify(data, manifest)  # split sizes and the tokenizer's hash, cheaply
@@ -195,4 +231,108 @@ def _eval_f3n_levels(model, settings, batches, dev, amp_dtype, tokenizer, head: 
         for r in results:
             level = str(r["f3n_level"][0]) if len(set(r["f3n_level"])) == 1 else ",".join(map(str, r["f3n_level"]))
             print(f"  {level:<16} {r['loss']:>8.4f} {r['bits_per_byte']:>10.4f} {r['flops_per_token'] / 1e6:>13.2f}")
+
+
+# ----------------------------------------------------------------------------- lm-evaluation-harness
+
+
+class _KnownNoise(logging.Filter):
+    """Drops lm-eval's warnings about what wiola does on purpose: handing HFLM a loaded model, and a task
+    whose data comes from a Python loader (the shipped wiola_shakespeare)."""
+
+    NOISE = ("model kwarg is not of type `str`", "neither marked as CausalLM", "already-initialized model through",
+             "Custom kwargs can be passed to `--metadata`")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in self.NOISE)
+
+
+def _lm_eval():
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise WiolaError("--tasks needs lm-evaluation-harness: pip install 'wiola[eval]'") from None
+    return TaskManager
+
+
+def resolve_tasks(names: list[str], include_path: list[str] | None = None):
+    """(task names, lm-eval TaskManager): the shipped and --include-path tasks first, lm-eval's own
+    (thousands, slower to index) only when a name needs them; unknown names are a one-line error."""
+    TaskManager = _lm_eval()
+    paths = [str(TASKS_DIR)]
+    for folder in include_path or []:
+        if not Path(folder).is_dir():
+            raise WiolaError(f"--include-path {folder}: no such directory")
+        paths.append(str(Path(folder).resolve()))
+
+    def known(manager, name: str) -> bool:
+        return name in manager.all_tasks or Path(name).is_file() or bool(manager.match_tasks([name]))
+
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    if not all(known(manager, n) for n in names):
+        manager = TaskManager(include_path=paths)
+    unknown = [n for n in names if not known(manager, n)]
+    if unknown:
+        raise WiolaError(f"unknown lm-eval task(s): {', '.join(unknown)} (`lm-eval ls tasks` lists them;"
+                         " --include-path adds a folder of YAML tasks)")
+    expanded: list[str] = []
+    for name in names:
+        exact = name in manager.all_tasks or Path(name).is_file()
+        expanded += [name] if exact else [m for m in manager.match_tasks([name]) if m not in expanded]
+    return expanded, manager
+
+
+def default_output(model_dir: Path, names: list[str], num_fewshot: int | None, limit: float | None) -> Path:
+    stem = re.sub(r"[^\w.+-]+", "-", "+".join(Path(n).stem if n.endswith((".yaml", ".yml")) else n for n in names))[:120]
+    shots = "" if num_fewshot is None else f"_{num_fewshot}shot"
+    part = "" if limit is None else f"_limit{limit:g}"
+    return model_dir / "lm_eval" / f"{stem}{shots}{part}.json"
+
+
+def eval_tasks(checkpoint: str, tasks: str, *, num_fewshot: int | None = None, limit: float | None = None,
+               include_path: list[str] | None = None, output: str | None = None, batch_size: int = 8,
+               device: str = "auto", dtype: str = "fp32", json: bool = False) -> dict[str, Any]:
+    """Run lm-eval tasks on a checkpoint; save and print the results. Returns lm-eval's results dict (no samples)."""
+    from wiola.train.checkpoint import load_for_inference
+    from wiola.train.distributed import resolve_device
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise WiolaError("--tasks is empty; give task names separated by commas")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise WiolaError(f"--num-fewshot must be >= 0, got {num_fewshot}")
+    if limit is not None and not (limit > 0 and math.isfinite(limit)):
+        raise WiolaError(f"--limit must be positive, got {limit}")
+    names, manager = resolve_tasks(names, include_path)
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    for name in ("lm_eval.models.huggingface", "lm_eval.api.task"):
+        if not any(isinstance(f, _KnownNoise) for f in logging.getLogger(name).filters):
+            logging.getLogger(name).addFilter(_KnownNoise())
+    model, tokenizer, model_dir = load_for_inference(checkpoint, resolve_device(device))
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    limit_arg = int(limit) if limit is not None and limit >= 1 and float(limit).is_integer() else limit
+    try:
+        results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit_arg,
+                                          task_manager=manager, log_samples=False)
+    except (KeyError, ValueError, FileNotFoundError, ConnectionError) as exc:
+        raise WiolaError(f"lm-eval could not run {', '.join(names)}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                         " (tasks other than wiola_shakespeare download their data from the Hub once)") from None
+    results = {k: v for k, v in results.items() if k != "samples"}
+    results["wiola"] = {"checkpoint": str(model_dir), "tasks": names, "num_fewshot": num_fewshot, "limit": limit_arg}
+    path = Path(output) if output else default_output(model_dir, names, num_fewshot, limit)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(_json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
+    if json:
+        print(_json.dumps({"results": results["results"], "saved": str(path)}, default=handle_non_serializable))
+    else:
+        print(make_table(results))
+        if results.get("groups"):
+            print(make_table(results, "groups"))
+        print(f"results saved to {path}")
     return results

@@ -67,6 +67,8 @@ def merged_attention(q, k, v, x, real, threshold: float, n_rep: int, implementat
     if doc_first is not None:  # never pair across a document start
         qualifies = qualifies & (doc_first != torch.arange(t, device=device)[None, :])
     joins = take_edges(qualifies, last_taken)  # token t joins t−1's group
+    if cache is not None:
+        cache.record_tokens(x, k, v, joins)  # per-token history, kept only when the cache records (crop)
 
     # 3: one slot per group starter; a starter followed by a joiner holds the pair's mean
     next_joins = torch.cat([joins[:, 1:], torch.zeros(b, 1, dtype=torch.bool, device=device)], dim=1)

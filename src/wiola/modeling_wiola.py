@@ -22,6 +22,7 @@ from .cache_wiola import WiolaCache, WiolaCacheLayer, WiolaStaticCache
 from .compat_wiola import CACHE_KWARG, kwargs_cache, output_cache, pick_cache
 from .components_wiola import AdaptiveThreshold, GatedUnitsMLP, HierarchicalNorm, WiolaRMSNorm, WiolaRotaryEmbedding, apply_rotary, attend, build_mlp, build_norm, repeat_kv, rotary_table, segment_first
 from .configuration_wiola import WiolaConfig
+from .delta_wiola import delta_prefill
 from .merging_wiola import merged_attention
 
 
@@ -63,6 +64,7 @@ class StepInfo:
     is_causal: bool  # plain layers: no mask needed beyond plain causality
     doc_first: torch.Tensor | None = None  # packed rows: [B, T] position where each token's document starts
     f3n_levels: torch.Tensor | None = None  # training with sampled F3N levels: [L] long, the level of each layer
+    key_real: torch.Tensor | None = None  # [B, cached + T] bool, real keys (sparse prefill reads it)
 
     def running_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Causal running sums of `x` [B, T, n] along T; in a packed row they restart at each document."""
@@ -106,6 +108,10 @@ class WiolaAttention(nn.Module):
         # plain attributes: reading a transformers config field costs microseconds on every decode step
         self.gate_pre_rope, self.attention_dropout = config.gate_pre_rope, config.attention_dropout
         self.atm_threshold, self.atm_kernel = config.atm_threshold, config.atm_kernel
+        # sparse prefill with delta correction (S, W, λ); ATM layers always attend densely over their groups
+        use_delta = config.prefill_attention != "dense" and not self.merging
+        self.delta = (config.delta_sink, config.delta_window, config.delta_stride) if use_delta else None
+        self.delta_correct = config.prefill_attention == "delta"  # "window": the uncorrected control
 
     def _gate(self, m: torch.Tensor, step: StepInfo, cache: WiolaCacheLayer | None) -> torch.Tensor:
         """GSA: g_t = σ(W2 SiLU(W1 c_t) + b2), c_t the causal mean of head-mean queries over real tokens."""
@@ -155,7 +161,12 @@ class WiolaAttention(nn.Module):
             merged = None
             if cache is not None:
                 k, v = cache.update(k, v)
-            out = attend(q_self, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep), step.mask, step.is_causal, implementation, dropout)
+            k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
+            out = None
+            if self.delta is not None and t > 1 and not self.training and step.doc_first is None:
+                out = delta_prefill(q_self, k, v, step.key_real, step.real, step.cum_real, *self.delta, implementation, correct=self.delta_correct)
+            if out is None:
+                out = attend(q_self, k, v, step.mask, step.is_causal, implementation, dropout)
         if self.cross_layer:
             if context is not None and self.has_context:
                 beta = torch.sigmoid(self.blend_logit.float()).to(out.dtype)
@@ -207,7 +218,7 @@ class WiolaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
-    _is_stateful = True  # running sums cannot be cropped: generate refuses assisted decoding up front
+    _is_stateful = False  # the WiolaCache crops exactly (from recorded history): assisted decoding works
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -425,7 +436,7 @@ class WiolaModel(WiolaPreTrainedModel):
         key_real = torch.cat([past_real, real], dim=1)
         padded = padded or (past > 0 and not bool(past_real.all()))
         denom = cum_real.clamp(min=1)[..., None].to(torch.float32)
-        step = StepInfo(real=real, cum_real=cum_real, count=denom, padded=padded, mask=None, is_causal=False)
+        step = StepInfo(real=real, cum_real=cum_real, count=denom, padded=padded, mask=None, is_causal=False, key_real=key_real)
         query_pos = torch.arange(past, past + t, device=device)
         if padded:
             key_pos = torch.arange(past + t, device=device)
@@ -558,7 +569,9 @@ class WiolaForCausalLM(WiolaPreTrainedModel, GenerationMixin):
         if implementation == "static":
             model_kwargs[CACHE_KWARG] = WiolaStaticCache(self.config, max_cache_len=max_cache_length)
         elif implementation in (None, "dynamic"):
-            model_kwargs[CACHE_KWARG] = WiolaCache(self.config)
+            # assisted decoding (the target and its draft) crops rejected tokens: record history since the last crop
+            assisted = generation_mode == "assisted_generation" or bool(getattr(generation_config, "is_assistant", False))
+            model_kwargs[CACHE_KWARG] = WiolaCache(self.config, history="recent" if assisted else "none")
         else:
             raise ValueError(f"WiolaForCausalLM supports cache_implementation 'dynamic' (WiolaCache) or 'static' (WiolaStaticCache), not {implementation!r}")
 

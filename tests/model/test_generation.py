@@ -27,9 +27,14 @@ def argmax_loop(model, ids, steps):
 
 
 @pytest.fixture(params=list(VARIANTS), ids=list(VARIANTS))
-def model(request):
+def variant(request) -> dict:
+    return VARIANTS[request.param]
+
+
+@pytest.fixture
+def model(variant):
     # eos id out of reach so every run generates the full length
-    return build(eos_token_id=None, **VARIANTS[request.param])
+    return build(eos_token_id=None, **variant)
 
 
 def test_greedy_generate_equals_argmax_loop(model):
@@ -86,7 +91,39 @@ def test_beam_search_with_cache_returns_best_beam(model):
     torch.testing.assert_close(scores[0, 0], total, atol=1e-4, rtol=0)
 
 
-def test_assisted_decoding_is_refused(model):
-    ids = random_ids(1, 5)
-    with pytest.raises(ValueError):
-        model.generate(ids, max_new_tokens=3, prompt_lookup_num_tokens=2)
+def _count_crops(monkeypatch):
+    """Record how many tokens each WiolaCache.crop call drops (to show the test really undoes tokens)."""
+    dropped = []
+    original = WiolaCache.crop
+
+    def crop(self, max_length):
+        before = self.get_seq_length()
+        original(self, max_length)
+        dropped.append(before - self.get_seq_length())
+
+    monkeypatch.setattr(WiolaCache, "crop", crop)
+    return dropped
+
+
+def test_assisted_decoding_with_a_wiola_draft_equals_greedy(model, variant, monkeypatch):
+    ids = random_ids(1, 7)
+    greedy = model.generate(ids, max_new_tokens=16, do_sample=False)
+    dropped = _count_crops(monkeypatch)
+    draft = build(seed=1, eos_token_id=None, num_hidden_layers=2, **variant)  # a smaller Wiola model of the same family
+    assisted = model.generate(ids, max_new_tokens=16, do_sample=False, assistant_model=draft, num_assistant_tokens=4)
+    assert torch.equal(assisted, greedy)
+    assert sum(dropped) > 0  # rejected draft tokens were cropped from both caches
+
+
+def test_prompt_lookup_decoding_equals_greedy(model, monkeypatch):
+    ids = random_ids(1, 6).repeat(1, 3)  # repeats give the lookup something to propose
+    greedy = model.generate(ids, max_new_tokens=16, do_sample=False)
+    dropped = _count_crops(monkeypatch)
+    lookup = model.generate(ids, max_new_tokens=16, do_sample=False, prompt_lookup_num_tokens=3)
+    assert torch.equal(lookup, greedy)
+    assert sum(dropped) > 0
+
+
+def test_assisted_decoding_with_a_static_cache_is_refused(model):
+    with pytest.raises(ValueError, match="cropped"):
+        model.generate(random_ids(1, 5), max_new_tokens=3, prompt_lookup_num_tokens=2, cache_implementation="static")

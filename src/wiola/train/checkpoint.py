@@ -168,6 +168,7 @@ def save(
         torch.save(trainer_state, tmp / STATE_FILE)
         summary = {k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str, type(None)))}
         summary["train_config"] = trainer_state.get("train_config")
+        summary["data_source"] = trainer_state.get("data_source")  # for the model card (wiola.card)
         summary["saved_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         (tmp / STATE_JSON).write_text(json.dumps(summary, indent=2) + "\n")
 

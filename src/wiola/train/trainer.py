@@ -3,8 +3,8 @@
 `train_command` (the CLI entry) resolves options and the model config, then `Trainer`
 runs: gradient accumulation over micro-batches, gradient clipping, AdamW with a warmup +
 cosine/WSD/constant schedule, periodic validation, checkpoints (`latest` every
-`save_every` steps, `best` on a new lowest validation loss, `final` at the end), logs and a
-live progress bar. The model is any transformers causal LM; the loop knows nothing of its
+`save_every` steps, `best` on a new lowest validation loss, `final` at the end), logs, a
+live progress bar and, at the end, the model card `out/README.md` (`wiola.card`). The model is any transformers causal LM; the loop knows nothing of its
 internals. Under torchrun every rank runs this file; rank 0 alone writes files.
 
 Before step 1 everything the run needs is checked: the output directory is locked (one writer),
@@ -273,7 +273,8 @@ class Trainer:
         return {"position_ids": batches.document_positions(ids, self.eos_token_id)}
 
     @torch.no_grad()
-    def validate(self) -> float:
+    def validate(self) -> dict[str, float]:
+        """Loss (and bits per byte, when the data has a tokenizer) on the first `eval_batches` batches of val."""
         from wiola.evaluate import evaluate_batches
 
         eval_iter = batches.eval_batches(
@@ -281,8 +282,34 @@ class Trainer:
             # eval_batches full batches, run micro-batch by micro-batch: the same tokens for any process count
             max_batches=self.cfg.eval_batches * (self.cfg.batch_size // self.cfg.micro_batch_size),
         )
-        result = evaluate_batches(self.model, eval_iter, self.device, self.amp_dtype, self.dist, positions=self._positions)
-        return result["loss"]
+        result = evaluate_batches(self.model, eval_iter, self.device, self.amp_dtype, self.dist, positions=self._positions,
+                                  tokenizer=self._byte_tokenizer())
+        return result
+
+    def _byte_tokenizer(self):
+        """The data's tokenizer, to count the UTF-8 bytes behind the validation tokens (None without one)."""
+        if not hasattr(self, "_tokenizer"):
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir) if self.tokenizer_dir is not None else None
+        return self._tokenizer
+
+    def write_card(self) -> None:
+        """`out/README.md`: the model card (`wiola.card`), with a short seeded sample from the final weights.
+
+        Under FSDP (sharded weights) or --compile (a decode would recompile) the card goes without a sample.
+        A failure here only warns: the model itself is already saved."""
+        if not self.dist.is_main:
+            return
+        from wiola import card
+
+        try:
+            sharded = self.dist.world_size > 1 and self.cfg.distributed == "fsdp"
+            tokenizer = None if sharded or self.cfg.compile else self._byte_tokenizer()
+            model = self.raw_model.get_base_model() if self.cfg.lora else self.raw_model  # LoRA layers sit in the base
+            card.write_card(self.out, model=None if tokenizer is None else model, tokenizer=tokenizer)
+        except Exception as exc:  # noqa: BLE001
+            print(f"wiola train: warning: could not write the model card {self.out / 'README.md'}: {exc}", file=sys.stderr)
 
     # ------------------------------------------------------------------ loop
 
@@ -322,8 +349,12 @@ class Trainer:
                         window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
                     names = []
                     if self.validation and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
-                        val = self.validate()
-                        log.log({"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+                        measured = self.validate()
+                        val = measured["loss"]
+                        record = {"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+                        if "bits_per_byte" in measured:
+                            record["val_bpb"] = measured["bits_per_byte"]
+                        log.log(record)
                         if main:
                             bar.write(f"step {self.step}: val loss {val:.4f}")
                         if val < self.best_val_loss:
@@ -357,6 +388,8 @@ class Trainer:
             log.close()
             if main:
                 plot_losses(self.out / "log.jsonl", self.out / "loss.png")
+        if result.stopped_by is None:
+            self.write_card()  # after the plot, which the card shows
         result.step = self.step
         result.best_val_loss = None if math.isinf(self.best_val_loss) else self.best_val_loss
         return result
@@ -568,7 +601,8 @@ def train_command(
     Options left unset come from the config file's `train:` section, then (with --resume)
     from the checkpoint, then from the defaults shown. Under `torchrun --nproc_per_node=N
     -m wiola train ...` each process trains on its share of every batch (DDP or FSDP2).
-    Writes out/log.jsonl, out/tensorboard/, out/loss.png and out/checkpoints/{latest,best,final}.
+    Writes out/log.jsonl, out/tensorboard/, out/loss.png, out/checkpoints/{latest,best,final} and a model card
+    out/README.md (`wiola card`).
     SIGINT/SIGTERM save `latest` and exit; `--resume` continues exactly from it.
 
     Args:

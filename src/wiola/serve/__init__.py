@@ -1,0 +1,94 @@
+"""`wiola serve`: an OpenAI-compatible HTTP server for a Wiola model, with continuous batching.
+
+`engine` (the request queue and the batching worker), `slots` (the preallocated per-row cache),
+`protocol` (request bodies and checks), `app` (FastAPI routes). FastAPI and uvicorn come with the
+optional extra `wiola[serve]`; this module imports neither until the command runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import sys
+from pathlib import Path
+from typing import Literal
+
+from wiola.errors import WiolaError
+
+
+def require_server_packages() -> None:
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise WiolaError(f"wiola serve needs {' and '.join(missing)}: pip install 'wiola[serve]'")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: a free one), or a one-line error."""
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(2048)
+    except OSError as exc:
+        raise WiolaError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_command(
+    checkpoint: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    max_batch_size: int = 8,
+    max_queue: int = 64,
+    max_model_len: int | None = None,
+    device: str = "auto",
+    shutdown_timeout: float | None = None,
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info",
+) -> int:
+    """Serve a model over HTTP with OpenAI's API (completions, chat completions, streaming).
+
+    Concurrent requests decode together on one preallocated cache (continuous batching); see
+    docs/serve.md. SIGTERM or Ctrl-C stops accepting connections, finishes the requests in flight,
+    then exits.
+
+    Args:
+        checkpoint: a model directory (a training out/, one of its checkpoints/..., or any saved Wiola model).
+        host: address to listen on (0.0.0.0 for every interface).
+        port: TCP port (0: any free port; the address is printed).
+        model_name: the name clients pass as `model` (default: the directory's name).
+        max_batch_size: requests decoded together; the cache holds this many rows.
+        max_queue: requests that may wait for a place in the batch; beyond that the server answers 503.
+        max_model_len: cache slots per row, i.e. the most prompt + completion tokens of a request
+            (default: the model's context).
+        device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.
+        shutdown_timeout: on shutdown, seconds to wait for requests in flight before cancelling them (default: no limit).
+        log_level: uvicorn's log level (info logs every request).
+    """
+    require_server_packages()
+    import uvicorn
+
+    from wiola.data.chat import ensure_chat_template
+    from wiola.train.checkpoint import load_for_inference
+    from wiola.train.distributed import resolve_device
+
+    from .app import create_app
+    from .engine import Engine
+
+    sock = listen(host, port)
+    dev = resolve_device(device)
+    model, tokenizer, model_dir = load_for_inference(checkpoint, dev)
+    if ensure_chat_template(tokenizer):
+        print(f"note: the tokenizer of {model_dir} has no chat template; /v1/chat/completions uses the default one (docs/finetune.md)",
+              file=sys.stderr)
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue, capacity=max_model_len)
+    name = model_name or Path(model_dir).resolve().name
+    app = create_app(engine, tokenizer, name)
+    bound = sock.getsockname()
+    print(f"wiola serve: {name} on http://{bound[0]}:{bound[1]} ({dev}; batch {max_batch_size}, queue {max_queue}, "
+          f"{engine.capacity} tokens per request, cache {engine.slots.bytes() / 2**20:.1f} MiB)", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
