@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "presets": "wiola.configuration_wiola:presets_command",
     "bench": "wiola.bench:bench_command",
     "compare": "wiola.compare:compare_command",
+    "export": "wiola.export:export_command",
 }
 
 
