@@ -57,7 +57,8 @@ def exports(tmp_path_factory, char_tokenizer):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_onnxruntime_decodes_pytorchs_greedy_tokens(exports, family):
-    pytest.importorskip("onnxruntime")
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name, reason=f"{name} is not installed (wiola[export]): ONNX export not tested")
     from wiola.export.onnx_run import OnnxStepSession, onnx_generate
 
     src, out = exports(family)
@@ -123,3 +124,24 @@ def test_missing_onnx_packages_are_one_line(tmp_path, char_tokenizer, monkeypatc
     src = save_model(tmp_path / "model", char_tokenizer, "all-off")
     assert main(["export", str(src), str(tmp_path / "out"), "--to", "onnx"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "wiola export: error: wiola export --to onnx needs onnxruntime: pip install 'wiola[export]'"
+
+
+def test_runner_stops_at_eos_like_generate_and_decodes_text(exports):
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name, reason=f"{name} is not installed (wiola[export]): ONNX export not tested")
+    from wiola.export.onnx_run import OnnxStepSession, onnx_generate, onnx_generate_text
+
+    src, out = exports("all-off")
+    model = WiolaForCausalLM.from_pretrained(src).eval()
+    ids, mask = prompts()
+    free, _ = reference(model, ids, mask, new=12)
+    eos = int(free[0, 3])  # row 0 ends at its 4th token; row 1 ends where (if) it produces that token
+    config = GenerationConfig(max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=2)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+    session = OnnxStepSession(out)
+    assert onnx_generate(session, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=2).tolist() == expected.tolist()
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        onnx_generate(session, ids, mask, max_new_tokens=200)
+    text = onnx_generate_text(out, "the king", max_new_tokens=5)
+    assert text.startswith("the king") and len(text) > len("the king")

@@ -58,7 +58,7 @@ def export_model(model_dir: str | Path, out: str | Path, to: str, force: bool = 
     return written
 
 
-def export_command(model_dir: str, out: str, to: Literal["llama", "onnx"] | None = None, force: bool = False) -> None:
+def export_command(checkpoint: str, out: str, to: Literal["llama", "onnx"] | None = None, force: bool = False) -> None:
     """Export a Wiola model for other inference engines: a plain LLaMA folder, or an ONNX graph with its state.
 
     --to llama saves a model that is exactly LLaMA (every component off, or equal to LLaMA by value) as a
@@ -69,7 +69,7 @@ def export_command(model_dir: str, out: str, to: Literal["llama", "onnx"] | None
     and outputs, checked against PyTorch with onnxruntime; run it with wiola.export.onnx_run. See docs/export.md.
 
     Args:
-        model_dir: a model directory (a training out/, one of its checkpoints/..., or any saved Wiola model).
+        checkpoint: a model directory (a training out/, one of its checkpoints/..., or any saved Wiola model).
         out: output folder (must be empty or absent unless --force).
         to: llama or onnx (required).
         force: write into a non-empty OUT: the new files replace files of the same names, files an earlier
@@ -77,7 +77,7 @@ def export_command(model_dir: str, out: str, to: Literal["llama", "onnx"] | None
     """
     if to is None:
         raise WiolaError("say what to export to: --to llama or --to onnx")
-    export_model(model_dir, out, to, force=force)
+    export_model(checkpoint, out, to, force=force)
 
 
 def __getattr__(name: str):
