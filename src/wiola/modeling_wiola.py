@@ -356,9 +356,9 @@ class WiolaModel(WiolaPreTrainedModel):
         device = hidden.device
 
         # real-token bookkeeping: positions count real tokens, cumulative means divide by real counts
-        # under export (torch.export / ONNX) the mask is a graph input, not data: assume it may hold padding (the
-        # general path, which computes the same values for an all-ones mask) instead of branching on its content
-        exporting = getattr(torch.compiler, "is_exporting", bool)() or torch.onnx.is_in_onnx_export()
+        # under torch.export (and so torch.onnx.export) the mask is a graph input, not data: assume it may hold padding
+        # (the general path, which computes the same values for an all-ones mask) instead of branching on its content
+        exporting = getattr(torch.compiler, "is_exporting", bool)()
         padded = attention_mask is not None and (exporting or not bool(attention_mask.all()))
         real = attention_mask[:, -t:].bool() if attention_mask is not None else torch.ones(b, t, dtype=torch.bool, device=device)
         past_count = cache.real_count if cache is not None and cache.real_count is not None else torch.zeros(b, dtype=torch.long, device=device)
