@@ -38,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "push": "wiola.publish:push_command",
     "compare": "wiola.compare:compare_command",
     "serve": "wiola.serve:serve_command",
+    "export": "wiola.export:export_command",
 }
 
 

@@ -30,7 +30,13 @@ def take_edges(similarity_ok: torch.Tensor, prev_taken: torch.Tensor) -> torch.T
     """
     e = torch.cat([prev_taken[:, None], similarity_ok], dim=1).long()
     c = e.cumsum(dim=1)
-    run_start = torch.where(e == 0, c, torch.zeros_like(c)).cummax(dim=1).values
+    # run_start[t] = c at the last e == 0 at or before t (0 before the first zero), i.e. the running maximum
+    # of where(e == 0, c, 0), found without cummax (ONNX has no such op): zeros are numbered in order,
+    # the k-th zero records its c in slot k, and every position reads the slot of its latest zero
+    zero = e == 0
+    latest = zero.long().cumsum(dim=1)
+    recorded = c.new_zeros((c.shape[0], c.shape[1] + 1)).scatter(1, torch.where(zero, latest, 0), torch.where(zero, c, 0))
+    run_start = recorded.gather(1, latest)
     return ((e == 1) & ((c - run_start) % 2 == 1))[:, 1:]
 
 
@@ -49,6 +55,8 @@ def merged_attention(q, k, v, x, real, threshold: float, n_rep: int, implementat
     """
     if getattr(cache, "static", False):
         return _static_step(q, k, v, x, threshold, n_rep, implementation, cache)
+    if getattr(cache, "fixed", False):
+        return _fixed_chunk(q, k, v, x, real, threshold, n_rep, implementation, cache)
     b, _, t, d = k.shape
     device = k.device
     has_past = cache is not None and cache.lengths is not None
@@ -137,6 +145,45 @@ def _static_step(q, k, v, x, threshold: float, n_rep: int, implementation: str, 
     visible = torch.arange(cache.keys.shape[2], device=k.device)[None, :] < cache.lengths[:, None]
     out = attend(q, repeat_kv(cache.keys, n_rep), repeat_kv(cache.values, n_rep), visible[:, None, None, :], False, implementation)
     return out, join[:, None]
+
+
+def _fixed_chunk(q, k, v, x, real, threshold: float, n_rep: int, implementation: str, cache):
+    """A chunk of any length on fixed-capacity state (the ONNX step of `wiola.export`): the arithmetic of the
+    cached path of `merged_attention`, written without data-dependent shapes. `cache` holds keys/values
+    `[B, H_kv, L, d]` (the first `lengths[b]` slots are the row's groups), `lengths`, `last_x`, `last_real`,
+    `last_taken`; they are replaced by new tensors (nothing is written in place). Zero lengths and a false
+    `last_real` are the empty state, which computes what the uncached path computes."""
+    b, h_kv, t, d = k.shape
+    device = k.device
+    prev_x = torch.cat([cache.last_x[:, None].to(x.dtype), x[:, :-1]], dim=1)
+    prev_real = torch.cat([cache.last_real[:, None], real[:, :-1]], dim=1)
+    rho = F.cosine_similarity(prev_x.float(), x.float(), dim=-1)
+    joins = take_edges((rho > threshold) & real & prev_real, cache.last_taken)
+    next_joins = torch.cat([joins[:, 1:], torch.zeros_like(joins[:, :1])], dim=1)
+    pair = next_joins[:, None, :, None]
+    k_slot = torch.where(pair, (k + torch.cat([k[:, :, 1:], k[:, :, -1:]], dim=2)) * 0.5, k)
+    v_slot = torch.where(pair, (v + torch.cat([v[:, :, 1:], v[:, :, -1:]], dim=2)) * 0.5, v)
+    slot_valid = real & ~joins
+    pos = torch.arange(t, device=device)
+    slot_end = pos[None, :] + next_joins.long()
+    slot_vis = slot_valid[:, None, :] & (slot_end[:, None, :] <= pos[None, :, None])
+    raw_vis = (pos[None, :, None] == pos[None, None, :]) & (next_joins | ~real)[:, :, None]
+    lengths = cache.lengths
+    slots = torch.arange(cache.keys.shape[2], device=device)
+    sel = ((slots[None, :] == (lengths - 1)[:, None]) & joins[:, :1])[:, None, :, None]
+    ck = torch.where(sel, (cache.keys + k[:, :, :1]) * 0.5, cache.keys)
+    cv = torch.where(sel, (cache.values + v[:, :, :1]) * 0.5, cache.values)
+    cache_vis = (slots[None, :] < lengths[:, None])[:, None, :].expand(-1, t, -1)
+    mask = torch.cat([cache_vis, slot_vis, raw_vis], dim=2)[:, None]
+    out = attend(q, repeat_kv(torch.cat([ck, k_slot, k], dim=2), n_rep), repeat_kv(torch.cat([cv, v_slot, v], dim=2), n_rep), mask, False, implementation)
+    # store: the new groups go after the row's cached ones, in order (slots past the capacity are dropped)
+    target = torch.where(slot_valid, lengths[:, None] + slot_valid.long().cumsum(dim=1) - 1, slots.shape[0] + pos[None, :])
+    index = target[:, None, :, None].expand(-1, h_kv, -1, d)
+    cache.keys = torch.cat([ck, torch.zeros_like(k_slot)], dim=2).scatter(2, index, k_slot)[:, :, : slots.shape[0]]
+    cache.values = torch.cat([cv, torch.zeros_like(v_slot)], dim=2).scatter(2, index, v_slot)[:, :, : slots.shape[0]]
+    cache.lengths = lengths + slot_valid.long().sum(dim=1)
+    cache.last_x, cache.last_real, cache.last_taken = x[:, -1], real[:, -1], joins[:, -1]
+    return out, joins & real
 
 
 def _store(cache, k_slot, v_slot, slot_valid, ck, cv, cache_valid) -> None:

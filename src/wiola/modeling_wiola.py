@@ -426,7 +426,10 @@ class WiolaModel(WiolaPreTrainedModel):
         device = hidden.device
 
         # real-token bookkeeping: positions count real tokens, cumulative means divide by real counts
-        padded = attention_mask is not None and not bool(attention_mask.all())
+        # under torch.export (and so torch.onnx.export) the mask is a graph input, not data: assume it may hold padding
+        # (the general path, which computes the same values for an all-ones mask) instead of branching on its content
+        exporting = getattr(torch.compiler, "is_exporting", bool)()
+        padded = attention_mask is not None and (exporting or not bool(attention_mask.all()))
         real = attention_mask[:, -t:].bool() if attention_mask is not None else torch.ones(b, t, dtype=torch.bool, device=device)
         past_count = cache.real_count if cache is not None and cache.real_count is not None else torch.zeros(b, dtype=torch.long, device=device)
         cum_real = past_count[:, None] + real.long().cumsum(dim=1)
@@ -434,7 +437,7 @@ class WiolaModel(WiolaPreTrainedModel):
             position_ids = (cum_real - 1).clamp(min=0)
         past_real = cache.real_mask if cache is not None and cache.real_mask is not None else torch.ones(b, past, dtype=torch.bool, device=device)
         key_real = torch.cat([past_real, real], dim=1)
-        padded = padded or (past > 0 and not bool(past_real.all()))
+        padded = padded or (past > 0 and (exporting or not bool(past_real.all())))
         denom = cum_real.clamp(min=1)[..., None].to(torch.float32)
         step = StepInfo(real=real, cum_real=cum_real, count=denom, padded=padded, mask=None, is_causal=False, key_real=key_real)
         query_pos = torch.arange(past, past + t, device=device)

@@ -1,0 +1,91 @@
+"""`wiola export`: take a model out of this library, to the engines people deploy with.
+
+* `--to llama` (`wiola.export.llama`): a model that is exactly LLaMA, saved as a plain `LlamaForCausalLM` folder
+  (CTranslate2, llama.cpp's converter, vLLM); anything else is refused, naming the components in the way.
+* `--to onnx` (`wiola.export.to_onnx`): any model, every component included, as one ONNX graph of a step
+  function over explicit state (`wiola.export.onnx_step`), run with onnxruntime by `wiola.export.onnx_run`.
+
+Both write into a temporary folder next to OUT first (as `wiola convert` does), so a failure leaves OUT as it was.
+See docs/export.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from wiola.errors import WiolaError
+
+
+def export_model(model_dir: str | Path, out: str | Path, to: str, force: bool = False, quiet: bool = False) -> list[str]:
+    """Export the model in `model_dir` to `out` in format `to` ("llama" or "onnx"); returns the files written."""
+    import torch
+
+    from wiola.convert import _check_destination, write_destination
+    from wiola.data.lock import DirLock
+    from wiola.train.checkpoint import find_model_dir, load_for_inference
+
+    if to not in ("llama", "onnx"):
+        raise WiolaError(f"unknown export target {to!r}; choose llama or onnx")
+    if to == "onnx":
+        from wiola.export.to_onnx import require_onnx
+
+        require_onnx()
+    src, dst = find_model_dir(model_dir), Path(out).expanduser()
+    _check_destination(src, dst, force)
+    model, _, src = load_for_inference(src, torch.device("cpu"))
+    if getattr(model.config, "model_type", None) != "wiola":
+        raise WiolaError(f"{src} holds a {model.config.model_type!r} model, not a Wiola one")
+    if to == "llama":
+        from wiola.export.llama import export_llama as write_to, llama_blockers
+
+        blockers = llama_blockers(model.config, model.state_dict())
+        if blockers:  # before any work: the one line that says why
+            raise WiolaError(f"not a LLaMA model: {'; '.join(blockers)} (only a model that is exactly LLaMA exports --to llama; --to onnx takes any model)")
+    else:
+        from wiola.export.to_onnx import export_onnx as write_to
+    notes: list[str] = []
+
+    def write(folder: Path) -> None:
+        notes.extend(write_to(model, src, folder))
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with DirLock(dst.parent / f".{dst.name}.wiola.lock", "wiola export"):
+        _check_destination(src, dst, force)
+        written = write_destination(dst, write)
+    if not quiet:
+        print(f"Exported {src} to {dst} ({to}): " + "; ".join(notes) + ".")
+    return written
+
+
+def export_command(checkpoint: str, out: str, to: Literal["llama", "onnx"] | None = None, force: bool = False) -> None:
+    """Export a Wiola model for other inference engines: a plain LLaMA folder, or an ONNX graph with its state.
+
+    --to llama saves a model that is exactly LLaMA (every component off, or equal to LLaMA by value) as a
+    transformers LlamaForCausalLM folder that loads without trust_remote_code (CTranslate2's
+    ct2-transformers-converter, llama.cpp's converter, vLLM); other models are refused, naming the components
+    that prevent it. --to onnx saves any model as one ONNX graph of a step function (prompt chunk or decode
+    step) whose attention mask and whole state (keys/values, GSA and GCLA running sums, ATM groups) are inputs
+    and outputs, checked against PyTorch with onnxruntime; run it with wiola.export.onnx_run. See docs/export.md.
+
+    Args:
+        checkpoint: a model directory (a training out/, one of its checkpoints/..., or any saved Wiola model).
+        out: output folder (must be empty or absent unless --force).
+        to: llama or onnx (required).
+        force: write into a non-empty OUT: the new files replace files of the same names, files an earlier
+            export wrote are removed, every other file stays.
+    """
+    if to is None:
+        raise WiolaError("say what to export to: --to llama or --to onnx")
+    export_model(checkpoint, out, to, force=force)
+
+
+def __getattr__(name: str):
+    if name in ("onnx_generate", "OnnxStepSession", "onnx_generate_text"):
+        from wiola.export import onnx_run
+
+        return getattr(onnx_run, name)
+    raise AttributeError(name)
+
+
+__all__ = ["export_model", "export_command", "onnx_generate", "OnnxStepSession", "onnx_generate_text"]

@@ -1,0 +1,139 @@
+"""`wiola export --to onnx`: the model's step function (`onnx_step.OnnxStep`) as one ONNX graph, with its metadata.
+
+Exported with `torch.onnx.export(..., dynamo=True)` (torch.export + onnxscript; the TorchScript exporter has no
+ONNX op for `aten::rms_norm`). The graph has dynamic batch, chunk length and capacity, so one file serves the
+prompt (a chunk of any length, left padding allowed) and every decode step (a chunk of one). The folder gets
+
+* `model.onnx` (weights inside; in `model.onnx.data` beside it past 2 GB),
+* `wiola_onnx.json`: the input, output and state names, the state's dtypes and symbolic shapes, the token ids
+  and the Wiola config — all that `onnx_run` needs to allocate the state and decode, without torch,
+* the tokenizer files.
+
+Before anything is written, onnxruntime runs the graph on a prompt chunk and a decode step and its logits are
+checked against PyTorch's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from wiola.errors import WiolaError
+from wiola.export.onnx_step import OnnxStep, empty_state, state_spec
+
+METADATA = "wiola_onnx.json"
+GRAPH = "model.onnx"
+FORMAT = "wiola-onnx-step/1"
+CHECK_TOLERANCE = 1e-3  # fp32 logits, onnxruntime vs PyTorch on the export's own check (they agree to ~1e-6)
+
+
+def require_onnx() -> None:
+    """One-line error when the optional `wiola[export]` packages are missing."""
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise WiolaError(f"wiola export --to onnx needs {', '.join(missing)}: pip install 'wiola[export]'")
+
+
+def _dynamic_shapes(spec):
+    dims = {"batch": torch.export.Dim("batch", min=1), "seq": torch.export.Dim("seq", min=1),
+            "capacity": torch.export.Dim("capacity", min=1)}
+    tokens = {0: dims["batch"], 1: dims["seq"]}
+    return (tokens, dict(tokens), tuple({i: dims[s] for i, s in enumerate(t.shape) if isinstance(s, str)} for t in spec))
+
+
+def metadata(model) -> dict:
+    config = model.config
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return {
+        "format": FORMAT,
+        "graph": GRAPH,
+        "inputs": ["input_ids", "attention_mask"],
+        "outputs": ["logits"],
+        "past_prefix": "past.",
+        "present_prefix": "present.",
+        "state": [{"name": s.name, "dtype": dtype if s.dtype == "float" else s.dtype, "shape": list(s.shape)} for s in state_spec(config)],
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "exporter": f"torch {torch.__version__} torch.onnx.export(dynamo=True)",
+        "config": config.to_diff_dict(),
+    }
+
+
+def export_program(model):
+    """The `torch.onnx.ONNXProgram` of `model`'s step (traced on a small example; every axis that varies is dynamic)."""
+    import logging
+    import warnings
+
+    step = OnnxStep(model).eval()
+    spec = state_spec(model.config)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 3), generator=g)
+    mask = torch.ones_like(ids)
+    state = empty_state(model.config, 2, 5, dtype=next(model.parameters()).dtype)
+    names = [s.name for s in spec]
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)  # notes on optional torchvision ops, axis names and deprecations
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(
+                step, (ids, mask, *state), dynamo=True, dynamic_shapes=_dynamic_shapes(spec), verbose=False,
+                input_names=["input_ids", "attention_mask"] + ["past." + n for n in names],
+                output_names=["logits"] + ["present." + n for n in names],
+            )
+    finally:
+        onnx_log.setLevel(level)
+
+
+def check_against_torch(model, folder: Path) -> float:
+    """Largest |logit difference| between onnxruntime (the saved graph) and PyTorch's step, over a left-padded
+    prompt chunk and then two single-token steps."""
+    from wiola.export.onnx_run import OnnxStepSession
+
+    session = OnnxStepSession(folder)
+    step = OnnxStep(model).eval()
+    g = torch.Generator().manual_seed(1)
+    length = max(1, min(7, model.config.max_position_embeddings - 2))
+    ids = torch.randint(0, model.config.vocab_size, (2, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, : length // 2] = 0
+    state = empty_state(model.config, 2, length + 2, dtype=next(model.parameters()).dtype)
+    ort_state = [t.numpy() for t in state]
+    worst = 0.0
+    with torch.no_grad():
+        for _ in range(3):
+            out = step(ids, mask, *state)
+            logits, ort_state = session(ids.numpy(), mask.numpy(), ort_state)
+            worst = max(worst, float(abs(torch.from_numpy(logits).float() - out[0].float())[mask.bool()].max()))
+            state = list(out[1:])
+            ids = out[0][:, -1].argmax(-1, keepdim=True)
+            mask = torch.ones_like(ids)
+    return worst
+
+
+def export_onnx(model, model_dir: Path, folder: Path) -> list[str]:
+    """Write the ONNX step graph of `model` (loaded from `model_dir`) with its metadata into `folder`."""
+    from wiola.convert import TOKENIZER_FILES
+
+    require_onnx()
+    program = export_program(model)
+    program.save(str(folder / GRAPH))
+    (folder / METADATA).write_text(json.dumps(metadata(model), indent=1) + "\n")
+    diff = check_against_torch(model, folder)
+    if not diff <= CHECK_TOLERANCE:
+        raise WiolaError(f"onnxruntime's logits differ from PyTorch's by {diff:.3g} on the export check; nothing written")
+    copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file() and not (model_dir / name).is_symlink()]
+    for name in copied:
+        shutil.copyfile(model_dir / name, folder / name)
+    state = state_spec(model.config)
+    return [f"{GRAPH}: one step graph (prompt chunk or decode step), {len(state)} state tensors in and out; "
+            f"onnxruntime agrees with PyTorch to {diff:.1e} on the export check",
+            f"tokenizer files: {', '.join(copied)}" if copied else "no tokenizer files found to copy"]

@@ -1,0 +1,43 @@
+"""Tiny saved models (with a character tokenizer) for the export tests, one per family of `tests/train/tinyrun.py`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train.tinyrun import FAMILIES, TINY_MODEL, corpus
+
+VOCAB = 64  # the character tokenizer has ~40 entries; the rest are unused rows (as in a padded vocabulary)
+CONTEXT = 96  # room for a prompt and 64 new tokens
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer(tmp_path_factory):
+    from wiola.data.tokenizer import save_tokenizer, train_tokenizer
+
+    return save_tokenizer(train_tokenizer(corpus(40, 0), kind="char"), tmp_path_factory.mktemp("tokenizer"))
+
+
+def save_model(folder: Path, tokenizer_dir: Path, family: str = "all-off", seed: int = 0, **overrides) -> Path:
+    """A randomly initialised model of `family` (weights scaled up so that its greedy choices are clear-cut)
+    saved with the tokenizer into `folder`."""
+    import shutil
+
+    from wiola import WiolaConfig, WiolaForCausalLM
+
+    fields = {**TINY_MODEL, **FAMILIES[family], "vocab_size": VOCAB, "max_position_embeddings": CONTEXT,
+              "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2, **overrides}
+    torch.manual_seed(seed)
+    model = WiolaForCausalLM(WiolaConfig(**fields)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("blend_logit", "offset")) or "norm" in name:
+                continue
+            p.normal_(0.0, 0.3 if p.dim() > 1 else 0.1, generator=g)
+    model.save_pretrained(folder)
+    for f in tokenizer_dir.iterdir():
+        shutil.copyfile(f, folder / f.name)
+    return folder
