@@ -13,7 +13,8 @@ The state (per row b unless said otherwise):
 * per layer i: `{i}.keys` / `{i}.values` `[B, H_kv, L, d_h]` (plain layers: slot s holds token s; ATM layers:
   the first `{i}.lengths` slots hold the merged groups), `{i}.gsa_sum` `[B, d_h]` (GSA), `{i}.out_sum` `[B, D]`
   (GCLA, every layer but the last), and for ATM layers `{i}.lengths` `[B]`, `{i}.last_x` `[B, D]`,
-  `{i}.last_real` / `{i}.last_taken` `[B]` bool (pairing the next token with the last one).
+  `{i}.last_real` / `{i}.last_taken` `[B]` bool (pairing the next token with the last one); with HLN norms
+  `{i}.hln_in` / `{i}.hln_post` `[B, 1]` (and `{L-1}.hln_final`): running sums of token mean squares.
 
 The step runs the model's own decoder stack (`WiolaModel._layers`, so every component computes with the
 model's code); only the state it reads and writes is new: `_StepState` stands in for the cache.
@@ -58,6 +59,10 @@ def state_spec(config: WiolaConfig) -> list[StateTensor]:
         if i in merge:
             spec += [StateTensor(f"{i}.lengths", "int64", ("batch",)), StateTensor(f"{i}.last_x", "float", ("batch", d)),
                      StateTensor(f"{i}.last_real", "bool", ("batch",)), StateTensor(f"{i}.last_taken", "bool", ("batch",))]
+        if config.norm == "hln":  # the running sums of token mean squares of the layer's norms (and the final one)
+            spec += [StateTensor(f"{i}.hln_in", "float32", ("batch", 1)), StateTensor(f"{i}.hln_post", "float32", ("batch", 1))]
+            if i == config.num_hidden_layers - 1:
+                spec.append(StateTensor(f"{i}.hln_final", "float32", ("batch", 1)))
     return spec
 
 
@@ -130,7 +135,7 @@ class OnnxStep(nn.Module):
             layers.append(_LayerState(slots, i in merge, tensors))
         hidden = inner.embed_tokens(input_ids)
         cos, sin = inner.rotary_emb(position_ids, hidden.dtype)
-        hidden, _, _ = inner._layers(hidden, cos, sin, step, _StepState(layers), False)
+        hidden = inner._layers(hidden, cos, sin, step, _StepState(layers), False)[0]
         logits = self.model.lm_head(hidden)
         new = {"position": position + t, "key_real": key_real, "real_count": cum_real[:, -1]}
         for i, layer in enumerate(layers):
