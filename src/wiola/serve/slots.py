@@ -22,9 +22,9 @@ import torch
 
 from ..cache_wiola import WiolaCache, WiolaStaticCache
 
-# a dynamic (WiolaCacheLayer) attribute for each per-row buffer of a WiolaStaticLayer besides keys/values
-_STATE = {"_gsa": "gsa_sum", "_out": "out_sum", "lengths": "lengths", "last_x": "last_x", "last_real": "last_real",
-          "last_taken": "last_taken"}
+# the per-row buffers of a WiolaStaticLayer besides keys/values and its running sums (`layer.sums`, by the
+# names the dynamic WiolaCacheLayer uses: gsa_sum, out_sum, hln_*)
+_STATE = ("lengths", "last_x", "last_real", "last_taken")
 
 
 class SlotCache:
@@ -64,8 +64,11 @@ class SlotCache:
             view.ready, view.position, view.rotary = True, full.position, full.rotary
             view.key_real, view.real_count = full.key_real[:batch], full.real_count[:batch]
             for src, dst in zip(full.layers, view.layers):
-                for name, buf in src.buffers().items():
-                    setattr(dst, name, buf[:batch])
+                for name in ("keys", "values", *_STATE):
+                    buf = getattr(src, name)
+                    if buf is not None:
+                        setattr(dst, name, buf[:batch])
+                dst.sums = {name: buf[:batch] for name, buf in src.sums.items()}
                 dst.is_initialized, dst.dtype, dst.device = True, src.dtype, src.device
             self._views[batch] = view
         return self._views[batch]
@@ -89,10 +92,12 @@ class SlotCache:
             end = width if dst.merging else at  # ATM layers store compacted groups from slot 0
             dst.keys[row, :, end - width:end] = src.keys[0]
             dst.values[row, :, end - width:end] = src.values[0]
-            for name, source in _STATE.items():
+            for name, buf in dst.sums.items():
+                buf[row] = getattr(src, name)[0]
+            for name in _STATE:
                 buf = getattr(dst, name)
                 if buf is not None:
-                    buf[row] = getattr(src, source)[0]
+                    buf[row] = getattr(src, name)[0]
 
     def move(self, src: int, dst: int) -> None:
         """Copy row `src` over row `dst` (every buffer)."""
