@@ -98,7 +98,7 @@ class StaticDecoder:
         self.eager_model = quantize_int8(model, "torch") if self.quantize else model
         compilable = not self.quantize or backend != "inductor" or torchao_available()
         if compile is True and not compilable:
-            raise ValueError("a compiled int8 step needs torchao (pip install torchao); decode int8 eagerly with compile=False")
+            raise ValueError("a compiled int8 step needs torchao (pip install torchao); decode int8 eagerly (--compile off, compile=False)")
         if compile == "auto":
             self.mode = "on" if self.device.type == "cuda" and not self.quantize else "auto" if self.device.type == "cpu" and compilable else "off"
         else:
