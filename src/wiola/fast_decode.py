@@ -2,9 +2,12 @@
 
 `StaticDecoder` serves `wiola generate` and `wiola bench`. The prompt runs once through the ordinary
 forward; every later token runs one step function that reads and writes only fixed buffers of a
-`WiolaStaticCache`. With `compile=True` that step is `torch.compile`d with `fullgraph=True` — on CUDA in
-mode "reduce-overhead", which captures it as a CUDA graph and replays it each token (the Python overhead
-and kernel launches of a small model's step are what limit batch-1 decoding). Greedy and sampled
+`WiolaStaticCache`. Compiled, that step is `torch.compile`d with `fullgraph=True` — on CUDA in mode
+"reduce-overhead", which captures it as a CUDA graph and replays it each token (the Python overhead and
+kernel launches of a small model's step are what limit batch-1 decoding); on CPU by inductor with
+freezing and the C++ wrapper (`wiola.cpu_decode`). `compile="auto"` compiles on CUDA, and on CPU only
+when the run is long enough to pay the compile time back (timed on the run's first steps). With
+`quantize="int8"` the decoder runs an int8 copy of the model (`wiola.quantize`). Greedy and sampled
 decoding (temperature, top-k, top-p, seeded), batch 1 or batched, with an optional end-of-sequence stop
 and a transformers streamer. `model.generate(..., cache_implementation="static")` runs the same cache
 and step under transformers' own loop.
@@ -14,15 +17,20 @@ and step under transformers' own loop.
 
 from __future__ import annotations
 
-from typing import Callable
+import sys
+import time
+from typing import Callable, Literal
 
 import torch
 
+from . import cpu_decode
 from .cache_wiola import WiolaStaticCache
+from .quantize import check_quantize, quantize_int8, torchao_available
 
 
 class CompiledStep:
-    """Wrap a decode-step function: eager, or `torch.compile`d (fullgraph; CUDA graphs on CUDA).
+    """Wrap a decode-step function: eager, or `torch.compile`d (fullgraph, static shapes; CUDA graphs on
+    CUDA, freezing and the C++ wrapper on CPU — `wiola.cpu_decode.CPU_INDUCTOR_OPTIONS`).
 
     With CUDA graphs each call starts a new graph step and clones the outputs, whose memory the next
     replay reuses."""
@@ -30,7 +38,8 @@ class CompiledStep:
     def __init__(self, fn: Callable, compile: bool, device: torch.device, backend: str = "inductor"):
         self.graphs = compile and device.type == "cuda" and backend == "inductor"
         if compile:
-            fn = torch.compile(fn, fullgraph=True, backend=backend, mode="reduce-overhead" if self.graphs else None)
+            options = dict(cpu_decode.CPU_INDUCTOR_OPTIONS) if device.type == "cpu" and backend == "inductor" else None
+            fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, mode="reduce-overhead" if self.graphs else None, options=options)
         self.fn = fn
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
@@ -63,20 +72,87 @@ def pick_next(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0, t
 class StaticDecoder:
     """Decode from a `WiolaForCausalLM` on a preallocated cache of `max_cache_len` slots.
 
+    `compile`: False (eager), True (compiled from the first step) or "auto" (default: compiled on CUDA;
+    on CPU the first `cpu_decode.PROBE_STEPS` steps run eagerly and the rest compiled when that pays back —
+    `wiola.cpu_decode`). `backend`: the `torch.compile` backend. `quantize`: None or "int8" (`wiola.quantize`;
+    CPU only; eager steps on PyTorch's int8 kernels, compiled steps on torchao's when it is installed —
+    without it an int8 decoder stays eager). `verbose`: say on stderr when and why the step compiles.
+
     Build it once and call `generate` as often as needed: the cache buffers and the compiled step are
     reused while the batch size stays the same (a new batch size reallocates and, compiled, recompiles).
+    A compiled CPU step has the weights baked in (freezing): rebuild the decoder after changing them.
     """
 
-    def __init__(self, model, max_cache_len: int | None = None, compile: bool = False, backend: str = "inductor"):
+    def __init__(self, model, max_cache_len: int | None = None, compile: bool | Literal["auto"] = "auto", backend: str = "inductor",
+                 quantize: str | None = None, verbose: bool = False):
         if not hasattr(model, "config") or getattr(model.config, "model_type", None) != "wiola":
             raise ValueError("StaticDecoder needs a WiolaForCausalLM")
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
         self.model = model
+        self.quantize = check_quantize(quantize)
         self.cache = WiolaStaticCache(model.config, max_cache_len=max_cache_len)
         self.device = next(model.parameters()).device
-        self.step = CompiledStep(self._step, compile, self.device, backend)
+        self.backend, self.verbose = backend, verbose
+        # the model the eager steps (and the prompt) run on: PyTorch's int8 kernels trace in no compiler
+        self.eager_model = quantize_int8(model, "torch") if self.quantize else model
+        compilable = not self.quantize or backend != "inductor" or torchao_available()
+        if compile is True and not compilable:
+            raise ValueError("a compiled int8 step needs torchao (pip install torchao); decode int8 eagerly (--compile off, compile=False)")
+        if compile == "auto":
+            self.mode = "on" if self.device.type == "cuda" and not self.quantize else "auto" if self.device.type == "cpu" and compilable else "off"
+        else:
+            self.mode = "on" if compile else "off"
+        self.eager_step = CompiledStep(self._step_fn(self.eager_model), False, self.device)
+        self._compiled: CompiledStep | None = None
+        self._compiled_batch: int | None = None
+        self.last_path: str = "eager"  # what the last generate call ran: eager, compiled, or eager+compiled
+        self.compile_s: float | None = None  # seconds the last compile took (CPU, inductor)
 
-    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=tokens, cache=self.cache, use_cache=True).logits[:, -1]
+    # kept for callers of the earlier API: the step the decoder starts with
+    @property
+    def step(self) -> CompiledStep:
+        return self._compiled_step() if self.mode == "on" else self.eager_step
+
+    def _step_fn(self, model) -> Callable:
+        cache = self.cache
+
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            return model(input_ids=tokens, cache=cache, use_cache=True).logits[:, -1]
+
+        return step
+
+    def _compiled_step(self) -> CompiledStep:
+        if self._compiled is None:
+            model = self.model
+            if self.quantize and self.backend == "inductor":
+                model = quantize_int8(self.model, "torchao")
+            elif self.quantize:  # trace-only backends (tests): the eager int8 model's fp32 twin is not wanted; trace the int8 one
+                model = self.eager_model
+            self._compiled = CompiledStep(self._step_fn(model), True, self.device, self.backend)
+        return self._compiled
+
+    def _signature(self, batch: int) -> str:
+        return cpu_decode.signature(self.model, batch, self.cache.capacity, f"{self.quantize}/{self.backend}", torch.get_num_threads())
+
+    def _note(self, text: str) -> None:
+        if self.verbose:
+            print(f"wiola: {text}", file=sys.stderr, flush=True)
+
+    def _timed_compile(self, token: torch.Tensor, sig: str | None) -> torch.Tensor:
+        """First call of the compiled step (compiles; on CPU with inductor also times it, records it and
+        saves torch's cache artifacts)."""
+        persist = sig is not None and self.backend == "inductor"  # torch's artifacts: inductor's caches
+        if persist:
+            cpu_decode.load_artifacts(sig)
+        start = time.perf_counter()
+        logits = self._compiled_step()(token)
+        self.compile_s = time.perf_counter() - start
+        if sig is not None:
+            cpu_decode.Ledger().update(sig, compile_s=self.compile_s)
+        if persist:
+            cpu_decode.save_artifacts(sig)
+        return logits
 
     @torch.no_grad()
     def generate(
@@ -108,13 +184,20 @@ class StaticDecoder:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(seed if seed is not None else torch.seed())
         input_ids = input_ids.to(self.device)
+        batch = input_ids.shape[0]
+        sig = self._signature(batch) if self.device.type == "cpu" and self.mode != "off" else None
         self.cache.reset()
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=self.cache, use_cache=True).logits[:, -1]
+        logits = self.eager_model(input_ids=input_ids, attention_mask=attention_mask, cache=self.cache, use_cache=True).logits[:, -1]
         if streamer is not None:
             streamer.put(input_ids.cpu())
         pad = pad_token_id if pad_token_id is not None else eos_token_id
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         out = [input_ids]
+        mode = self.mode
+        if mode == "auto" and self._compiled is not None and self._compiled_batch == batch:
+            mode = "on"  # compiled by an earlier call for this batch: nothing left to pay
+        compiled_from = 0 if mode == "on" else None  # the step index from which the compiled step runs
+        probe_start = timed_from = steps_start = eager_ms = None
         for i in range(max_new_tokens):
             token = pick_next(logits, do_sample, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
@@ -125,7 +208,34 @@ class StaticDecoder:
                 streamer.put(token.cpu())
             if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
                 break
-            logits = self.step(token[:, None])
+            if mode == "auto":  # time PROBE_STEPS eager steps (after one warm-up step), then decide once
+                if i == 1:
+                    probe_start = time.perf_counter()
+                elif i == 1 + cpu_decode.PROBE_STEPS:
+                    eager_ms = (time.perf_counter() - probe_start) * 1000 / cpu_decode.PROBE_STEPS
+                    record = cpu_decode.Ledger().get(sig)
+                    remaining = max_new_tokens - 1 - i
+                    mode = "on" if cpu_decode.compile_pays_back(record, eager_ms, remaining) else "off"
+                    if mode == "on":
+                        compiled_from = i
+                        cost = f"about {record['compile_s']:.0f} s, cached" if "compile_s" in record else "the first time here: up to a minute"
+                        self._note(f"compiling the decode step for the remaining {remaining} tokens ({cost})")
+            if compiled_from is not None and i == compiled_from and self._compiled_batch != batch:
+                logits = self._timed_compile(token[:, None], sig)
+                self._compiled_batch = batch
+                timed_from, steps_start = i + 1, time.perf_counter()
+                continue
+            if compiled_from is not None and i == compiled_from:
+                timed_from, steps_start = i, time.perf_counter()
+            logits = (self._compiled if compiled_from is not None else self.eager_step)(token[:, None])
+        if sig is not None and timed_from is not None and self.compile_s is not None:
+            steps = len(out) - 2 - timed_from  # compiled steps timed (the compiling call excluded)
+            if steps >= cpu_decode.PROBE_STEPS:
+                fields = dict(compiled_ms=(time.perf_counter() - steps_start) * 1000 / steps)
+                if eager_ms is not None:
+                    fields["eager_ms"] = eager_ms
+                cpu_decode.Ledger().update(sig, **fields)
+        self.last_path = "eager" if compiled_from is None else "compiled" if compiled_from == 0 else "eager+compiled"
         if streamer is not None:
             streamer.end()
         return torch.cat(out, dim=1)

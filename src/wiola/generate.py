@@ -2,8 +2,10 @@
 
 The model and tokenizer load through the Auto classes (`import wiola` registers the wiola
 model type, so LLaMA-style and Wiola checkpoints both work). Wiola models decode on the fast path
-(`wiola.fast_decode.StaticDecoder`: preallocated cache, step compiled with CUDA graphs on CUDA); other
-models, or `--decoding generate`, go through transformers' `generate()`. A single sample streams to the
+(`wiola.fast_decode.StaticDecoder`: preallocated cache; the step compiled with CUDA graphs on CUDA, and on
+CPU when the run is long enough to pay the compile back; `--quantize int8` for int8 CPU decoding); other
+models, or `--decoding generate`, go through transformers' `generate()`. On CPU the thread count is set to
+the physical cores unless OMP_NUM_THREADS says otherwise (`wiola.cpu_decode`). A single sample streams to the
 terminal token by token through transformers' `TextStreamer`; several samples are drawn
 in one batch and printed one after another. Sampling is seeded for repeatability.
 """
@@ -62,6 +64,7 @@ def generate_command(
     stream: bool = True,
     decoding: Literal["auto", "static", "generate"] = "auto",
     compile: Literal["auto", "on", "off"] = "auto",
+    quantize: Literal["none", "int8"] = "none",
 ) -> list[str]:
     """Generate text from a trained model, streaming it to the terminal.
 
@@ -79,8 +82,12 @@ def generate_command(
         stream: print tokens as they are generated (single sample).
         decoding: static = preallocated cache and a plain loop (the fast path, Wiola models only);
             generate = transformers' generate(); auto = static for Wiola models, else generate.
-        compile: compile the static decode step (CUDA graphs on CUDA); auto = on CUDA only (compiling
-            takes longer than a short CPU run saves).
+        compile: compile the static decode step (CUDA graphs on CUDA; inductor with freezing and the C++
+            wrapper on CPU); auto = on CUDA, and on CPU when the run is long enough to pay the compile
+            time back (decided after timing the first steps; compile costs are remembered in
+            ~/.cache/wiola/compile); off = never.
+        quantize: int8 = decode with int8 weights and per-token int8 activations (CPU only; slightly
+            different tokens from fp32, see docs/benchmarks.md); none = the model's own weights.
     """
     from transformers import GenerationConfig, TextStreamer, set_seed
 
@@ -90,9 +97,20 @@ def generate_command(
     if num_samples <= 0:
         raise WiolaError(f"--num-samples must be positive, got {num_samples}")
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    from wiola.quantize import check_quantize
+
+    quantize = check_quantize(quantize)
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        from wiola.cpu_decode import cpu_threads
+
+        cpu_threads()
+    if quantize and dev.type != "cpu":
+        raise WiolaError(f"--quantize {quantize} runs on CPU only; add --device cpu")
     model, tokenizer, _ = load_for_inference(checkpoint, dev)
     is_wiola = getattr(model.config, "model_type", None) == "wiola"
+    if quantize and not (is_wiola and decoding in ("auto", "static")):
+        raise WiolaError("--quantize needs the static decoding path of a Wiola model (not --decoding generate)")
     if decoding == "static" and not is_wiola:
         raise WiolaError(f"--decoding static needs a Wiola model; this checkpoint is {model.config.model_type!r} (use --decoding generate)")
     context = model.config.max_position_embeddings
@@ -110,8 +128,8 @@ def generate_command(
     if is_wiola and decoding in ("auto", "static"):
         from wiola.fast_decode import StaticDecoder
 
-        use_compile = compile == "on" or (compile == "auto" and dev.type == "cuda")
-        decoder = StaticDecoder(model, max_cache_len=ids.shape[1] + max_new_tokens, compile=use_compile)
+        decoder = StaticDecoder(model, max_cache_len=cache_slots(ids.shape[1] + max_new_tokens, context),
+                                compile={"on": True, "off": False}.get(compile, "auto"), quantize=quantize, verbose=True)
         out = decoder.generate(
             ids.expand(num_samples, -1), max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_k=top_k or None, top_p=top_p, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, seed=seed, streamer=streamer,
@@ -129,6 +147,12 @@ def generate_command(
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen, streamer=streamer)
     return _finish(tokenizer, out, num_samples, streamer)
+
+
+def cache_slots(needed: int, context: int, bucket: int = 256) -> int:
+    """Cache size for a run needing `needed` slots: rounded up to a multiple of `bucket` (at most the
+    context), so runs of different lengths share one compiled step and its cache entries."""
+    return min(context, -(-needed // bucket) * bucket)
 
 
 def _finish(tokenizer, out: torch.Tensor, num_samples: int, streamer) -> list[str]:

@@ -1,0 +1,212 @@
+"""CPU decoding engines side by side (docs/benchmarks.md, "CPU decoding engines"): on one shape and one
+prompt, greedy tokens/s of
+
+- Wiola's `StaticDecoder`: eager, compiled (inductor, freezing, C++ wrapper), int8 eager (PyTorch's
+  kernels), int8 compiled (torchao; skipped without it), and the default path of `wiola generate`
+  (`compile="auto"`: a fresh decoder, one run, whatever it decides — compile time included);
+- transformers' `generate()` of the same-shape `LlamaForCausalLM` (`wiola.bench.llama_twin`);
+- CTranslate2 fp32 and int8 of that LLaMA twin (converted here; skipped with a message without
+  ctranslate2);
+- onnxruntime: skipped (no `wiola export` in this tree).
+
+    OMP_NUM_THREADS=2 python benchmarks/cpu_engines.py --threads 2 --shapes llama-nano wiola-nano wiola-120m \
+        --batch 1 8 --prompt-len 32 --new-tokens 256 --rounds 3 --json cpu_engines.json
+    python benchmarks/cpu_engines.py --tiny      # a tiny random shape, seconds: proves the script runs
+
+Weights are random (seed 0; speed does not depend on them); the prompt is random token ids (seed 1).
+tokens/s = batch × new tokens / wall seconds, prefill included; best of `--rounds` timed runs after one
+untimed warm-up run (which compiles). The compiled rows also give the compile seconds. Every ratio is
+against CTranslate2 int8 of the same shape and batch. The script also checks that the fp32 Wiola paths
+produced identical tokens and gives the int8 paths' greedy agreement with fp32 eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from wiola.bench import llama_twin
+from wiola.configuration_wiola import WiolaConfig
+from wiola.fast_decode import StaticDecoder
+from wiola.quantize import torchao_available
+from wiola.train.config import parse_overrides
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+            vocab_size=512, max_position_embeddings=128)
+
+
+def timed(run, rounds: int, warmup: bool = True) -> tuple[float, torch.Tensor]:
+    """Best wall seconds of `rounds` runs of `run()` (after one untimed run when `warmup`) and the last output."""
+    if warmup:
+        run()
+    best, out = float("inf"), None
+    for _ in range(rounds):
+        start = time.perf_counter()
+        out = run()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def ct2_generator(llama, vocab_size: int, root: Path, compute_type: str, threads: int):
+    """Convert the LLaMA twin with CTranslate2's transformers converter (tokens named <tN>) and load it."""
+    import ctranslate2
+
+    class Vocabulary:  # the converter reads the token list and special tokens from a tokenizer
+        bos_token, eos_token, unk_token = "<t0>", "<t1>", None
+
+        def get_vocab(self):
+            return {f"<t{i}>": i for i in range(vocab_size)}
+
+    class Converter(ctranslate2.converters.TransformersConverter):
+        def load_tokenizer(self, *args, **kwargs):
+            return Vocabulary()
+
+    if not (root / "ct2" / "model.bin").exists():
+        llama.save_pretrained(root / "hf")
+        Converter(str(root / "hf")).convert(str(root / "ct2"), force=True)
+    return ctranslate2.Generator(str(root / "ct2"), device="cpu", compute_type=compute_type, intra_threads=threads, inter_threads=1)
+
+
+def measure_shape(name: str, config: WiolaConfig, batch: int, prompt_len: int, new_tokens: int, rounds: int, threads: int,
+                  engines: list[str]) -> list[dict]:
+    from transformers import LlamaForCausalLM
+
+    from wiola.modeling_wiola import WiolaForCausalLM
+
+    torch.manual_seed(0)
+    model = WiolaForCausalLM(config).eval()
+    ids = torch.randint(3, config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
+    slots = prompt_len + new_tokens
+    rows: list[dict] = []
+
+    def add(engine: str, seconds: float | None, tokens: torch.Tensor | None = None, **extra) -> None:
+        row = dict(shape=name, batch=batch, engine=engine, **extra)
+        if seconds is not None:
+            row.update(seconds=seconds, tokens_per_s=batch * new_tokens / seconds)
+        row["tokens"] = None if tokens is None else tokens.tolist()
+        rows.append(row)
+        shown = f"{row['tokens_per_s']:,.1f} tokens/s" if seconds is not None else extra.get("skipped", "")
+        print(f"  {name} batch {batch} {engine}: {shown}", file=sys.stderr, flush=True)
+
+    with torch.no_grad():
+        for engine, kw in (("wiola eager", dict(compile=False)), ("wiola compiled", dict(compile=True)),
+                           ("wiola int8 eager", dict(compile=False, quantize="int8")),
+                           ("wiola int8 compiled", dict(compile=True, quantize="int8"))):
+            if engine not in engines:
+                continue
+            if engine == "wiola int8 compiled" and not torchao_available():
+                add(engine, None, skipped="skipped: torchao is not installed (pip install torchao)")
+                continue
+            torch._dynamo.reset()
+            decoder = StaticDecoder(model, max_cache_len=slots, **kw)
+            start = time.perf_counter()
+            decoder.generate(ids, max_new_tokens=new_tokens)  # warm-up; compiles
+            warm = time.perf_counter() - start
+            seconds, out = timed(lambda: decoder.generate(ids, max_new_tokens=new_tokens), rounds, warmup=False)
+            extra = dict(compile_s=decoder.compile_s, warmup_s=warm) if kw["compile"] else {}
+            add(engine, seconds, out[:, prompt_len:], **extra)
+            del decoder
+        if "wiola default" in engines:  # what `wiola generate` runs: a fresh decoder, one run, compile="auto"
+            torch._dynamo.reset()
+            decoder = StaticDecoder(model, max_cache_len=slots)
+            seconds, out = timed(lambda: decoder.generate(ids, max_new_tokens=new_tokens), 1, warmup=False)
+            add("wiola default (auto)", seconds, out[:, prompt_len:], path=decoder.last_path)
+        torch.manual_seed(0)
+        llama = LlamaForCausalLM(llama_twin(config)).eval()
+        if "hf generate" in engines:
+            kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            seconds, out = timed(lambda: llama.generate(ids, attention_mask=torch.ones_like(ids), **kw), rounds)
+            add("transformers generate() (llama twin)", seconds)
+    for compute_type in ("float32", "int8"):
+        engine = f"ctranslate2 {compute_type} (llama twin)"
+        if f"ct2 {compute_type}" not in engines:
+            continue
+        try:
+            import ctranslate2  # noqa: F401
+        except ImportError:
+            add(engine, None, skipped="skipped: ctranslate2 is not installed (pip install ctranslate2)")
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            generator = ct2_generator(llama, config.vocab_size, Path(tmp), compute_type, threads)
+            prompts = [[f"<t{i}>" for i in row] for row in ids.tolist()]
+            kw = dict(max_length=new_tokens, min_length=new_tokens, sampling_topk=1, include_prompt_in_result=False, max_batch_size=batch)
+            seconds, _ = timed(lambda: generator.generate_batch(prompts, **kw), rounds)
+            add(engine, seconds)
+    if "onnxruntime" in engines:
+        add("onnxruntime", None, skipped="skipped: no `wiola export` (issue 15) in this tree")
+    return rows
+
+
+def report(rows: list[dict]) -> str:
+    lines = ["| shape | batch | engine | tokens/s | × ctranslate2 int8 | note |", "|---|---:|---|---:|---:|---|"]
+    for (shape, batch) in dict.fromkeys((r["shape"], r["batch"]) for r in rows):
+        group = [r for r in rows if r["shape"] == shape and r["batch"] == batch]
+        base = next((r.get("tokens_per_s") for r in group if r["engine"].startswith("ctranslate2 int8")), None)
+        fp32 = next((r["tokens"] for r in group if r["engine"] == "wiola eager"), None)
+        for r in group:
+            speed = r.get("tokens_per_s")
+            ratio = f"{speed / base:.2f}" if speed and base else ""
+            notes = [r.get("skipped", "")]
+            if r.get("compile_s") is not None:
+                notes.append(f"compile {r['compile_s']:.0f} s")
+            if r.get("path"):
+                notes.append(f"ran {r['path']}")
+            if fp32 is not None and r.get("tokens") is not None and r["engine"] != "wiola eager":
+                same = sum(a == b for x, y in zip(r["tokens"], fp32) for a, b in zip(x, y)) / sum(len(x) for x in fp32)
+                notes.append("tokens = fp32 eager" if same == 1.0 else f"greedy agreement with fp32 eager {same:.1%}")
+            lines.append(f"| {shape} | {batch} | {r['engine']} | {f'{speed:,.0f}' if speed else '—'} | {ratio} | {'; '.join(n for n in notes if n)} |")
+    return "\n".join(lines)
+
+
+ENGINES = ["wiola eager", "wiola compiled", "wiola int8 eager", "wiola int8 compiled", "wiola default", "hf generate",
+           "ct2 float32", "ct2 int8", "onnxruntime"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=["llama-nano", "wiola-nano", "wiola-120m"], help="Wiola presets")
+    p.add_argument("--set", nargs="+", default=[], help="config overrides for every shape, key=value (e.g. vocab_size=8192)")
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=3, help="timed runs per engine (the best is kept)")
+    p.add_argument("--threads", type=int, default=None, help="torch and CTranslate2 threads (default: wiola's choice, physical cores)")
+    p.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES)
+    p.add_argument("--tiny", action="store_true", help="one tiny random shape, 16 new tokens, batch 1 and 2: proves the script runs")
+    p.add_argument("--json", default=None, help="write the rows here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    from wiola.cpu_decode import cpu_threads
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = args.threads or cpu_threads()
+    if args.tiny:
+        shapes = {"tiny": WiolaConfig(**TINY)}
+        args.batch, args.prompt_len, args.new_tokens, args.rounds = [1, 2], 8, 16, 1
+    else:
+        overrides = parse_overrides(args.set)
+        shapes = {name: WiolaConfig.from_preset(name, **overrides) for name in args.shapes}
+    print(f"# CPU decoding engines: torch {torch.__version__}, {threads} threads, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, greedy", flush=True)
+    rows = []
+    for name, config in shapes.items():
+        for batch in args.batch:
+            rows += measure_shape(name, config, batch, args.prompt_len, args.new_tokens, args.rounds, threads, args.engines)
+    print(report(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"torch": torch.__version__, "threads": threads, "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""CPU fast paths of `StaticDecoder` and `wiola generate` (`wiola.cpu_decode`, `wiola.quantize`).
+
+Every fp32 path gives exactly the tokens of `model.generate` (greedy, the growing `WiolaCache`) for the
+three model families: eager, compiled (traced with `aot_eager`: what inductor would compile, without code
+generation), `compile="auto"` switching to the compiled step mid-run, and one real inductor compile
+(freezing + C++ wrapper) at a tiny size, which also writes the compile ledger and torch's cache artifacts.
+The int8 copy runs, leaves the fp32 model alone, and its greedy agreement with fp32 is reported and
+bounded; bad --quantize values fail with one line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.train.tinyrun import FAMILIES
+from wiola import WiolaConfig, WiolaForCausalLM
+from wiola import cpu_decode
+from wiola.errors import WiolaError
+from wiola.fast_decode import StaticDecoder
+from wiola.generate import cache_slots
+from wiola.quantize import check_quantize, quantize_int8
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT, NEW = 6, 24
+
+
+def family_model(family: str) -> WiolaForCausalLM:
+    fields = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                  vocab_size=97, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    fields.update(FAMILIES[family])
+    torch.manual_seed(0)
+    model = WiolaForCausalLM(WiolaConfig(**fields)).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # away from the init, so that every component shows in the logits
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def prompt(batch: int = 2) -> torch.Tensor:
+    return torch.randint(3, 97, (batch, PROMPT), generator=torch.Generator().manual_seed(1))
+
+
+def reference(model, ids):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("WIOLA_COMPILE_CACHE", str(tmp_path / "compile"))
+    torch._dynamo.reset()
+    yield tmp_path / "compile"
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fp32_paths_give_the_tokens_of_generate(family):
+    model = family_model(family)
+    ids = prompt()
+    expected = reference(model, ids)
+    eager = StaticDecoder(model, max_cache_len=PROMPT + NEW, compile=False)
+    assert torch.equal(eager.generate(ids, max_new_tokens=NEW), expected) and eager.last_path == "eager"
+    traced = StaticDecoder(model, max_cache_len=PROMPT + NEW, compile=True, backend="aot_eager")
+    assert torch.equal(traced.generate(ids, max_new_tokens=NEW), expected) and traced.last_path == "compiled"
+    # auto: the ledger says compiling is free, so after the timed eager probe the run continues compiled
+    auto = StaticDecoder(model, max_cache_len=PROMPT + NEW, backend="aot_eager")
+    cpu_decode.Ledger().update(auto._signature(2), compile_s=0.0, eager_ms=2.0, compiled_ms=1.0)
+    assert torch.equal(auto.generate(ids, max_new_tokens=NEW), expected) and auto.last_path == "eager+compiled"
+    assert torch.equal(auto.generate(ids, max_new_tokens=NEW), expected) and auto.last_path == "compiled"  # already paid
+
+
+def test_auto_stays_eager_when_compiling_does_not_pay_back():
+    model = family_model("all-off")
+    decoder = StaticDecoder(model, max_cache_len=PROMPT + NEW, backend="aot_eager")
+    assert decoder.mode == "auto"  # (on CPU)
+    decoder.generate(prompt(), max_new_tokens=NEW)
+    assert decoder.last_path == "eager" and decoder._compiled is None
+    assert not cpu_decode.compile_pays_back({}, eager_ms=10.0, remaining_steps=1000)  # 5 s saved < 40 s cold compile
+    assert cpu_decode.compile_pays_back({}, eager_ms=10.0, remaining_steps=10_000)
+    assert cpu_decode.compile_pays_back({"compile_s": 4.0, "eager_ms": 10.0, "compiled_ms": 4.0}, eager_ms=10.0, remaining_steps=1000)
+    assert not cpu_decode.compile_pays_back({"compile_s": 4.0, "eager_ms": 10.0, "compiled_ms": 12.0}, eager_ms=10.0, remaining_steps=10**6)
+
+
+def test_inductor_compile_on_cpu_is_exact_and_cached(private_cache):
+    """The one real inductor compile (freezing, C++ wrapper) of this file, at a tiny size."""
+    model = family_model("all-off")
+    ids = prompt(1)
+    expected = reference(model, ids)
+    decoder = StaticDecoder(model, max_cache_len=PROMPT + NEW, compile=True)
+    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected)
+    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected)
+    record = cpu_decode.Ledger().get(decoder._signature(1))
+    assert record["compile_s"] == pytest.approx(decoder.compile_s, abs=1e-3) and record["compiled_ms"] > 0
+    if hasattr(torch.compiler, "save_cache_artifacts"):
+        assert (private_cache / f"{decoder._signature(1)}.bin").is_file()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_int8_copy_runs_and_agrees_with_fp32(family):
+    model = family_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = prompt()
+    fp32 = StaticDecoder(model, max_cache_len=PROMPT + NEW, compile=False).generate(ids, max_new_tokens=NEW)
+    decoder = StaticDecoder(model, max_cache_len=PROMPT + NEW, compile=False, quantize="int8")
+    out = decoder.generate(ids, max_new_tokens=NEW)
+    quantized = [name for name, m in decoder.eager_model.named_modules() if type(m).__name__ == "Linear" and "quantized" in type(m).__module__]
+    assert "lm_head" in quantized and any("mlp" in name for name in quantized)
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))  # the fp32 model is untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    agreement = (out[:, PROMPT:] == fp32[:, PROMPT:]).float().mean().item()
+    print(f"int8 greedy agreement with fp32 ({family}): {agreement:.1%}")
+    assert out.shape == fp32.shape and agreement >= 0.25
+    # the first token comes straight from the prefill logits, which int8 keeps close to fp32
+    with torch.no_grad():
+        a, b = model(ids).logits, decoder.eager_model(ids).logits
+    assert (a - b).abs().max() < 0.1 * a.abs().max()
+
+
+def test_bad_quantize_values_fail_in_one_line(capsys):
+    assert check_quantize(None) is None and check_quantize("none") is None and check_quantize("int8") == "int8"
+    with pytest.raises(WiolaError, match="--quantize must be one of none, int8; got 'int4'"):
+        check_quantize("int4")
+    with pytest.raises(WiolaError, match="--quantize"):
+        StaticDecoder(family_model("all-off"), quantize="fp8")
+    from wiola.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["generate", "nowhere", "hi", "--quantize", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="compile must be"):
+        StaticDecoder(family_model("all-off"), compile="sometimes")
+
+
+def test_threads_respect_the_user_and_cache_slots_bucket(monkeypatch):
+    assert cpu_decode.physical_cores() >= 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    assert cpu_decode.cpu_threads() == before  # the user's choice stands
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    try:
+        assert 1 <= cpu_decode.cpu_threads() <= max(before, cpu_decode.physical_cores())
+    finally:
+        torch.set_num_threads(before)
+    assert cache_slots(33, 1024) == 256 and cache_slots(300, 1024) == 512 and cache_slots(900, 1000) == 1000
+
+
+def test_cpu_engines_benchmark_runs_and_reports_ratios(capsys):
+    spec = importlib.util.spec_from_file_location("cpu_engines", ROOT / "benchmarks" / "cpu_engines.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["cpu_engines"] = bench
+    spec.loader.exec_module(bench)
+    engines = ["wiola eager", "wiola int8 eager", "wiola default", "ct2 int8", "onnxruntime"]
+    rows = bench.main(["--tiny", "--threads", str(torch.get_num_threads()), "--engines", *engines])
+    printed = capsys.readouterr().out
+    assert "| tiny | 1 | wiola eager |" in printed and "skipped: no `wiola export`" in printed
+    default = next(r for r in rows if r["engine"].startswith("wiola default") and r["batch"] == 1)
+    assert default["path"] == "eager"  # 16 tokens never pay a compile back
+    if importlib.util.find_spec("ctranslate2") is not None:
+        ct2 = next(r for r in rows if r["engine"].startswith("ctranslate2 int8") and r["batch"] == 1)
+        assert ct2["tokens_per_s"] > 0 and "| 1.00 |" in printed
