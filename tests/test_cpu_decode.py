@@ -88,7 +88,20 @@ def test_auto_stays_eager_when_compiling_does_not_pay_back():
 
 
 def test_inductor_compile_on_cpu_is_exact_and_cached(private_cache):
-    """The one real inductor compile (freezing, C++ wrapper) of this file, at a tiny size."""
+    """The one real inductor compile (freezing, C++ wrapper) of this file, at a tiny size — in a fresh process,
+    as `wiola generate` runs it: inductor's C++ build imports setuptools, whose distutils shim refuses to load
+    once another test's import (lm-eval's dependencies) has pulled in the stdlib distutils."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "WIOLA_COMPILE_CACHE": str(private_cache)}
+    code = "from pathlib import Path; import tests.test_cpu_decode as t; t._inductor_compile_check(Path(%r))" % str(private_cache)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def _inductor_compile_check(private_cache: Path) -> None:
     model = family_model("all-off")
     ids = prompt(1)
     expected = reference(model, ids)
@@ -110,7 +123,8 @@ def test_int8_copy_runs_and_agrees_with_fp32(family):
     decoder = StaticDecoder(model, max_cache_len=PROMPT + NEW, compile=False, quantize="int8")
     out = decoder.generate(ids, max_new_tokens=NEW)
     quantized = [name for name, m in decoder.eager_model.named_modules() if type(m).__name__ == "Linear" and "quantized" in type(m).__module__]
-    assert "lm_head" in quantized and any("mlp" in name for name in quantized)
+    # AGU/F3N MLPs read their weights directly (sliced levels, the sparse decode path): they stay fp32
+    assert "lm_head" in quantized and any("mlp" in name for name in quantized) == (model.config.mlp not in ("agu", "f3n"))
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))  # the fp32 model is untouched
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     agreement = (out[:, PROMPT:] == fp32[:, PROMPT:]).float().mean().item()

@@ -49,8 +49,12 @@ def torchao_available() -> bool:
 
 
 def _targets(model: nn.Module) -> list[str]:
+    # the article's AGU/F3N MLPs slice and gather their weights (F3N levels, AGU's sparse decode path), so their
+    # linears stay fp32
+    direct = [name + "." for name, module in model.named_modules() if type(module).__name__ == "GatedUnitsMLP"]
     return [name for name, module in model.named_modules()
-            if type(module) is nn.Linear and min(module.in_features, module.out_features) >= MIN_DIM]
+            if type(module) is nn.Linear and min(module.in_features, module.out_features) >= MIN_DIM
+            and not any(name.startswith(prefix) for prefix in direct)]
 
 
 def quantize_int8(model: nn.Module, backend: str = "torch") -> nn.Module:
