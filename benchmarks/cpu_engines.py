@@ -7,7 +7,8 @@ prompt, greedy tokens/s of
 - transformers' `generate()` of the same-shape `LlamaForCausalLM` (`wiola.bench.llama_twin`);
 - CTranslate2 fp32 and int8 of that LLaMA twin (converted here; skipped with a message without
   ctranslate2);
-- onnxruntime: skipped (no `wiola export` in this tree).
+- onnxruntime: the Wiola model itself exported with `wiola.export` (`wiola export --to onnx`), run by
+  `wiola.export.onnx_run.onnx_generate` (skipped with a message without onnx/onnxruntime).
 
     OMP_NUM_THREADS=2 python benchmarks/cpu_engines.py --threads 2 --shapes llama-nano wiola-nano wiola-120m \
         --batch 1 8 --prompt-len 32 --new-tokens 256 --rounds 3 --json cpu_engines.json
@@ -139,7 +140,20 @@ def measure_shape(name: str, config: WiolaConfig, batch: int, prompt_len: int, n
             seconds, _ = timed(lambda: generator.generate_batch(prompts, **kw), rounds)
             add(engine, seconds)
     if "onnxruntime" in engines:
-        add("onnxruntime", None, skipped="skipped: no `wiola export` (issue 15) in this tree")
+        try:
+            import onnxruntime  # noqa: F401
+
+            from wiola.export.onnx_run import OnnxStepSession, onnx_generate
+            from wiola.export.to_onnx import export_onnx
+        except ImportError:
+            add("onnxruntime", None, skipped="skipped: onnx/onnxruntime are not installed (pip install 'wiola[export]')")
+        else:
+            with tempfile.TemporaryDirectory() as tmp:  # the Wiola model itself, exported as `wiola export --to onnx` does
+                (Path(tmp) / "onnx").mkdir()
+                export_onnx(model, Path(tmp), Path(tmp) / "onnx")
+                session = OnnxStepSession(Path(tmp) / "onnx", threads=threads)
+                seconds, out = timed(lambda: onnx_generate(session, ids.numpy(), max_new_tokens=new_tokens), rounds)
+                add("onnxruntime (wiola export --to onnx)", seconds, torch.from_numpy(out))
     return rows
 
 

@@ -78,7 +78,8 @@ class WiolaConfig(PreTrainedConfig):
     mlp: str = "swiglu"
     # the article's components (SPEC §6): our interpretations, each exactly LLaMA at its neutral setting
     agu_l1: float = 0.0  # weight of the mean |h̃| penalty of AGU gates (mlp=agu, or f3n with f3n_gate=agu)
-    agu_sparse_decode: bool = True  # batch-1 decoding skips the W_up rows / W_down columns of zero AGU units
+    agu_sparse_decode: bool = False  # batch-1 decoding skips the zero AGU units' W_up rows / W_down columns (exact;
+    # faster on CPU only at high sparsity: docs/article.md)
     f3n_levels: int = 4  # G nested sub-FFNs of widths f/2^(G-g)
     f3n_sampling: str = "none"  # training: "none" (level G), "step" (one level per step), "layer" (one per layer per step)
     f3n_level: int | list[int] | None = None  # inference granularity: one level, or one per layer; None = G

@@ -52,7 +52,7 @@ def _sequence(ids, mask, model, steps=6):
 
 @pytest.mark.parametrize("overrides", [dict(mlp="agu"), dict(mlp="f3n", f3n_gate="agu", f3n_levels=3, f3n_level=2)], ids=["agu", "f3n-agu"])
 def test_agu_sparse_decode_equals_dense(overrides):
-    model = build(**overrides)
+    model = build(agu_sparse_decode=True, **overrides)
     ids = random_ids(1, 7)
     mask = torch.ones_like(ids)
     sparse = _sequence(ids, mask, model)
