@@ -109,7 +109,8 @@ def test_padding_invariance(combo, merging):
 
 @pytest.mark.parametrize("overrides", [dict(), dict(position_encoding="spiral", attention_gate="gsa", mlp="butterfly"),
                                        dict(position_encoding="srpe", cross_layer_context="gcla", mlp="dsff", norm="wiola_rmsnorm", **ATM),
-                                       dict(attention_gate="gsa", gate_pre_rope=False, cross_layer_context="gcla", token_merging="atm", atm_threshold=0.1)])
+                                       dict(attention_gate="gsa", gate_pre_rope=False, cross_layer_context="gcla", token_merging="atm", atm_threshold=0.1),
+                                       dict(position_encoding="srpe", cross_layer_context="gcla", mlp="f3n", f3n_gate="agu", f3n_levels=3, f3n_level=2, norm="hln", **ATM)])
 def test_sdpa_matches_eager(overrides):
     sdpa = build(**overrides)
     eager = build(**overrides)
