@@ -161,7 +161,9 @@ def test_sigterm_during_prepare_leaves_no_temporary_folder(tmp_path):
 
 
 def test_ctrl_c_with_two_workers_is_one_line(tmp_path):
-    corpus_file(tmp_path / "c.jsonl", n=600)
+    # enough documents that batches are still waiting when the interrupt lands (with 600 the last batch could
+    # already be out, and prepare then finished normally: seen once in CI)
+    corpus_file(tmp_path / "c.jsonl", n=4000)
     done = _run_script(tmp_path, f"""
         import os, signal, sys, time
         from wiola.data import encode
