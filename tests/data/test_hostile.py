@@ -161,11 +161,12 @@ def test_sigterm_during_prepare_leaves_no_temporary_folder(tmp_path):
 
 
 def test_ctrl_c_with_two_workers_is_one_line(tmp_path):
-    # enough documents that batches are still waiting when the interrupt lands (with 600 the last batch could
-    # already be out, and prepare then finished normally: seen once in CI)
+    # enough documents that batches are still pending when the interrupt lands
     corpus_file(tmp_path / "c.jsonl", n=4000)
     done = _run_script(tmp_path, f"""
         import os, signal, sys, time
+        # a terminal's Ctrl-C: a process started in the background (nohup, `cmd &`) inherits SIGINT ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from wiola.data import encode
         real = encode._encode_in_worker
         def worker(texts):
