@@ -29,7 +29,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .configuration_wiola import WiolaConfig
 
 SUMS = ("gsa_sum", "out_sum", "hln_in", "hln_post", "hln_final")  # the running sums a model writes (`accumulate`)
-_ROW_STATE = ("keys", "values", "lengths", "last_x", "last_real", "last_taken")
+ATM_STATE = ("lengths", "last_x", "last_real", "last_taken")  # an ATM layer's group count and pairing state, per row
+_ROW_STATE = ("keys", "values", *ATM_STATE)
 HISTORY_MODES = ("none", "recent", "full")
 # per-token history of an ATM layer (batch first, tokens second): attention input, raw key/value, joined flag
 _ATM_HISTORY = ("atm_x", "atm_k", "atm_v", "atm_join")
@@ -509,7 +510,7 @@ class WiolaStaticCache(Cache):
             for name, value in src.sums.items():
                 setattr(dst, name, value.clone())
             dst.sum_names = list(src.sums)
-            for name in ("lengths", "last_x", "last_real", "last_taken"):
+            for name in ATM_STATE:
                 value = getattr(src, name)
                 setattr(dst, name, None if value is None else value.clone())
         return dynamic
@@ -535,7 +536,7 @@ class WiolaStaticCache(Cache):
             dst.values[:, :, :width].copy_(src.values)
             for name, buf in dst.sums.items():
                 buf.copy_(getattr(src, name))
-            for name in ("lengths", "last_x", "last_real", "last_taken"):
+            for name in ATM_STATE:
                 buf = getattr(dst, name)
                 if buf is not None:
                     buf.copy_(getattr(src, name))
@@ -559,5 +560,5 @@ class WiolaStaticCache(Cache):
             dst.keys = buffer(src.keys, (b, h, self.capacity, d))
             dst.values = buffer(src.values, (b, h, self.capacity, d))
             dst.sums = {name: buffer(getattr(src, name)) for name in src.sum_names if getattr(src, name) is not None}
-            dst.lengths, dst.last_x, dst.last_real, dst.last_taken = (buffer(getattr(src, n)) for n in ("lengths", "last_x", "last_real", "last_taken"))
+            dst.lengths, dst.last_x, dst.last_real, dst.last_taken = (buffer(getattr(src, n)) for n in ATM_STATE)
             dst.is_initialized, dst.dtype, dst.device = True, src.keys.dtype, src.keys.device

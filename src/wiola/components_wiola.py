@@ -321,13 +321,12 @@ class GatedUnitsMLP(nn.Module):
             with torch.no_grad():
                 zero = h == 0
                 real = step.real[..., None] if step is not None and step.padded else None
-                active = keep if keep is not None else None
-                if active is not None:
-                    zero = zero & active
+                if keep is not None:
+                    zero = zero & keep
                 if real is not None:
                     zero = zero & real
                 n_tokens = real.sum() if real is not None else torch.tensor(h.shape[0] * h.shape[1], device=h.device)
-                n_units = active.sum().float() if active is not None else float(h.shape[-1])
+                n_units = keep.sum().float() if keep is not None else float(h.shape[-1])
                 zero_share = zero.sum() / (n_tokens.clamp(min=1) * n_units)
             if self.l1 and self.training:
                 l1 = h.abs().mean(dim=-1)  # per position [B, T]

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from ..cache_wiola import WiolaCache, WiolaStaticCache
+from ..cache_wiola import ATM_STATE, WiolaCache, WiolaStaticCache
 
-# the per-row buffers of a WiolaStaticLayer besides keys/values and its running sums (`layer.sums`, by the
-# names the dynamic WiolaCacheLayer uses: gsa_sum, out_sum, hln_*)
-_STATE = ("lengths", "last_x", "last_real", "last_taken")
+# the per-row buffers of a WiolaStaticLayer besides keys/values are its running sums (`layer.sums`, by the
+# names the dynamic WiolaCacheLayer uses: gsa_sum, out_sum, hln_*) and the ATM state (`ATM_STATE`)
 
 
 class SlotCache:
@@ -64,7 +63,7 @@ class SlotCache:
             view.ready, view.position, view.rotary = True, full.position, full.rotary
             view.key_real, view.real_count = full.key_real[:batch], full.real_count[:batch]
             for src, dst in zip(full.layers, view.layers):
-                for name in ("keys", "values", *_STATE):
+                for name in ("keys", "values", *ATM_STATE):
                     buf = getattr(src, name)
                     if buf is not None:
                         setattr(dst, name, buf[:batch])
@@ -94,7 +93,7 @@ class SlotCache:
             dst.values[row, :, end - width:end] = src.values[0]
             for name, buf in dst.sums.items():
                 buf[row] = getattr(src, name)[0]
-            for name in _STATE:
+            for name in ATM_STATE:
                 buf = getattr(dst, name)
                 if buf is not None:
                     buf[row] = getattr(src, name)[0]
