@@ -19,7 +19,7 @@ from wiola.compare.spec import BASELINES, Spec
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two halves of a comparison may write at once
     tmp.write_text(json.dumps(obj, indent=1, allow_nan=False, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
@@ -149,7 +149,7 @@ def plot_val_curves(rows: list[dict[str, Any]], path: Path) -> None:
     if rows:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
