@@ -58,14 +58,22 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def cpu_threads() -> int:
-    """Set torch's intra-op threads to the physical cores (unless OMP_NUM_THREADS/MKL_NUM_THREADS is set,
-    or `torch.set_num_threads` already chose fewer) and return the count in use."""
+def cpu_threads(threads: int | None = None, processes: int = 1) -> int:
+    """Set torch's intra-op threads and return the count in use.
+
+    `threads` given: exactly that many. Otherwise the physical cores shared out among `processes`
+    processes on this machine (torchrun's LOCAL_WORLD_SIZE when training), unless OMP_NUM_THREADS /
+    MKL_NUM_THREADS is set or `torch.set_num_threads` already chose fewer. Processes that each take
+    every core slow one another down by an order of magnitude on a small machine (docs/results.md).
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+        return torch.get_num_threads()
     if any(os.environ.get(name) for name in THREAD_ENV):
         return torch.get_num_threads()
-    cores = physical_cores()
-    if torch.get_num_threads() > cores:
-        torch.set_num_threads(cores)
+    share = max(1, physical_cores() // max(1, processes))
+    if torch.get_num_threads() > share:
+        torch.set_num_threads(share)
     return torch.get_num_threads()
 
 

@@ -17,6 +17,9 @@ file (YAML or JSON; see `configs/compare/`):
               switched MLP is re-matched to the base's parameter count) or `match` (every ablation's
               MLP width is re-matched to the base's parameter count).
     keep_checkpoints: false deletes an entrant's checkpoints/ once it is finished (default true).
+    seeds:    a list of train seeds (or `--seeds`): every entrant is trained once per seed into
+              OUT/seed-S/, and OUT/results.* give each entrant's mean ± std best validation loss.
+    control:  the entrant the others are tested against over the seeds (Welch's t-test, p < 0.05).
     entrants: a list of mappings with a `name` and a `kind`:
       wiola   `config`: a preset name, a config file, or a mapping of WiolaConfig fields (may name
               a `preset`; a preset's MLP widths keep their ratio to hidden_size under `shape`).
@@ -32,17 +35,19 @@ file (YAML or JSON; see `configs/compare/`):
 
 Output in OUT: `runs/NAME/` (one `wiola train` output directory per entrant, with `entrant.json`
 and, once finished, `result.json`), `configs/NAME.json` (the model config handed to the trainer),
-`results.json`, `results.md` and `val_loss.png`, rewritten after every entrant. A second run
+`results.json`, `results.md` and `val_loss.png`, rewritten after every entrant. With seeds, each
+OUT/seed-S/ holds that layout for seed S, and OUT/results.* summarise the seeds (`seeds` module). A second run
 of the same command resumes: finished entrants are skipped, a partial run continues from its
 `checkpoints/latest`. A changed setting or entrant config is refused rather than mixed in.
 
 Modules: `spec` (the spec: keys, `Spec`, `load_spec`, `prepare_data`), `entrants` (`Entrant`,
 parameter counting and width matching, `resolve_entrants`), `runner` (`compare`, `run_entrant`,
-peak memory, result rows, `compare_command`) and `report` (results.json, results.md, val_loss.png).
+peak memory, result rows, `compare_command`) `report` (results.json, results.md, val_loss.png) and `seeds` (the summary over seeds and its test).
 """
 
 from wiola.compare.entrants import Entrant, built_parameters, match_width, resolve_entrants
 from wiola.compare.report import TABLE_HEADER, markdown_report, plot_val_curves, write_reports
+from wiola.compare.seeds import seed_rows, seeds_markdown, compare_with_control, write_seed_reports
 from wiola.compare.runner import PeakMemory, compare, compare_command, run_entrant, summarize_run, training_options
 from wiola.compare.spec import (
     BASELINES,
@@ -66,5 +71,6 @@ __all__ = [
     "SPEC_KEYS", "TABLE_HEADER", "WIDTH_FIELD", "WIOLA_SHAPE_FIELDS",
     "Entrant", "PeakMemory", "Spec",
     "built_parameters", "compare", "compare_command", "load_spec", "markdown_report", "match_width", "plot_val_curves",
-    "prepare_data", "resolve_entrants", "run_entrant", "summarize_run", "training_options", "write_reports",
+    "prepare_data", "resolve_entrants", "run_entrant", "seed_rows", "seeds_markdown", "summarize_run", "compare_with_control",
+    "training_options", "write_reports", "write_seed_reports",
 ]

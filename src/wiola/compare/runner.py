@@ -12,13 +12,15 @@ import math
 import os
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 from wiola.compare.entrants import Entrant, _data_fields, resolve_entrants
 from wiola.compare.report import _read_json, _write_json, write_reports
-from wiola.compare.spec import RUNTIME_OPTIONS, Spec, load_spec, prepare_data
+from wiola.compare.seeds import write_seed_reports
+from wiola.compare.spec import RUNTIME_OPTIONS, Spec, check_seeds, load_spec, prepare_data
 from wiola.errors import WiolaError
 
 
@@ -100,6 +102,7 @@ def summarize_run(run_dir: Path, meta: dict[str, Any], status: str, error: str |
         "wall_time_s": sum(s["wall_s"] for s in sessions),
         "sessions": len(sessions),
         "device": starts[-1].get("device") if starts else None,
+        "threads": starts[-1].get("threads") if starts else None,
         "error": error,
         "note": meta.get("note", ""),
         "config": meta["config"],
@@ -185,7 +188,7 @@ def run_entrant(e: Entrant, k: int, n: int, *, out: Path, data_dir: Path, option
 
 def training_options(spec: Spec, overrides: dict[str, Any], entrants: list[Entrant]) -> dict[str, Any]:
     """The options every entrant is trained with: spec, then command-line overrides; seq_len made explicit."""
-    from wiola.train.config import TrainConfig
+    from wiola.train.config import TrainConfig, check_threads
 
     options = {"tensorboard": False, **spec.train, **{k: v for k, v in overrides.items() if v is not None}}
     if "resume" in options:
@@ -193,15 +196,21 @@ def training_options(spec: Spec, overrides: dict[str, Any], entrants: list[Entra
     if options.get("seq_len") is None:
         options["seq_len"] = min(e.shape["context"] for e in entrants)
     TrainConfig.layered(options)  # unknown option names fail here, before anything trains
+    check_threads(options.get("threads"))
     return options
 
 
 def compare(spec_path: str | Path, out: str | Path, *, only: list[str] | None = None, train_overrides: dict[str, Any] | None = None,
-            shape_overrides: dict[str, Any] | None = None) -> int:
-    """Run (or resume) a comparison; write the reports; return the exit status (0, or 128+signal when interrupted)."""
+            shape_overrides: dict[str, Any] | None = None, seeds: list[int] | None = None) -> int:
+    """Run (or resume) a comparison; write the reports; return the exit status (0, or 128+signal when interrupted).
+
+    With `seeds` (or the spec's `seeds`), every entrant is trained once per seed: OUT/seed-S/ is the
+    whole comparison at train seed S, and OUT/results.* summarise the seeds (mean, std, Welch's t-test).
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise WiolaError("wiola compare runs in a single process; start it without torchrun")
     spec = load_spec(spec_path, shape_overrides)
+    seeds = check_seeds(seeds) if seeds is not None else spec.seeds
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = prepare_data(spec, out)
@@ -211,28 +220,52 @@ def compare(spec_path: str | Path, out: str | Path, *, only: list[str] | None = 
         unknown = [name for name in only if name not in names]
         if unknown:
             raise WiolaError(f"--only: unknown entrant(s) {', '.join(map(repr, unknown))}; entrants: {', '.join(names)}")
+    if spec.control is not None and spec.control not in names:
+        raise WiolaError(f"{spec.path}: control {spec.control!r} is not an entrant; entrants: {', '.join(names)}")
     options = training_options(spec, train_overrides or {}, entrants)
     from wiola.train.batches import read_manifest
 
     manifest = read_manifest(data_dir)
+    (out / "configs").mkdir(exist_ok=True)
+    context = {"spec": spec, "data_dir": data_dir, "manifest": manifest, "entrants": entrants}
+    total = len(entrants) * len(seeds or [None])
+    print(f"wiola compare: {len(entrants)} entrants{f' x {len(seeds)} seeds' if seeds else ''} on {data_dir} "
+          f"({options.get('max_steps', '?')} steps x {options.get('batch_size', '?')} x {options['seq_len']} tokens); results in {out}")
+    if not seeds:
+        return _run_setting(out, options, manifest, context, only, (0, total))
+    if options.get("seed") is not None and spec.train.get("seed") is not None:
+        print(f"wiola compare: note: the seeds {seeds} replace train.seed {options['seed']}", file=sys.stderr)
+    for i, seed in enumerate(seeds):
+        sub = out / f"seed-{seed}"
+        (sub / "configs").mkdir(parents=True, exist_ok=True)
+        code = _run_setting(sub, {**options, "seed": seed}, manifest, context, only, (i * len(entrants), total))
+        write_seed_reports(out=out, seeds=seeds, options=options, **context)
+        if code:
+            return code
+    print(f"wiola compare: wrote {out / 'results.md'} (mean and spread over {len(seeds)} seeds), {out / 'results.json'} "
+          f"and {out / 'val_loss.png'}")
+    return 0
+
+
+def _run_setting(out: Path, options: dict[str, Any], manifest: dict[str, Any], context: dict[str, Any],
+                 only: list[str] | None, position: tuple[int, int]) -> int:
+    """Every entrant (or those in `only`) with one set of training options, into `out`; its reports after each."""
     setting = {"data": {"fingerprint": manifest.get("fingerprint"), "vocab_size": manifest["vocab_size"]},
                "train": {k: v for k, v in options.items() if k not in RUNTIME_OPTIONS}}
     setting = json.loads(json.dumps(setting))
-    (out / "configs").mkdir(exist_ok=True)
-    context = {"spec": spec, "out": out, "data_dir": data_dir, "manifest": manifest, "options": options, "entrants": entrants}
-    print(f"wiola compare: {len(entrants)} entrants on {data_dir} "
-          f"({options.get('max_steps', '?')} steps x {options.get('batch_size', '?')} x {options['seq_len']} tokens); results in {out}")
+    entrants, spec = context["entrants"], context["spec"]
+    done, total = position
     code = 0
     for k, e in enumerate(entrants, 1):
         if only and e.name not in only:
             continue
-        status, code = run_entrant(e, k, len(entrants), out=out, data_dir=data_dir, options=options, setting=setting,
+        status, code = run_entrant(e, done + k, total, out=out, data_dir=context["data_dir"], options=options, setting=setting,
                                    keep_checkpoints=spec.keep_checkpoints)
-        write_reports(**context)
+        write_reports(out=out, options=options, **context)
         if status == "interrupted":
             print(f"wiola compare: interrupted during {e.name}; run the same command again to resume", flush=True)
             return code
-    write_reports(**context)
+    write_reports(out=out, options=options, **context)
     print(f"wiola compare: wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'val_loss.png'}")
     return code
 
@@ -240,7 +273,8 @@ def compare(spec_path: str | Path, out: str | Path, *, only: list[str] | None = 
 # ---------------------------------------------------------------------------- command
 
 
-def compare_command(spec: str, out: str, only: list[str] | None = None, train: list[str] | None = None,
+def compare_command(spec: str, out: str, only: list[str] | None = None, seeds: list[int] | None = None,
+                    threads: int | None = None, train: list[str] | None = None,
                     shape: list[str] | None = None, device: str | None = None,
                     dtype: Literal["auto", "fp32", "bf16"] | None = None) -> int:
     """Train several models on the same token stream and report them side by side.
@@ -255,7 +289,12 @@ def compare_command(spec: str, out: str, only: list[str] | None = None, train: l
     Args:
         spec: comparison spec file (YAML or JSON).
         out: output directory.
-        only: train only these entrants (by name); the reports still list every finished one.
+        only: train only these entrants (by name); the reports still list every finished one. Two
+            processes with disjoint --only lists and --threads 1 can share one OUT (docs/results.md#side-by-side).
+        seeds: train every entrant once per seed (weights, data order, dropout) into OUT/seed-S/ and
+            report the mean and standard deviation of each entrant's best validation loss, with
+            Welch's t-test against the spec's `control` entrant (default: the spec's `seeds`, else once).
+        threads: CPU threads per training (default: the physical cores; 1 when running side by side).
         train: training option overrides, key=value (e.g. --train max_steps=200 eval_every=50), for smoke runs.
         shape: shape overrides, key=value (hidden_size, num_hidden_layers, num_attention_heads,
             num_key_value_heads, context, dropout).
@@ -264,5 +303,5 @@ def compare_command(spec: str, out: str, only: list[str] | None = None, train: l
     """
     from wiola.train.config import parse_overrides
 
-    overrides = {**parse_overrides(train), "device": device, "dtype": dtype}
-    return compare(spec, out, only=only, train_overrides=overrides, shape_overrides=parse_overrides(shape))
+    overrides = {**parse_overrides(train), "device": device, "dtype": dtype, "threads": threads}
+    return compare(spec, out, only=only, train_overrides=overrides, shape_overrides=parse_overrides(shape), seeds=seeds)

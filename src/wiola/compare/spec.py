@@ -28,12 +28,12 @@ WIOLA_SHAPE_FIELDS = {
     "num_attention_heads": ("num_attention_heads",), "num_key_value_heads": ("num_key_value_heads",),
     "context": ("max_position_embeddings",), "dropout": ("hidden_dropout", "attention_dropout"),
 }
-SPEC_KEYS = ("data", "train", "shape", "budget", "ablation_widths", "keep_checkpoints", "entrants")
+SPEC_KEYS = ("data", "train", "shape", "budget", "ablation_widths", "keep_checkpoints", "seeds", "control", "entrants")
 DATA_KEYS = ("dir", "source", "tokenizer", "tokenizer_kind", "vocab_size", "val_fraction", "seed", "doc_separator", "column", "num_workers", "split_at")
 ENTRANT_KEYS = {"wiola": ("name", "kind", "config", "budget", "ablations")}
 ENTRANT_KEYS.update({kind: ("name", "kind", "config", "budget") for kind in BASELINES})
 # training options that change speed or bookkeeping but not what is learned: free to differ on resume
-RUNTIME_OPTIONS = ("device", "compile", "tensorboard", "log_every", "save_every", "micro_batch_size")
+RUNTIME_OPTIONS = ("device", "compile", "tensorboard", "log_every", "save_every", "micro_batch_size", "threads")
 BUDGET_TOLERANCE = 0.05
 
 
@@ -52,6 +52,8 @@ class Spec:
     keep_checkpoints: bool
     ablation_widths: str
     entrants: list[dict[str, Any]]
+    seeds: list[int] | None = None  # every entrant once per seed (OUT/seed-S/); None: once, with train.seed
+    control: str | None = None  # the entrant the others are tested against over the seeds
 
 
 def _check_keys(what: str, mapping: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
@@ -90,6 +92,9 @@ def load_spec(path: str | Path, shape_overrides: dict[str, Any] | None = None) -
     budget = raw.get("budget")
     if budget is not None and not isinstance(budget, (str, int)):
         raise WiolaError(f"{path}: budget must be an entrant name or a number of parameters, got {budget!r}")
+    control = raw.get("control")
+    if control is not None and not isinstance(control, str):
+        raise WiolaError(f"{path}: control must be an entrant name, got {control!r}")
     return Spec(
         path=path,
         data=_check_keys(f"{path}: data", raw.get("data"), DATA_KEYS),
@@ -99,7 +104,21 @@ def load_spec(path: str | Path, shape_overrides: dict[str, Any] | None = None) -
         keep_checkpoints=bool(raw.get("keep_checkpoints", True)),
         ablation_widths=raw.get("ablation_widths", "keep"),
         entrants=entrants,
+        seeds=check_seeds(raw.get("seeds"), f"{path}: seeds"),
+        control=control,
     )
+
+
+def check_seeds(seeds: Any, what: str = "--seeds") -> list[int] | None:
+    """None, or a non-empty list of distinct non-negative integers."""
+    if seeds is None:
+        return None
+    if (not isinstance(seeds, list) or not seeds
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
+        raise WiolaError(f"{what} must be a non-empty list of non-negative integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise WiolaError(f"{what} lists a seed twice: {seeds}")
+    return list(seeds)
 
 
 def _train_option_names() -> tuple[str, ...]:

@@ -74,6 +74,7 @@ class TrainConfig:
     document_mask: bool = False
     distributed: str = "ddp"
     tensorboard: bool = True
+    threads: int | None = None  # torch intra-op CPU threads per process (None: physical cores / local processes)
     # fine-tuning (wiola.finetune): start weights, and LoRA adapters instead of full training
     init_from: str | None = None
     lora: bool = False
@@ -135,6 +136,7 @@ class TrainConfig:
         if cfg.lora and (cfg.lora_rank <= 0 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1):
             raise WiolaError(f"--lora needs --lora-rank > 0, --lora-alpha > 0 and --lora-dropout in [0, 1) "
                              f"(got {cfg.lora_rank}, {cfg.lora_alpha}, {cfg.lora_dropout})")
+        check_threads(cfg.threads)
         if cfg.lora and not cfg.init_from:
             raise WiolaError("--lora trains adapters on trained weights: give the base model with --init-from DIR")
         return cfg
@@ -145,6 +147,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_threads(threads: Any) -> None:
+    """--threads: None (the default choice) or a positive integer."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0):
+        raise WiolaError(f"--threads must be a positive integer, got {threads!r}")
 
 
 def _suggest(name: str, choices: Any) -> str:

@@ -326,7 +326,7 @@ class Trainer:
         if main:
             log.log({"event": "start", "step": self.step, "world_size": self.dist.world_size, "grad_accum": self.accum,
                      "parameters": sum(p.numel() for p in self.raw_model.parameters()), "device": str(self.device),
-                     "trainable_parameters": finetune.trainable_parameters(self.raw_model)})
+                     "threads": torch.get_num_threads(), "trainable_parameters": finetune.trainable_parameters(self.raw_model)})
         try:
             with GracefulStop() as stop:
                 self._stop = stop
@@ -503,6 +503,9 @@ def _train(config: str, data_dir: Path, out_dir: Path, *, overrides: dict[str, A
         ensure_writable(out_dir)
     distributed.barrier(d)
     cfg = cfg.finalize(d.world_size, model_config.max_position_embeddings)
+    from wiola.cpu_decode import cpu_threads
+
+    cpu_threads(cfg.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     validation = check_data(data_dir, manifest, cfg, model_config.vocab_size)
     if ckpt_state is not None:
         before = ckpt_state["train_config"]
@@ -587,6 +590,7 @@ def train_command(
     document_mask: bool | None = None,
     distributed: Literal["ddp", "fsdp"] | None = None,
     tensorboard: bool | None = None,
+    threads: int | None = None,
     resume: bool = False,
     allow_new_data: bool = False,
     init_from: str | None = None,
@@ -638,6 +642,9 @@ def train_command(
             docs/finetune.md#packing gives its cost and effect).
         distributed: multi-process strategy under torchrun: ddp or fsdp (FSDP2) (default ddp).
         tensorboard: also write TensorBoard logs when tensorboard is installed (default on).
+        threads: CPU threads (torch intra-op) per process (default: the physical cores this process may
+            use, divided among torchrun's local processes; OMP_NUM_THREADS, when set, wins over the default).
+            Give 1 when several trainings share the machine (docs/results.md#side-by-side).
         resume: continue the run in `out` from checkpoints/latest. Options given again apply from the
             current step as if the run had started with them (lr schedule recomputed); batch size,
             sequence length, seed, --document-mask and the LoRA/--init-from layout cannot change.
@@ -663,7 +670,7 @@ def train_command(
         "lr": lr, "min_lr": min_lr, "warmup_steps": warmup_steps, "schedule": schedule, "decay_fraction": decay_fraction,
         "weight_decay": weight_decay, "beta1": beta1, "beta2": beta2, "grad_clip": grad_clip, "eval_every": eval_every,
         "eval_batches": eval_batches, "log_every": log_every, "save_every": save_every, "seed": seed, "device": device,
-        "dtype": dtype, "compile": compile, "document_mask": document_mask, "distributed": distributed, "tensorboard": tensorboard,
+        "dtype": dtype, "compile": compile, "document_mask": document_mask, "distributed": distributed, "tensorboard": tensorboard, "threads": threads,
         "init_from": init_from, "lora": lora, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
         "lora_dropout": lora_dropout, "lora_targets": lora_targets,
     }
