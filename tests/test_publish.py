@@ -175,3 +175,23 @@ def test_push_errors_are_one_line(run, hub, tmp_path, monkeypatch, capsys):
         closed = s.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed}")
     assert "cannot reach the Hub at http://127.0.0.1" in error(["push", str(out), "alice/x", "--no-sample", "--token", "t"])
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_card_of_a_transformers_baseline_names_its_class_and_shape(kind, tmp_path):
+    """`wiola compare` trains GPT-2 and LLaMA baselines: their cards describe them, not a Wiola decoder."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from wiola import card
+
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=16, vocab_size=40))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                             max_position_embeddings=16, vocab_size=40))
+    model.save_pretrained(tmp_path)
+    text = card.render(card.collect(tmp_path))
+    name = type(model).__name__
+    assert f"a transformers `{name}` (a baseline, not a Wiola decoder)" in text and "Wiola decoder," not in text
+    assert "| layers × hidden size | 2 × 32 |" in text and "| context | 16 tokens |" in text and "| vocabulary | 40 tokens |" in text
+    assert "| switch | value |" not in text

@@ -245,6 +245,19 @@ def _components(c: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _config_view(c: dict[str, Any]) -> dict[str, Any]:
+    """The config with the common names filled in from the model type's own (GPT-2: n_embd -> hidden_size, ...)."""
+    if c.get("model_type") == "wiola":
+        return c
+    from transformers import CONFIG_MAPPING
+
+    try:
+        aliases = getattr(CONFIG_MAPPING[c.get("model_type")], "attribute_map", {})
+    except KeyError:
+        return c
+    return {**{common: c[own] for common, own in aliases.items() if own in c}, **c}
+
+
 def family(c: dict[str, Any]) -> str:
     from wiola.configuration_wiola import PRESETS
 
@@ -409,13 +422,16 @@ def render(info: CardInfo, *, repo_id: str | None = None, sample: tuple[str, str
     `sample` is (prompt, text) drawn with `SAMPLE_SETTINGS`."""
     import wiola
 
-    c = info.config
+    c = _config_view(info.config)
+    is_wiola = c.get("model_type") == "wiola"
     name = repo_id or info.model_dir.resolve().name
     data_lines, datasets = _data_lines(info)
-    preset = preset_of(c)
+    preset = preset_of(c) if is_wiola else None
     shape = f" with the shape of the `{preset}` preset" if preset else ""
     out = [_metadata(info, license, datasets), f"# {name.split('/')[-1]}", ""]
-    out += [f"A small decoder-only language model: **{info.parameters:,} parameters**, a {family(c)} Wiola decoder{shape},"
+    what = (f"a {family(c)} Wiola decoder{shape}" if is_wiola else
+            f"a transformers `{(c.get('architectures') or [c.get('model_type')])[0]}` (a baseline, not a Wiola decoder)")
+    out += [f"A small decoder-only language model: **{info.parameters:,} parameters**, {what},"
             f" trained with the wiola library {wiola.__version__}.", ""]
     if info.adapter is not None:
         out += [f"**This directory holds a LoRA adapter** ({info.adapter['parameters']:,} parameters) trained on the frozen"
@@ -428,14 +444,15 @@ def render(info: CardInfo, *, repo_id: str | None = None, sample: tuple[str, str
             f"{'tied to the embedding and counted once' if c.get('tie_word_embeddings', True) else 'a separate matrix'}) |",
             f"| layers × hidden size | {c.get('num_hidden_layers')} × {c.get('hidden_size')} |",
             f"| attention heads | {c.get('num_attention_heads')} query, {c.get('num_key_value_heads')} key/value, head dim {c.get('head_dim')} |",
-            f"| context | {c.get('max_position_embeddings'):,} tokens |",
-            f"| vocabulary | {c.get('vocab_size'):,} tokens |",
-            f"| dropout | attention {c.get('attention_dropout')}, hidden {c.get('hidden_dropout')} |", "",
-            "The component switches of `config.json` (set to `rope`, `none`, `none`, `none`, `swiglu`, `rmsnorm`,"
-            " a Wiola model is exactly a LLaMA decoder):", "",
-            "| switch | value | what it does |", "|---|---|---|"]
-    out += [f"| `{k}` | `{v}` | {text} |" for k, v, text in _components(c)]
-    out.append("")
+            f"| context | {c.get('max_position_embeddings') or 0:,} tokens |",
+            f"| vocabulary | {c.get('vocab_size') or 0:,} tokens |",
+            f"| dropout | attention {c.get('attention_dropout')}, hidden {c.get('hidden_dropout')} |", ""]
+    if is_wiola:
+        out += ["The component switches of `config.json` (set to `rope`, `none`, `none`, `none`, `swiglu`, `rmsnorm`,"
+                " a Wiola model is exactly a LLaMA decoder):", "",
+                "| switch | value | what it does |", "|---|---|---|"]
+        out += [f"| `{k}` | `{v}` | {text} |" for k, v, text in _components(c)]
+        out.append("")
 
     out += ["## Training data", ""] + data_lines + [""]
     training = _training_lines(info)
