@@ -140,6 +140,19 @@ def test_up_to_date_skip_and_rerun_on_change(text_corpus, bpe_dir, tmp_path, cap
     assert ((out / "train.bin").stat().st_mtime_ns, (out / "train.bin").stat().st_ino) == stamp
     assert {k: again[k] for k in ("train_tokens", "val_tokens", "documents")} == {k: first[k] for k in ("train_tokens", "val_tokens", "documents")}
 
+    # while a training run reads the data (a shared lock), an up-to-date prepare still answers (side-by-side
+    # `wiola compare` processes on one OUT each prepare it), and a prepare that would rewrite it is refused
+    from wiola.data.lock import shared_lock
+    from wiola.errors import WiolaError
+
+    reader = shared_lock(out, "wiola train")
+    try:
+        assert run(text_corpus, out, tokenizer=str(bpe_dir))["up_to_date"]
+        with pytest.raises(WiolaError, match="in use by another wiola process"):
+            run(text_corpus, out, tokenizer=str(bpe_dir), val_fraction=0.2)
+    finally:
+        reader.release()
+
     changed = text_corpus / "doc01.txt"
     changed.write_text("A completely different second document.\n")
     redo = run(text_corpus, out, tokenizer=str(bpe_dir))

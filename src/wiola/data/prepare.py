@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from wiola.data.corpus import Corpus
 from wiola.data.encode import encode_batches
-from wiola.data.lock import claim_dir
+from wiola.data.lock import claim_dir, shared_lock
 from wiola.data.manifest import FORMAT, MANIFEST, VERSION, fingerprint, is_complete, read_manifest, token_dtype, write_json_atomic
 from wiola.data.tokenizer import HF_PREFIX, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
 from wiola.errors import WiolaError
@@ -341,23 +341,42 @@ def prepare(source: str = "shakespeare", out: str | Path = "data/shakespeare", t
         options["split_at"] = split_at
     sources = [{"source": source, **corpus.describe()}]
     fp = fingerprint({"sources": sources, "tokenizer": tokenizer_spec, "options": options})
+    if not force:  # up to date: a reader's check, so a training run reading `out` (shared lock) does not block it
+        lock = shared_lock(out, "wiola prepare") if (out / MANIFEST).is_file() else None
+        try:
+            done = _up_to_date(out, fp) if lock is not None else None
+        finally:
+            if lock is not None:
+                lock.release()
+        if done is not None:
+            return done
     with claim_dir(out, "wiola prepare"), terminate_cleanly():
         remove_stale(out)
         return _prepare_locked(corpus, out, tokenizer, tokenizer_spec, tokenizer_kind, vocab_size, val_fraction, seed,
                                num_workers, split_at, force, progress, fp, sources, options)
 
 
+def _up_to_date(out: Path, fp: str) -> dict[str, Any] | None:
+    """The summary of `out` when it already holds complete data with fingerprint `fp`, else None."""
+    if not (out / MANIFEST).is_file():
+        return None
+    try:
+        old = read_manifest(out)
+    except WiolaError:
+        return None
+    if old["fingerprint"] != fp or not is_complete(out, old):
+        return None
+    print(f"{out} is up to date (fingerprint {fp[:12]}); use --force to prepare it again")
+    return _summary(out, old, 0.0, up_to_date=True)
+
+
 def _prepare_locked(corpus: Corpus, out: Path, tokenizer: str | None, tokenizer_spec: dict[str, Any], tokenizer_kind: str,
                     vocab_size: int, val_fraction: float, seed: int, num_workers: int | None, split_at: str, force: bool,
                     progress: bool, fp: str, sources: list[dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
-    if not force and (out / MANIFEST).is_file():
-        try:
-            old = read_manifest(out)
-        except WiolaError:
-            old = None
-        if old is not None and old["fingerprint"] == fp and is_complete(out, old):
-            print(f"{out} is up to date (fingerprint {fp[:12]}); use --force to prepare it again")
-            return _summary(out, old, 0.0, up_to_date=True)
+    if not force:
+        done = _up_to_date(out, fp)
+        if done is not None:
+            return done
 
     start = time.perf_counter()
     plan = plan_split(corpus, val_fraction, seed, split_at)
