@@ -123,6 +123,18 @@ def test_second_run_skips_every_finished_seed(tiny_nanogpt, capsys):
     assert (out / "seed-11" / "runs" / "paper" / "log.jsonl").read_text() == before
 
 
+def test_report_only_rewrites_the_reports_and_trains_nothing(tiny_nanogpt, capsys):
+    out, spec, _ = tiny_nanogpt
+    path = out.parent / "spec.yaml"
+    before = json.loads((out / "results.json").read_text())
+    (out / "results.md").unlink()
+    (out / "seed-11" / "results.md").unlink()
+    assert main(["compare", str(path), str(out), "--seeds", "11", "12", "--report-only"]) == 0
+    assert "training" not in capsys.readouterr().out
+    assert (out / "results.md").is_file() and (out / "seed-11" / "results.md").is_file()
+    assert json.loads((out / "results.json").read_text())["entrants"] == before["entrants"]
+
+
 def _row(name, losses):
     return {"name": name, "best_val_losses": losses, "best_val_loss_mean": statistics.fmean(losses) if losses else None}
 

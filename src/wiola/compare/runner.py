@@ -201,7 +201,7 @@ def training_options(spec: Spec, overrides: dict[str, Any], entrants: list[Entra
 
 
 def compare(spec_path: str | Path, out: str | Path, *, only: list[str] | None = None, train_overrides: dict[str, Any] | None = None,
-            shape_overrides: dict[str, Any] | None = None, seeds: list[int] | None = None) -> int:
+            shape_overrides: dict[str, Any] | None = None, seeds: list[int] | None = None, report_only: bool = False) -> int:
     """Run (or resume) a comparison; write the reports; return the exit status (0, or 128+signal when interrupted).
 
     With `seeds` (or the spec's `seeds`), every entrant is trained once per seed: OUT/seed-S/ is the
@@ -231,6 +231,14 @@ def compare(spec_path: str | Path, out: str | Path, *, only: list[str] | None = 
     total = len(entrants) * len(seeds or [None])
     print(f"wiola compare: {len(entrants)} entrants{f' x {len(seeds)} seeds' if seeds else ''} on {data_dir} "
           f"({options.get('max_steps', '?')} steps x {options.get('batch_size', '?')} x {options['seq_len']} tokens); results in {out}")
+    if report_only:  # rewrite the reports from the finished runs; train nothing
+        for sub, opts in ([(out / f"seed-{seed}", {**options, "seed": seed}) for seed in seeds] if seeds else [(out, options)]):
+            if (sub / "runs").is_dir():
+                write_reports(out=sub, options=opts, **context)
+        if seeds:
+            write_seed_reports(out=out, seeds=seeds, options=options, **context)
+        print(f"wiola compare: wrote the reports in {out} from the finished runs")
+        return 0
     if not seeds:
         return _run_setting(out, options, manifest, context, only, (0, total))
     if options.get("seed") is not None and spec.train.get("seed") is not None:
@@ -274,7 +282,7 @@ def _run_setting(out: Path, options: dict[str, Any], manifest: dict[str, Any], c
 
 
 def compare_command(spec: str, out: str, only: list[str] | None = None, seeds: list[int] | None = None,
-                    threads: int | None = None, train: list[str] | None = None,
+                    threads: int | None = None, report_only: bool = False, train: list[str] | None = None,
                     shape: list[str] | None = None, device: str | None = None,
                     dtype: Literal["auto", "fp32", "bf16"] | None = None) -> int:
     """Train several models on the same token stream and report them side by side.
@@ -295,6 +303,7 @@ def compare_command(spec: str, out: str, only: list[str] | None = None, seeds: l
             report the mean and standard deviation of each entrant's best validation loss, with
             Welch's t-test against the spec's `control` entrant (default: the spec's `seeds`, else once).
         threads: CPU threads per training (default: the physical cores; 1 when running side by side).
+        report_only: train nothing; rewrite OUT's reports from the runs finished so far.
         train: training option overrides, key=value (e.g. --train max_steps=200 eval_every=50), for smoke runs.
         shape: shape overrides, key=value (hidden_size, num_hidden_layers, num_attention_heads,
             num_key_value_heads, context, dropout).
@@ -304,4 +313,5 @@ def compare_command(spec: str, out: str, only: list[str] | None = None, seeds: l
     from wiola.train.config import parse_overrides
 
     overrides = {**parse_overrides(train), "device": device, "dtype": dtype, "threads": threads}
-    return compare(spec, out, only=only, train_overrides=overrides, shape_overrides=parse_overrides(shape), seeds=seeds)
+    return compare(spec, out, only=only, train_overrides=overrides, shape_overrides=parse_overrides(shape), seeds=seeds,
+                   report_only=report_only)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,9 @@ def compare_with_control(rows: list[dict[str, Any]], control: str | None) -> Non
         if len(set(a)) == 1 and len(set(b)) == 1:  # no spread on either side: nothing to test against
             r["verdict"] = "no spread to test"
             continue
-        p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+        with warnings.catch_warnings():  # scipy warns of precision loss when one side has (almost) no spread
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
         if not math.isfinite(p):
             r["verdict"] = "no spread to test"
             continue
