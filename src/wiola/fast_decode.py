@@ -197,13 +197,15 @@ class StaticDecoder:
             return None
         if self.engine == "onnx":
             return "onnx" if self.onnx.cached() or self._export(onnx_decode.expected_export_s(onnx_decode.ledger().read())) else None
+        if max_new_tokens < cpu_decode.PROBE_STEPS + 3:  # too short to time, or to win back the session's start
+            return None
         record = onnx_decode.ledger().get(self._onnx_signature(batch))
         if self.onnx.cached():
             if record.get("eager_ms") and record.get("onnx_ms"):
                 return "onnx" if record["onnx_ms"] < record["eager_ms"] else None
         elif onnx_decode.missing(export=True) or self.onnx.failed_before():
             return None
-        return "probe" if max_new_tokens >= cpu_decode.PROBE_STEPS + 3 else None
+        return "probe"
 
     def _switch_to_onnx(self, batch: int, eager_ms: float, steps: int) -> bool:
         """After the probe: onnxruntime for the rest of the run? (A cached export: yes, to time it; else export
@@ -218,7 +220,7 @@ class StaticDecoder:
         if onnx_decode.export_pays_back(forgone, export_s, saving, steps):
             return self._export(export_s)
         if saving > 0:
-            onnx_decode.ledger().update(self.onnx.key, forgone_s=forgone + steps * saving / 1000.0)
+            onnx_decode.add_forgone(self.onnx.key, steps * saving / 1000.0)
         return False
 
     def _export(self, expected_s: float) -> bool:

@@ -7,6 +7,7 @@
 graph format), written atomically, and a ledger `records.json` (`cpu_decode.Ledger`): per model key the
 export seconds (or that the export failed) and the decoding time forgone on torch; per decode signature
 (`cpu_decode.signature`: the model's shape, batch, cache size, threads) the eager and onnxruntime ms per step.
+The cache keeps the `KEEP_EXPORTS` most recently used exports; deleting it at any time only costs re-exports.
 
 **When (`engine="auto"`, `StaticDecoder`).** The export pays once, each later run only loads the session
 (tens of ms at nano size). With a cached export, the run decodes on onnxruntime from the prompt on when the
@@ -39,6 +40,8 @@ from . import cpu_decode
 COLD_EXPORT_S = 15.0  # export + onnxruntime check, tiny and llama-nano shapes, 1 busy core: 11–13 s
 DEFAULT_SPEEDUP = {1: 2.0}  # eager ms ÷ onnxruntime ms before anything is recorded, by batch (batch 1: 2.0–3.1× measured);
 DEFAULT_SPEEDUP_BATCHED = 1.0  # larger batches: 0.8–1.3× measured, so no export is paid for on a guess
+KEEP_EXPORTS = 8  # exports kept in the cache (the most recently used); the ledger keeps the losses of this many models
+KEEP_LOSSES = 256
 
 
 def missing(export: bool) -> list[str]:
@@ -99,6 +102,21 @@ def expected_speedup(record: dict, batch: int) -> float:
 def saving_ms(record: dict, batch: int, eager_ms: float) -> float:
     """Expected ms saved per step by onnxruntime (negative: it is slower)."""
     return eager_ms * (1.0 - 1.0 / expected_speedup(record, batch))
+
+
+def add_forgone(key: str, seconds: float) -> None:
+    """Add a run's expected loss on torch to the model's tally (the ledger keeps the `KEEP_LOSSES` largest tallies
+    of models not exported: every checkpoint decoded once, as during training, adds one)."""
+    book = ledger()
+    records = book.read()
+    total = records.get(key, {}).get("forgone_s", 0.0) + seconds
+    tallies = sorted((r["forgone_s"], k) for k, r in records.items() if "forgone_s" in r and "export_s" not in r and k != key)
+    for _, k in tallies[: max(0, len(tallies) + 1 - KEEP_LOSSES)]:
+        records[k].pop("forgone_s")
+        if not records[k]:
+            del records[k]
+    records.setdefault(key, {})["forgone_s"] = round(total, 4)
+    book.write(records)
 
 
 def export_pays_back(forgone_s: float, export_s: float, saving_per_step_ms: float, steps: int) -> bool:
@@ -171,7 +189,14 @@ class OnnxEngine:
             raise
         self.export_s = time.perf_counter() - start
         ledger().update(self.key, export_s=self.export_s)
+        self._prune(root)
         return self.export_s
+
+    def _prune(self, root: Path) -> None:
+        """Keep the `KEEP_EXPORTS` most recently used exports (`start` marks a use)."""
+        exports = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in exports[KEEP_EXPORTS:]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def failed_before(self) -> bool:
         return bool(ledger().get(self.key).get("export_failed"))
@@ -179,6 +204,11 @@ class OnnxEngine:
     def start(self, batch: int, capacity: int) -> OnnxRun:
         if self._session is None:
             from wiola.export.onnx_run import OnnxStepSession
+
+            try:
+                os.utime(self.folder)  # used: the last to be pruned
+            except OSError:
+                pass
 
             self._session = OnnxStepSession(self.folder, threads=torch.get_num_threads())
         return OnnxRun(self._session, batch, capacity)

@@ -184,3 +184,22 @@ def test_generate_command_engines_and_bad_choices(exports, capsys):
         StaticDecoder(model, engine="gpu")
     with pytest.raises(ValueError, match="int8 \\(quantize\\) runs on the torch engine"):
         StaticDecoder(model, engine="onnx", quantize="int8")
+
+
+def test_the_cache_and_the_ledger_stay_bounded(private_cache, monkeypatch):
+    monkeypatch.setattr(onnx_decode, "KEEP_LOSSES", 3)
+    for i in range(6):
+        onnx_decode.add_forgone(f"model{i}", 1.0 + i)
+    onnx_decode.add_forgone("model5", 1.0)
+    onnx_decode.add_forgone("model0", 10.0)  # dropped earlier (the smallest loss): it starts over
+    tallies = {k: r["forgone_s"] for k, r in onnx_decode.ledger().read().items()}
+    assert tallies == {"model0": 10.0, "model4": 5.0, "model5": 7.0}  # the largest losses stay, added up
+    import os
+
+    monkeypatch.setattr(onnx_decode, "KEEP_EXPORTS", 2)
+    for i in range(4):
+        (private_cache / f"key{i}").mkdir()
+        os.utime(private_cache / f"key{i}", (1000 + i, 1000 + i))
+    os.utime(private_cache / "key0", (5000, 5000))  # the oldest export, used last
+    onnx_decode.OnnxEngine(None)._prune(private_cache)
+    assert sorted(p.name for p in private_cache.iterdir() if p.is_dir()) == ["key0", "key3"]
