@@ -186,7 +186,6 @@ class StaticDecoder:
             cpu_decode.save_artifacts(sig)
         return logits
 
-
     def _onnx_signature(self, batch: int) -> str:
         return cpu_decode.signature(self.model, batch, self.cache.capacity, "engine", torch.get_num_threads())
 

@@ -88,9 +88,9 @@ def ledger() -> cpu_decode.Ledger:
 
 
 def expected_export_s(records: dict) -> float:
-    """The last export time recorded on this machine (exports of any model take about as long), else the default."""
+    """The mean export time recorded on this machine (exports of any model take about as long), else the default."""
     times = [r["export_s"] for r in records.values() if "export_s" in r]
-    return times[-1] if times else COLD_EXPORT_S
+    return sum(times) / len(times) if times else COLD_EXPORT_S
 
 
 def expected_speedup(record: dict, batch: int) -> float:
@@ -125,7 +125,7 @@ def export_pays_back(forgone_s: float, export_s: float, saving_per_step_ms: floa
 
 
 class OnnxRun:
-    """One generate call on onnxruntime: `prefill(ids, mask)` then `step(token)`, each returning the last
+    """One generate call on onnxruntime: `prefill(ids, mask)` (a chunk), then a call per token `[B, 1]`, each returning the last
     position's logits `[B, V]` as a torch tensor (`pick_next` samples from them as from torch's)."""
 
     def __init__(self, session, batch: int, capacity: int):

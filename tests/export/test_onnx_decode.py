@@ -79,6 +79,9 @@ def test_onnx_engine_decodes_the_torch_tokens(exports, family, monkeypatch):
     sampled = torch_dec.generate(ids, mask, max_new_tokens=NEW, streamer=streams[0], **SAMPLING)
     assert torch.equal(onnx_dec.generate(ids, mask, max_new_tokens=NEW, streamer=streams[1], **SAMPLING), sampled)
     assert streams[0].chunks == streams[1].chunks and streams[1].ended and not torch.equal(sampled, expected)
+    # auto, nothing timed yet: eager steps, then onnxruntime from the whole sequence so far (one chunk) on
+    auto = StaticDecoder(model, max_cache_len=CAPACITY)
+    assert torch.equal(auto.generate(ids, mask, max_new_tokens=NEW, **SAMPLING), sampled) and auto.last_path == "eager+onnx"
 
 
 def test_auto_chooses_the_engine_by_the_ledger(exports, monkeypatch):
