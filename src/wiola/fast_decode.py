@@ -241,6 +241,17 @@ class StaticDecoder:
             return False
         return True
 
+    def _start_onnx(self, batch: int) -> onnx_decode.OnnxRun | None:
+        """The onnxruntime state of a run; None (with a one-line note, the engine dropped) when the cached export does not load."""
+        try:
+            return self.onnx.start(batch, self.cache.capacity)
+        except Exception as exc:
+            reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:200]
+            self._note(f"note: onnxruntime could not load {self.onnx.folder} ({type(exc).__name__}: {reason}); decoding on torch "
+                       "(delete that folder to export again)", self.engine == "onnx")
+            self.onnx = None
+            return None
+
     @torch.no_grad()
     def generate(
         self,
@@ -279,7 +290,9 @@ class StaticDecoder:
         plan = self._onnx_plan(batch, max_new_tokens) if mode != "on" else None
         ort, ort_calls, ort_start = None, 0, None
         if plan == "onnx":  # the prompt too
-            ort = self.onnx.start(batch, self.cache.capacity)
+            ort = self._start_onnx(batch)
+            plan = plan if ort is not None else None
+        if ort is not None:
             mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
             logits = ort.prefill(input_ids, mask)
         else:
@@ -311,9 +324,9 @@ class StaticDecoder:
                     deciding = False
                     eager_ms = (time.perf_counter() - probe_start) * 1000 / cpu_decode.PROBE_STEPS
                     remaining = max_new_tokens - 1 - i
-                    if plan == "probe" and self._switch_to_onnx(batch, eager_ms, max_new_tokens):
+                    if plan == "probe" and self._switch_to_onnx(batch, eager_ms, max_new_tokens) and (ort := self._start_onnx(batch)):
                         self._note(f"decoding the remaining {remaining} tokens with onnxruntime")
-                        ort, onnx_from = self.onnx.start(batch, self.cache.capacity), i
+                        onnx_from = i
                         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
                         logits = ort.prefill(torch.cat(out, dim=1), torch.cat([mask, mask.new_ones(batch, i + 1)], dim=1))
                         continue

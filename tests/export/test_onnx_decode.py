@@ -163,6 +163,13 @@ def test_missing_onnxruntime_or_failed_export_falls_back_to_torch(exports, monke
     assert engine.failed_before() and not engine.cached()
     auto = StaticDecoder(model, max_cache_len=CAPACITY)  # auto does not try again for these weights and this exporter
     assert auto._onnx_plan(2, NEW) is None
+    # a damaged cached export: one line, torch
+    cached(exports, "all-off")
+    (engine.folder / "model.onnx").write_bytes(b"not a graph")
+    decoder = StaticDecoder(model, max_cache_len=CAPACITY, engine="onnx")
+    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "eager"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"wiola: note: onnxruntime could not load {engine.folder} (") and err[0].endswith("(delete that folder to export again)")
 
 
 def test_generate_command_engines_and_bad_choices(exports, capsys):
