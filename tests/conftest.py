@@ -1,5 +1,15 @@
 """Suite-wide settings: tiny models run fastest single-threaded (thread start-up dominates their ops)."""
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import torch
 
 torch.set_num_threads(1)
+
+# the ONNX engine's export cache and ledger (`wiola.onnx_decode`): a private one for the session (subprocesses
+# included), so that no test decodes from, or adds to, the user's ~/.cache/wiola/onnx
+os.environ["WIOLA_ONNX_CACHE"] = tempfile.mkdtemp(prefix="wiola-onnx-tests-")
+atexit.register(shutil.rmtree, os.environ["WIOLA_ONNX_CACHE"], True)

@@ -111,6 +111,10 @@ class Ledger:
     def update(self, sig: str, **fields: float) -> None:
         records = self.read()
         records.setdefault(sig, {}).update({k: round(float(v), 4) for k, v in fields.items()})
+        self.write(records)
+
+    def write(self, records: dict[str, dict]) -> None:
+        """Replace the ledger atomically (best effort: an unwritable cache only loses the records)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")

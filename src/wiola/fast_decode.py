@@ -7,7 +7,10 @@ forward; every later token runs one step function that reads and writes only fix
 kernel launches of a small model's step are what limit batch-1 decoding); on CPU by inductor with
 freezing and the C++ wrapper (`wiola.cpu_decode`). `compile="auto"` compiles on CUDA, and on CPU only
 when the run is long enough to pay the compile time back (timed on the run's first steps). With
-`quantize="int8"` the decoder runs an int8 copy of the model (`wiola.quantize`). Greedy and sampled
+`quantize="int8"` the decoder runs an int8 copy of the model (`wiola.quantize`). On CPU the decoder can
+also run the model's ONNX export under onnxruntime (`engine`, `wiola.onnx_decode`): the same loop, with
+the step's logits coming from onnxruntime (`engine="auto"`, the default, picks it when it is faster and
+its one-off export pays back or is cached). Greedy and sampled
 decoding (temperature, top-k, top-p, seeded), batch 1 or batched, with an optional end-of-sequence stop
 and a transformers streamer. `model.generate(..., cache_implementation="static")` runs the same cache
 and step under transformers' own loop.
@@ -23,7 +26,7 @@ from typing import Callable, Literal
 
 import torch
 
-from . import cpu_decode
+from . import cpu_decode, onnx_decode
 from .cache_wiola import WiolaStaticCache
 from .quantize import check_quantize, quantize_int8, torchao_available
 
@@ -76,15 +79,20 @@ class StaticDecoder:
     on CPU the first `cpu_decode.PROBE_STEPS` steps run eagerly and the rest compiled when that pays back —
     `wiola.cpu_decode`). `backend`: the `torch.compile` backend. `quantize`: None or "int8" (`wiola.quantize`;
     CPU only; eager steps on PyTorch's int8 kernels, compiled steps on torchao's when it is installed —
-    without it an int8 decoder stays eager). `verbose`: say on stderr when and why the step compiles.
+    without it an int8 decoder stays eager). `engine`: "torch", "onnx" (CPU, float32, not quantized: the
+    model's ONNX export under onnxruntime, exported on first use and cached — `wiola.onnx_decode`) or "auto"
+    (default: with `compile="auto"` on CPU, onnx when the ledger says it is faster and its export is cached
+    or pays back, else torch; with `compile` True or False, torch). Without onnxruntime, or when the export
+    fails, the decoder says so (`verbose`) and decodes on torch. `verbose`: say on stderr when and why the
+    step compiles, exports or changes engine.
 
     Build it once and call `generate` as often as needed: the cache buffers and the compiled step are
     reused while the batch size stays the same (a new batch size reallocates and, compiled, recompiles).
-    A compiled CPU step has the weights baked in (freezing): rebuild the decoder after changing them.
+    A compiled CPU step and the ONNX engine have the weights baked in: rebuild the decoder after changing them.
     """
 
     def __init__(self, model, max_cache_len: int | None = None, compile: bool | Literal["auto"] = "auto", backend: str = "inductor",
-                 quantize: str | None = None, verbose: bool = False):
+                 quantize: str | None = None, verbose: bool = False, engine: Literal["auto", "torch", "onnx"] = "auto"):
         if not hasattr(model, "config") or getattr(model.config, "model_type", None) != "wiola":
             raise ValueError("StaticDecoder needs a WiolaForCausalLM")
         if compile not in (True, False, "auto"):
@@ -106,8 +114,32 @@ class StaticDecoder:
         self.eager_step = CompiledStep(self._step_fn(self.eager_model), False, self.device)
         self._compiled: CompiledStep | None = None
         self._compiled_batch: int | None = None
-        self.last_path: str = "eager"  # what the last generate call ran: eager, compiled, or eager+compiled
+        self.last_path: str = "eager"  # what the last generate call ran: eager, compiled, eager+compiled, onnx or eager+onnx
         self.compile_s: float | None = None  # seconds the last compile took (CPU, inductor)
+        self.engine = self._check_engine(engine, compile)
+        self.onnx: onnx_decode.OnnxEngine | None = None  # set while the ONNX engine may run
+        if self.engine == "onnx" or (self.engine == "auto" and compile == "auto" and self.device.type == "cpu" and not self.quantize
+                                     and next(model.parameters()).dtype == torch.float32):
+            lacking = onnx_decode.missing(export=False)
+            if lacking:
+                self._note(f"note: {', '.join(lacking)} is not installed, so decoding runs on torch (pip install 'wiola[export]' for the faster ONNX engine on CPU)",
+                           always=self.engine == "onnx")
+            else:
+                self.onnx = onnx_decode.OnnxEngine(model)
+
+    def _check_engine(self, engine: str, compile) -> str:
+        if engine not in ("auto", "torch", "onnx"):
+            raise ValueError(f"engine must be 'auto', 'torch' or 'onnx', got {engine!r}")
+        if engine == "onnx":
+            if self.device.type != "cpu":
+                raise ValueError(f"the onnx engine runs on CPU only (the model is on {self.device.type}); use engine 'torch' or 'auto'")
+            if self.quantize:
+                raise ValueError("the onnx engine decodes the float32 model; int8 (quantize) runs on the torch engine")
+            if compile is True:
+                raise ValueError("compile applies to the torch engine; the onnx engine takes compile 'auto' or off")
+            if next(self.model.parameters()).dtype != torch.float32:
+                raise ValueError(f"the onnx engine needs a float32 model, this one is {next(self.model.parameters()).dtype}")
+        return engine
 
     # kept for callers of the earlier API: the step the decoder starts with
     @property
@@ -135,8 +167,8 @@ class StaticDecoder:
     def _signature(self, batch: int) -> str:
         return cpu_decode.signature(self.model, batch, self.cache.capacity, f"{self.quantize}/{self.backend}", torch.get_num_threads())
 
-    def _note(self, text: str) -> None:
-        if self.verbose:
+    def _note(self, text: str, always: bool = False) -> None:
+        if self.verbose or always:
             print(f"wiola: {text}", file=sys.stderr, flush=True)
 
     def _timed_compile(self, token: torch.Tensor, sig: str | None) -> torch.Tensor:
@@ -153,6 +185,72 @@ class StaticDecoder:
         if persist:
             cpu_decode.save_artifacts(sig)
         return logits
+
+    def _onnx_signature(self, batch: int) -> str:
+        return cpu_decode.signature(self.model, batch, self.cache.capacity, "engine", torch.get_num_threads())
+
+    def _onnx_plan(self, batch: int, max_new_tokens: int) -> str | None:
+        """Before a run (`wiola.onnx_decode`): "onnx" (from the prompt on), "probe" (decide after the timed
+        eager steps) or None (torch)."""
+        if self.onnx is None:
+            return None
+        if self.engine == "onnx":
+            return "onnx" if self.onnx.cached() or self._export(onnx_decode.expected_export_s(onnx_decode.ledger().read())) else None
+        if max_new_tokens < cpu_decode.PROBE_STEPS + 3:  # too short to time, or to win back the session's start
+            return None
+        record = onnx_decode.ledger().get(self._onnx_signature(batch))
+        if self.onnx.cached():
+            if record.get("eager_ms") and record.get("onnx_ms"):
+                return "onnx" if record["onnx_ms"] < record["eager_ms"] else None
+        elif onnx_decode.missing(export=True) or self.onnx.failed_before():
+            return None
+        return "probe"
+
+    def _switch_to_onnx(self, batch: int, eager_ms: float, steps: int) -> bool:
+        """After the probe: onnxruntime for the rest of the run? (A cached export: yes, to time it; else export
+        when that pays back — rent or buy, `onnx_decode.export_pays_back`.)"""
+        if self.onnx.cached():
+            return True
+        records = onnx_decode.ledger().read()
+        mine = records.get(self.onnx.key, {})
+        saving = onnx_decode.saving_ms(records.get(self._onnx_signature(batch), {}), batch, eager_ms)
+        export_s = mine.get("export_s") or onnx_decode.expected_export_s(records)
+        forgone = mine.get("forgone_s", 0.0)
+        if onnx_decode.export_pays_back(forgone, export_s, saving, steps):
+            return self._export(export_s)
+        if saving > 0:
+            onnx_decode.add_forgone(self.onnx.key, steps * saving / 1000.0)
+        return False
+
+    def _export(self, expected_s: float) -> bool:
+        """Export for the onnx engine (once per set of weights); on failure say why in one line and drop the engine."""
+        forced = self.engine == "onnx"
+        lacking = onnx_decode.missing(export=True)
+        if lacking:
+            self._note(f"note: exporting for the onnx engine needs {', '.join(lacking)} (pip install 'wiola[export]'); decoding on torch", forced)
+            self.onnx = None
+            return False
+        self._note(f"exporting the model to ONNX for the faster CPU engine (once for these weights, about {expected_s:.0f} s; "
+                   f"cached in {onnx_decode.onnx_cache_dir()})")
+        try:
+            self.onnx.export()
+        except Exception as exc:
+            reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:200]
+            self._note(f"note: the ONNX export failed ({type(exc).__name__}: {reason}); decoding on torch", forced)
+            self.onnx = None
+            return False
+        return True
+
+    def _start_onnx(self, batch: int) -> onnx_decode.OnnxRun | None:
+        """The onnxruntime state of a run; None (with a one-line note, the engine dropped) when the cached export does not load."""
+        try:
+            return self.onnx.start(batch, self.cache.capacity)
+        except Exception as exc:
+            reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:200]
+            self._note(f"note: onnxruntime could not load {self.onnx.folder} ({type(exc).__name__}: {reason}); decoding on torch "
+                       "(delete that folder to export again)", self.engine == "onnx")
+            self.onnx = None
+            return None
 
     @torch.no_grad()
     def generate(
@@ -186,17 +284,28 @@ class StaticDecoder:
         input_ids = input_ids.to(self.device)
         batch = input_ids.shape[0]
         sig = self._signature(batch) if self.device.type == "cpu" and self.mode != "off" else None
-        self.cache.reset()
-        logits = self.eager_model(input_ids=input_ids, attention_mask=attention_mask, cache=self.cache, use_cache=True).logits[:, -1]
+        mode = self.mode
+        if mode == "auto" and self._compiled is not None and self._compiled_batch == batch:
+            mode = "on"  # compiled by an earlier call for this batch: nothing left to pay
+        plan = self._onnx_plan(batch, max_new_tokens) if mode != "on" else None
+        ort, ort_calls, ort_start = None, 0, None
+        if plan == "onnx":  # the prompt too
+            ort = self._start_onnx(batch)
+            plan = plan if ort is not None else None
+        if ort is not None:
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+            logits = ort.prefill(input_ids, mask)
+        else:
+            self.cache.reset()
+            logits = self.eager_model(input_ids=input_ids, attention_mask=attention_mask, cache=self.cache, use_cache=True).logits[:, -1]
         if streamer is not None:
             streamer.put(input_ids.cpu())
         pad = pad_token_id if pad_token_id is not None else eos_token_id
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         out = [input_ids]
-        mode = self.mode
-        if mode == "auto" and self._compiled is not None and self._compiled_batch == batch:
-            mode = "on"  # compiled by an earlier call for this batch: nothing left to pay
         compiled_from = 0 if mode == "on" else None  # the step index from which the compiled step runs
+        onnx_from = 0 if ort is not None else None  # ... and the onnxruntime step
+        deciding = ort is None and (mode == "auto" or plan == "probe")
         probe_start = timed_from = steps_start = eager_ms = None
         for i in range(max_new_tokens):
             token = pick_next(logits, do_sample, temperature, top_k, top_p, generator)
@@ -208,18 +317,32 @@ class StaticDecoder:
                 streamer.put(token.cpu())
             if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
                 break
-            if mode == "auto":  # time PROBE_STEPS eager steps (after one warm-up step), then decide once
+            if deciding:  # time PROBE_STEPS eager steps (after one warm-up step), then decide once
                 if i == 1:
                     probe_start = time.perf_counter()
                 elif i == 1 + cpu_decode.PROBE_STEPS:
+                    deciding = False
                     eager_ms = (time.perf_counter() - probe_start) * 1000 / cpu_decode.PROBE_STEPS
-                    record = cpu_decode.Ledger().get(sig)
                     remaining = max_new_tokens - 1 - i
-                    mode = "on" if cpu_decode.compile_pays_back(record, eager_ms, remaining) else "off"
-                    if mode == "on":
-                        compiled_from = i
-                        cost = f"about {record['compile_s']:.0f} s, cached" if "compile_s" in record else "the first time here: up to a minute"
-                        self._note(f"compiling the decode step for the remaining {remaining} tokens ({cost})")
+                    if plan == "probe" and self._switch_to_onnx(batch, eager_ms, max_new_tokens) and (ort := self._start_onnx(batch)):
+                        self._note(f"decoding the remaining {remaining} tokens with onnxruntime")
+                        onnx_from = i
+                        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+                        logits = ort.prefill(torch.cat(out, dim=1), torch.cat([mask, mask.new_ones(batch, i + 1)], dim=1))
+                        continue
+                    if mode == "auto":
+                        record = cpu_decode.Ledger().get(sig)
+                        mode = "on" if cpu_decode.compile_pays_back(record, eager_ms, remaining) else "off"
+                        if mode == "on":
+                            compiled_from = i
+                            cost = f"about {record['compile_s']:.0f} s, cached" if "compile_s" in record else "the first time here: up to a minute"
+                            self._note(f"compiling the decode step for the remaining {remaining} tokens ({cost})")
+            if ort is not None:
+                if ort_calls == 1:  # the first call of a one-token step warms onnxruntime up: not timed
+                    ort_start = time.perf_counter()
+                logits = ort(token[:, None])
+                ort_calls += 1
+                continue
             if compiled_from is not None and i == compiled_from and self._compiled_batch != batch:
                 logits = self._timed_compile(token[:, None], sig)
                 self._compiled_batch = batch
@@ -235,7 +358,16 @@ class StaticDecoder:
                 if eager_ms is not None:
                     fields["eager_ms"] = eager_ms
                 cpu_decode.Ledger().update(sig, **fields)
-        self.last_path = "eager" if compiled_from is None else "compiled" if compiled_from == 0 else "eager+compiled"
+        if plan is not None:  # the engines' step times, for the next run's choice
+            fields = dict(eager_ms=eager_ms) if eager_ms is not None else {}
+            if ort_calls - 1 >= cpu_decode.PROBE_STEPS:
+                fields["onnx_ms"] = (time.perf_counter() - ort_start) * 1000 / (ort_calls - 1)
+            if fields:
+                onnx_decode.ledger().update(self._onnx_signature(batch), **fields)
+        if onnx_from is not None:
+            self.last_path = "onnx" if onnx_from == 0 and plan == "onnx" else "eager+onnx"
+        else:
+            self.last_path = "eager" if compiled_from is None else "compiled" if compiled_from == 0 else "eager+compiled"
         if streamer is not None:
             streamer.end()
         return torch.cat(out, dim=1)

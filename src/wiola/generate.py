@@ -3,7 +3,8 @@
 The model and tokenizer load through the Auto classes (`import wiola` registers the wiola
 model type, so LLaMA-style and Wiola checkpoints both work). Wiola models decode on the fast path
 (`wiola.fast_decode.StaticDecoder`: preallocated cache; the step compiled with CUDA graphs on CUDA, and on
-CPU when the run is long enough to pay the compile back; `--quantize int8` for int8 CPU decoding); other
+CPU when the run is long enough to pay the compile back; `--quantize int8` for int8 CPU decoding; on CPU
+`--engine auto` runs the model's cached ONNX export under onnxruntime when that is faster, `wiola.onnx_decode`); other
 models, or `--decoding generate`, go through transformers' `generate()`. On CPU the thread count is set to
 the physical cores unless OMP_NUM_THREADS says otherwise (`wiola.cpu_decode`). A single sample streams to the
 terminal token by token through transformers' `TextStreamer`; several samples are drawn
@@ -65,6 +66,7 @@ def generate_command(
     decoding: Literal["auto", "static", "generate"] = "auto",
     compile: Literal["auto", "on", "off"] = "auto",
     quantize: Literal["none", "int8"] = "none",
+    engine: Literal["auto", "torch", "onnx"] = "auto",
 ) -> list[str]:
     """Generate text from a trained model, streaming it to the terminal.
 
@@ -88,6 +90,12 @@ def generate_command(
             ~/.cache/wiola/compile); off = never.
         quantize: int8 = decode with int8 weights and per-token int8 activations (CPU only; slightly
             different tokens from fp32, see docs/benchmarks.md); none = the model's own weights.
+        engine: what runs the static decode step on CPU. onnx = the model's ONNX export under onnxruntime
+            (the tokens of the torch path; exported on first use, about 10-20 s, and cached in
+            ~/.cache/wiola/onnx per set of weights); torch = PyTorch (eager or compiled, see --compile);
+            auto = onnx when a cached export is faster here (timed on earlier runs), or when this model's
+            runs have lost more time on torch than exporting costs; else torch. Without onnxruntime or
+            when the export fails: torch, with a note. --compile on/off and --quantize int8 mean torch.
     """
     from transformers import GenerationConfig, TextStreamer, set_seed
 
@@ -100,6 +108,11 @@ def generate_command(
     from wiola.quantize import check_quantize
 
     quantize = check_quantize(quantize)
+    if engine not in ("auto", "torch", "onnx"):
+        raise WiolaError(f"--engine must be one of auto, torch, onnx; got {engine!r}")
+    if engine == "onnx" and (quantize or compile == "on" or decoding == "generate"):
+        clash = "--quantize int8" if quantize else "--compile on" if compile == "on" else "--decoding generate"
+        raise WiolaError(f"--engine onnx does not combine with {clash} (that runs on the torch engine)")
     dev = resolve_device(device)
     if dev.type == "cpu":
         from wiola.cpu_decode import cpu_threads
@@ -107,10 +120,14 @@ def generate_command(
         cpu_threads()
     if quantize and dev.type != "cpu":
         raise WiolaError(f"--quantize {quantize} runs on CPU only; add --device cpu")
+    if engine == "onnx" and dev.type != "cpu":
+        raise WiolaError(f"--engine onnx runs on CPU only (the device is {dev}); add --device cpu")
     model, tokenizer, _ = load_for_inference(checkpoint, dev)
     is_wiola = getattr(model.config, "model_type", None) == "wiola"
     if quantize and not (is_wiola and decoding in ("auto", "static")):
         raise WiolaError("--quantize needs the static decoding path of a Wiola model (not --decoding generate)")
+    if engine == "onnx" and not is_wiola:
+        raise WiolaError(f"--engine onnx needs a Wiola model; this checkpoint is {model.config.model_type!r}")
     if decoding == "static" and not is_wiola:
         raise WiolaError(f"--decoding static needs a Wiola model; this checkpoint is {model.config.model_type!r} (use --decoding generate)")
     context = model.config.max_position_embeddings
@@ -129,7 +146,8 @@ def generate_command(
         from wiola.fast_decode import StaticDecoder
 
         decoder = StaticDecoder(model, max_cache_len=cache_slots(ids.shape[1] + max_new_tokens, context),
-                                compile={"on": True, "off": False}.get(compile, "auto"), quantize=quantize, verbose=True)
+                                compile={"on": True, "off": False}.get(compile, "auto"), quantize=quantize, verbose=True,
+                                engine=engine)
         out = decoder.generate(
             ids.expand(num_samples, -1), max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_k=top_k or None, top_p=top_p, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, seed=seed, streamer=streamer,

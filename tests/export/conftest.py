@@ -20,6 +20,25 @@ def char_tokenizer(tmp_path_factory):
     return save_tokenizer(train_tokenizer(corpus(40, 0), kind="char"), tmp_path_factory.mktemp("tokenizer"))
 
 
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory, char_tokenizer):
+    """`exports(family)`: (saved model folder, its `wiola export --to onnx` folder), one per family, made on first use
+    and shared by the export and ONNX-engine tests."""
+    from wiola.export import export_model
+
+    made = {}
+
+    def get(family):
+        if family not in made:
+            root = tmp_path_factory.mktemp(f"onnx-{family}")
+            src = save_model(root / "model", char_tokenizer, family)
+            export_model(src, root / "onnx", "onnx", quiet=True)
+            made[family] = src, root / "onnx"
+        return made[family]
+
+    return get
+
+
 def save_model(folder: Path, tokenizer_dir: Path, family: str = "all-off", seed: int = 0, **overrides) -> Path:
     """A randomly initialised model of `family` (weights scaled up so that its greedy choices are clear-cut)
     saved with the tokenizer into `folder`."""

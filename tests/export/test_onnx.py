@@ -15,7 +15,6 @@ from tests.export.conftest import save_model
 from tests.train.tinyrun import FAMILIES
 from wiola import WiolaForCausalLM
 from wiola.cli import main
-from wiola.export import export_model
 from wiola.export.onnx_step import OnnxStep, empty_state
 
 NEW = 64
@@ -37,22 +36,6 @@ def reference(model, ids, mask, new=NEW):
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, generation_config=config, output_logits=True, return_dict_in_generate=True)
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1)
-
-
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory, char_tokenizer):
-    """One export per family, made on first use."""
-    made = {}
-
-    def get(family):
-        if family not in made:
-            root = tmp_path_factory.mktemp(f"onnx-{family}")
-            src = save_model(root / "model", char_tokenizer, family)
-            export_model(src, root / "onnx", "onnx", quiet=True)
-            made[family] = src, root / "onnx"
-        return made[family]
-
-    return get
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -1,0 +1,214 @@
+"""The ONNX engine of `StaticDecoder` on CPU: the model's own `wiola export --to onnx` step graph
+(`wiola.export.to_onnx`), run by onnxruntime, exported once per set of weights and cached across runs.
+
+**Cache.** `onnx_cache_dir()` — `$WIOLA_ONNX_CACHE`, else `<wiola cache>/onnx` with the wiola cache at
+`$WIOLA_CACHE`, `$XDG_CACHE_HOME/wiola` or `~/.cache/wiola` — holds one export folder per `model_key(model)`
+(a hash of the weights, the config and dtype, and the exporter: torch's and onnxscript's versions and the
+graph format), written atomically, and a ledger `records.json` (`cpu_decode.Ledger`): per model key the
+export seconds (or that the export failed) and the decoding time forgone on torch; per decode signature
+(`cpu_decode.signature`: the model's shape, batch, cache size, threads) the eager and onnxruntime ms per step.
+The cache keeps the `KEEP_EXPORTS` most recently used exports; deleting it at any time only costs re-exports.
+
+**When (`engine="auto"`, `StaticDecoder`).** The export pays once, each later run only loads the session
+(tens of ms at nano size). With a cached export, the run decodes on onnxruntime from the prompt on when the
+ledger says onnxruntime's step is faster than eager's for this signature, and stays on torch when it says it
+is slower; with only one of the two times known, the first `cpu_decode.PROBE_STEPS` steps run eagerly (timed)
+and the rest on onnxruntime (timed), so the next run knows both. Without a cached export the run probes the
+same way, then exports when the decoding time this model has lost on torch — this run's expected loss
+included — reaches the expected export time (rent or buy: runs of a model used once pay nothing, a model
+used often pays the export once, and at worst twice its cost is spent in all). Expected values come from the
+ledger, else from `COLD_EXPORT_S` and `DEFAULT_SPEEDUP` (measured on the 2-core development machine).
+
+`OnnxEngine` is the per-model handle (key, cache folder, export, session); `OnnxRun` one generate call's state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import cpu_decode
+
+COLD_EXPORT_S = 15.0  # export + onnxruntime check, tiny and llama-nano shapes, 1 busy core: 11–13 s
+DEFAULT_SPEEDUP = {1: 2.0}  # eager ms ÷ onnxruntime ms before anything is recorded, by batch (batch 1: 2.0–3.1× measured);
+DEFAULT_SPEEDUP_BATCHED = 1.0  # larger batches: 0.8–1.3× measured, so no export is paid for on a guess
+KEEP_EXPORTS = 8  # exports kept in the cache (the most recently used); the ledger keeps the losses of this many models
+KEEP_LOSSES = 256
+
+
+def missing(export: bool) -> list[str]:
+    """The packages the engine needs that are not installed: onnxruntime to run, onnx and onnxscript to export."""
+    names = ("onnxruntime", "onnx", "onnxscript") if export else ("onnxruntime",)
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
+def onnx_cache_dir() -> Path:
+    root = os.environ.get("WIOLA_ONNX_CACHE")
+    if root:
+        return Path(root).expanduser()
+    from wiola.data.shakespeare import cache_root
+
+    return cache_root() / "onnx"
+
+
+def _exporter() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from wiola.export.to_onnx import FORMAT
+
+    try:
+        onnxscript = version("onnxscript")
+    except PackageNotFoundError:
+        onnxscript = None
+    return f"{FORMAT} torch {torch.__version__} onnxscript {onnxscript}"
+
+
+def model_key(model) -> str:
+    """What an export depends on: every weight's bytes, the config, the dtype and the exporter."""
+    config = model.config.to_dict()
+    config.pop("transformers_version", None)
+    h = hashlib.sha256(json.dumps([_exporter(), config], sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().reshape(-1).contiguous().cpu()
+        h.update(f"{name} {t.dtype} {tuple(tensor.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().data)
+    return h.hexdigest()[:24]
+
+
+def ledger() -> cpu_decode.Ledger:
+    return cpu_decode.Ledger(onnx_cache_dir())
+
+
+def expected_export_s(records: dict) -> float:
+    """The mean export time recorded on this machine (exports of any model take about as long), else the default."""
+    times = [r["export_s"] for r in records.values() if "export_s" in r]
+    return sum(times) / len(times) if times else COLD_EXPORT_S
+
+
+def expected_speedup(record: dict, batch: int) -> float:
+    if record.get("eager_ms") and record.get("onnx_ms"):
+        return record["eager_ms"] / record["onnx_ms"]
+    return DEFAULT_SPEEDUP.get(batch, DEFAULT_SPEEDUP_BATCHED)
+
+
+def saving_ms(record: dict, batch: int, eager_ms: float) -> float:
+    """Expected ms saved per step by onnxruntime (negative: it is slower)."""
+    return eager_ms * (1.0 - 1.0 / expected_speedup(record, batch))
+
+
+def add_forgone(key: str, seconds: float) -> None:
+    """Add a run's expected loss on torch to the model's tally (the ledger keeps the `KEEP_LOSSES` largest tallies
+    of models not exported: every checkpoint decoded once, as during training, adds one)."""
+    book = ledger()
+    records = book.read()
+    total = records.get(key, {}).get("forgone_s", 0.0) + seconds
+    tallies = sorted((r["forgone_s"], k) for k, r in records.items() if "forgone_s" in r and "export_s" not in r and k != key)
+    for _, k in tallies[: max(0, len(tallies) + 1 - KEEP_LOSSES)]:
+        records[k].pop("forgone_s")
+        if not records[k]:
+            del records[k]
+    records.setdefault(key, {})["forgone_s"] = round(total, 4)
+    book.write(records)
+
+
+def export_pays_back(forgone_s: float, export_s: float, saving_per_step_ms: float, steps: int) -> bool:
+    """Rent or buy: export once the time lost on torch (`forgone_s` earlier, `steps` × saving in this run) reaches the export's cost."""
+    return saving_per_step_ms > 0 and forgone_s + steps * saving_per_step_ms / 1000.0 >= export_s
+
+
+class OnnxRun:
+    """One generate call on onnxruntime: `prefill(ids, mask)` (a chunk), then a call per token `[B, 1]`, each returning the last
+    position's logits `[B, V]` as a torch tensor (`pick_next` samples from them as from torch's)."""
+
+    def __init__(self, session, batch: int, capacity: int):
+        self.session = session
+        self.state = session.empty_state(batch, capacity)
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits, self.state = self.session(ids.contiguous().numpy(), mask.contiguous().numpy(), self.state)
+        return torch.from_numpy(logits[:, -1])
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        logits, self.state = self.session(token.numpy(), torch.ones_like(token).numpy(), self.state)
+        return torch.from_numpy(logits[:, -1])
+
+
+class OnnxEngine:
+    """The ONNX engine for one model: its cache key and folder, the export, the onnxruntime session.
+
+    The key hashes the weights when first needed: rebuild the engine (the decoder) after changing them."""
+
+    def __init__(self, model):
+        self.model = model
+        self._key: str | None = None
+        self._session = None
+        self.export_s: float | None = None  # seconds the export took in this process
+
+    @property
+    def key(self) -> str:
+        if self._key is None:
+            self._key = model_key(self.model)
+        return self._key
+
+    @property
+    def folder(self) -> Path:
+        return onnx_cache_dir() / self.key
+
+    def cached(self) -> bool:
+        return (self.folder / "wiola_onnx.json").is_file()
+
+    def export(self) -> float:
+        """Export into the cache (atomically; a concurrent export of the same key wins harmlessly); returns the
+        seconds taken and records them. Raises on failure, recording it."""
+        from wiola.export.to_onnx import export_onnx
+
+        root = onnx_cache_dir()
+        start = time.perf_counter()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{self.key}-", dir=root))
+            try:
+                export_onnx(self.model, tmp / "no-tokenizer", tmp)
+                try:
+                    os.replace(tmp, self.folder)
+                except OSError:  # another process exported the same key first
+                    if not self.cached():
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except Exception:
+            ledger().update(self.key, export_failed=1)
+            raise
+        self.export_s = time.perf_counter() - start
+        ledger().update(self.key, export_s=self.export_s)
+        self._prune(root)
+        return self.export_s
+
+    def _prune(self, root: Path) -> None:
+        """Keep the `KEEP_EXPORTS` most recently used exports (`start` marks a use)."""
+        exports = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in exports[KEEP_EXPORTS:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def failed_before(self) -> bool:
+        return bool(ledger().get(self.key).get("export_failed"))
+
+    def start(self, batch: int, capacity: int) -> OnnxRun:
+        if self._session is None:
+            from wiola.export.onnx_run import OnnxStepSession
+
+            try:
+                os.utime(self.folder)  # used: the last to be pruned
+            except OSError:
+                pass
+
+            self._session = OnnxStepSession(self.folder, threads=torch.get_num_threads())
+        return OnnxRun(self._session, batch, capacity)

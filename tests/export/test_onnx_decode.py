@@ -1,0 +1,215 @@
+"""The ONNX engine of `StaticDecoder` and `wiola generate` (`wiola.onnx_decode`): the cached export under
+onnxruntime decodes the tokens of the torch path — greedy, seeded sampling, left padding, end-of-sequence and
+streaming — for the seed, paper (ATM forced on), all-off and article families; `engine="auto"` chooses by the
+ledger's step times, exports once when that pays back and reuses the export; a missing onnxruntime or a failed
+export falls back to torch with one line; bad engine choices are one-line errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tests.export.test_onnx import prompts
+from tests.train.tinyrun import FAMILIES
+from wiola import WiolaForCausalLM, onnx_decode
+from wiola.cli import main
+from wiola.errors import WiolaError
+from wiola.fast_decode import StaticDecoder
+from wiola.generate import generate_command
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (wiola[export]): the ONNX engine is not tested")
+
+NEW = 40
+CAPACITY = 11 + NEW  # the prompts() rows are 11 tokens
+SAMPLING = dict(do_sample=True, temperature=0.9, top_k=20, top_p=0.9, seed=3)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("WIOLA_ONNX_CACHE", str(tmp_path / "onnx"))
+    return tmp_path / "onnx"
+
+
+def cached(exports, family: str):
+    """The family's saved model, with its export placed in the engine's cache (as a first run would leave it)."""
+    src, folder = exports(family)
+    model = WiolaForCausalLM.from_pretrained(src).eval()
+    shutil.copytree(folder, onnx_decode.onnx_cache_dir() / onnx_decode.model_key(model))
+    return src, model
+
+
+class Recorder:
+    """A streamer that keeps what it is given."""
+
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def no_export(monkeypatch):
+    def refuse(self):
+        raise AssertionError("exported again although the export is cached")
+
+    monkeypatch.setattr(onnx_decode.OnnxEngine, "export", refuse)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_onnx_engine_decodes_the_torch_tokens(exports, family, monkeypatch):
+    _, model = cached(exports, family)
+    no_export(monkeypatch)
+    ids, mask = prompts()  # row 0 left-padded
+    torch_dec = StaticDecoder(model, max_cache_len=CAPACITY, compile=False)
+    onnx_dec = StaticDecoder(model, max_cache_len=CAPACITY, engine="onnx")
+    expected = torch_dec.generate(ids, mask, max_new_tokens=NEW)
+    assert torch.equal(onnx_dec.generate(ids, mask, max_new_tokens=NEW), expected) and onnx_dec.last_path == "onnx"
+    assert len(set(expected[0, 11:].tolist())) > 3  # a real sequence
+    # row 0 ends at its 5th new token: pads after it, and the run stops once both rows have ended
+    eos = int(expected[0, 11 + 4])
+    stop = dict(max_new_tokens=NEW, eos_token_id=eos, pad_token_id=2)
+    assert torch.equal(onnx_dec.generate(ids, mask, **stop), torch_dec.generate(ids, mask, **stop))
+    # seeded sampling (temperature, top-k, top-p) draws the same tokens from onnxruntime's logits, streamed alike
+    streams = Recorder(), Recorder()
+    sampled = torch_dec.generate(ids, mask, max_new_tokens=NEW, streamer=streams[0], **SAMPLING)
+    assert torch.equal(onnx_dec.generate(ids, mask, max_new_tokens=NEW, streamer=streams[1], **SAMPLING), sampled)
+    assert streams[0].chunks == streams[1].chunks and streams[1].ended and not torch.equal(sampled, expected)
+    # auto, nothing timed yet: eager steps, then onnxruntime from the whole sequence so far (one chunk) on
+    auto = StaticDecoder(model, max_cache_len=CAPACITY)
+    assert torch.equal(auto.generate(ids, mask, max_new_tokens=NEW, **SAMPLING), sampled) and auto.last_path == "eager+onnx"
+
+
+def test_auto_chooses_the_engine_by_the_ledger(exports, monkeypatch):
+    _, model = cached(exports, "all-off")
+    no_export(monkeypatch)
+    ids = prompts()[0]
+    expected = StaticDecoder(model, max_cache_len=CAPACITY, compile=False).generate(ids, max_new_tokens=NEW)
+    decoder = StaticDecoder(model, max_cache_len=CAPACITY)
+    sig = decoder._onnx_signature(2)
+    # nothing timed yet: the first steps run eagerly (timed), the rest on onnxruntime (timed)
+    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "eager+onnx"
+    record = onnx_decode.ledger().get(sig)
+    assert record["eager_ms"] > 0 and record["onnx_ms"] > 0
+    # onnxruntime recorded faster: from the prompt on; recorded slower: torch
+    onnx_decode.ledger().update(sig, eager_ms=2.0, onnx_ms=1.0)
+    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "onnx"
+    onnx_decode.ledger().update(sig, eager_ms=2.0, onnx_ms=3.0)
+    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "eager"
+    # --compile on/off pin the torch engine; so does a run too short to time
+    onnx_decode.ledger().update(sig, eager_ms=2.0, onnx_ms=1.0)
+    off = StaticDecoder(model, max_cache_len=CAPACITY, compile=False)
+    assert off.onnx is None and torch.equal(off.generate(ids, max_new_tokens=NEW), expected) and off.last_path == "eager"
+
+
+def test_export_pays_back_once_then_is_reused(exports, monkeypatch, private_cache):
+    src, _ = exports("all-off")
+    model = WiolaForCausalLM.from_pretrained(src).eval()
+    with torch.no_grad():  # other weights than the cached fixtures': a key of its own
+        model.lm_head.weight.mul_(1.01)
+    ids = prompts()[0][1:]  # batch 1: the batch whose speed-up is assumed before anything is timed
+    expected = StaticDecoder(model, max_cache_len=CAPACITY, compile=False).generate(ids, max_new_tokens=NEW)
+    engine = onnx_decode.OnnxEngine(model)
+    # rent or buy: a run that loses less than the export costs stays on torch and adds its loss to the ledger
+    decoder = StaticDecoder(model, max_cache_len=CAPACITY)
+    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "eager"
+    forgone = onnx_decode.ledger().get(engine.key)["forgone_s"]
+    assert 0 < forgone < onnx_decode.COLD_EXPORT_S and not engine.cached()
+    assert not onnx_decode.export_pays_back(0.0, 15.0, 1.0, 1000) and onnx_decode.export_pays_back(14.5, 15.0, 1.0, 1000)
+    assert not onnx_decode.export_pays_back(1e9, 15.0, -1.0, 1000)  # onnxruntime slower: never
+    # once the losses reach the export's cost, the run exports and continues on onnxruntime
+    onnx_decode.ledger().update(engine.key, forgone_s=onnx_decode.COLD_EXPORT_S)
+    decoder = StaticDecoder(model, max_cache_len=CAPACITY)
+    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "eager+onnx"
+    assert engine.cached() and onnx_decode.ledger().get(engine.key)["export_s"] > 0
+    assert [p.name for p in private_cache.iterdir() if p.name.startswith(".")] == []  # no half-written export left
+    # the next run (a new decoder, as a new process would build) finds the export
+    no_export(monkeypatch)
+    decoder = StaticDecoder(model, max_cache_len=CAPACITY, engine="onnx")
+    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "onnx"
+
+
+def test_missing_onnxruntime_or_failed_export_falls_back_to_torch(exports, monkeypatch, capsys):
+    import importlib.util
+
+    src, _ = exports("all-off")
+    model = WiolaForCausalLM.from_pretrained(src).eval()
+    ids = prompts()[0]
+    expected = StaticDecoder(model, max_cache_len=CAPACITY, engine="torch").generate(ids, max_new_tokens=NEW)
+    real = importlib.util.find_spec
+    capsys.readouterr()  # (the fixture's save_pretrained progress bars)
+    with monkeypatch.context() as m:
+        m.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+        decoder = StaticDecoder(model, max_cache_len=CAPACITY, engine="onnx")
+        assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "eager"
+        assert capsys.readouterr().err.strip() == ("wiola: note: onnxruntime is not installed, so decoding runs on torch "
+                                                   "(pip install 'wiola[export]' for the faster ONNX engine on CPU)")
+        assert main(["generate", str(src), "the king", "--greedy", "--max-new-tokens", "8", "--device", "cpu", "--engine", "onnx"]) == 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "onnxruntime is not installed" in err[0]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no ONNX op for this\nsecond line of the exporter's report")
+
+    monkeypatch.setattr("wiola.export.to_onnx.export_onnx", broken)
+    decoder = StaticDecoder(model, max_cache_len=CAPACITY, engine="onnx")
+    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "eager"
+    assert capsys.readouterr().err.strip() == "wiola: note: the ONNX export failed (RuntimeError: no ONNX op for this); decoding on torch"
+    engine = onnx_decode.OnnxEngine(model)
+    assert engine.failed_before() and not engine.cached()
+    auto = StaticDecoder(model, max_cache_len=CAPACITY)  # auto does not try again for these weights and this exporter
+    assert auto._onnx_plan(2, NEW) is None
+    # a damaged cached export: one line, torch
+    cached(exports, "all-off")
+    (engine.folder / "model.onnx").write_bytes(b"not a graph")
+    decoder = StaticDecoder(model, max_cache_len=CAPACITY, engine="onnx")
+    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "eager"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"wiola: note: onnxruntime could not load {engine.folder} (") and err[0].endswith("(delete that folder to export again)")
+
+
+def test_generate_command_engines_and_bad_choices(exports, capsys):
+    src, _ = cached(exports, "seed")
+    common = dict(prompt="the king", max_new_tokens=30, device="cpu", stream=False)
+    torch_text = generate_command(str(src), greedy=True, engine="torch", **common)
+    assert generate_command(str(src), greedy=True, engine="onnx", **common) == torch_text
+    sampled = generate_command(str(src), num_samples=2, engine="torch", **common)
+    assert generate_command(str(src), num_samples=2, engine="onnx", **common) == sampled
+    capsys.readouterr()
+    for extra, message in ((["--quantize", "int8"], "--engine onnx does not combine with --quantize int8 (that runs on the torch engine)"),
+                           (["--compile", "on"], "--engine onnx does not combine with --compile on (that runs on the torch engine)")):
+        assert main(["generate", str(src), "hi", "--device", "cpu", "--engine", "onnx", *extra]) == 2
+        assert capsys.readouterr().err.strip() == f"wiola generate: error: {message}"
+    with pytest.raises(SystemExit):
+        main(["generate", str(src), "hi", "--engine", "gpu"])
+    assert "invalid choice: 'gpu'" in capsys.readouterr().err
+    with pytest.raises(WiolaError, match="--engine must be one of auto, torch, onnx; got 'gpu'"):
+        generate_command(str(src), engine="gpu", **common)
+    model = WiolaForCausalLM.from_pretrained(src)
+    with pytest.raises(ValueError, match="engine must be 'auto', 'torch' or 'onnx', got 'gpu'"):
+        StaticDecoder(model, engine="gpu")
+    with pytest.raises(ValueError, match="int8 \\(quantize\\) runs on the torch engine"):
+        StaticDecoder(model, engine="onnx", quantize="int8")
+
+
+def test_the_cache_and_the_ledger_stay_bounded(private_cache, monkeypatch):
+    monkeypatch.setattr(onnx_decode, "KEEP_LOSSES", 3)
+    for i in range(6):
+        onnx_decode.add_forgone(f"model{i}", 1.0 + i)
+    onnx_decode.add_forgone("model5", 1.0)
+    onnx_decode.add_forgone("model0", 10.0)  # dropped earlier (the smallest loss): it starts over
+    tallies = {k: r["forgone_s"] for k, r in onnx_decode.ledger().read().items()}
+    assert tallies == {"model0": 10.0, "model4": 5.0, "model5": 7.0}  # the largest losses stay, added up
+    import os
+
+    monkeypatch.setattr(onnx_decode, "KEEP_EXPORTS", 2)
+    for i in range(4):
+        (private_cache / f"key{i}").mkdir()
+        os.utime(private_cache / f"key{i}", (1000 + i, 1000 + i))
+    os.utime(private_cache / "key0", (5000, 5000))  # the oldest export, used last
+    onnx_decode.OnnxEngine(None)._prune(private_cache)
+    assert sorted(p.name for p in private_cache.iterdir() if p.is_dir()) == ["key0", "key3"]
