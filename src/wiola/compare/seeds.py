@@ -43,8 +43,9 @@ def seed_rows(out: Path, seeds: list[int], entrants: list[Entrant]) -> list[dict
             "best_val_loss_mean": statistics.fmean(best) if best else None,
             "best_val_loss_std": statistics.stdev(best) if len(best) > 1 else None,
             "final_val_loss_mean": _mean([r["final_val_loss"] for _, r in ok]),
-            "tokens_per_s_mean": _mean([r["tokens_per_s"] for _, r in ok]),
-            "wall_time_s_mean": _mean([r["wall_time_s"] for _, r in ok]),
+            # speed: the median over the seeds, so one run slowed by other work on the machine does not move it
+            "tokens_per_s_median": _median([r["tokens_per_s"] for _, r in ok]),
+            "wall_time_s_median": _median([r["wall_time_s"] for _, r in ok]),
             "val_curve_mean": _mean_curve([r["val_curve"] for _, r in ok]),
         })
     return rows
@@ -53,6 +54,11 @@ def seed_rows(out: Path, seeds: list[int], entrants: list[Entrant]) -> list[dict
 def _mean(values: list[float | None]) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.fmean(values) if values else None
+
+
+def _median(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 def _mean_curve(curves: list[list[list[float]]]) -> list[list[float]]:
@@ -155,14 +161,14 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
             f"{r['name']}{failed}", r["kind"], _fmt(r["parameters"]), spread,
             " / ".join(f"{v:.4f}" for v in r["best_val_losses"]) or "–",
             _fmt(r["delta"], "+.4f"), _fmt(r["p"], ".3f"), _fmt(r["q"], ".3f"), r["verdict"],
-            _fmt(r["final_val_loss_mean"], ".4f"), _fmt(r["tokens_per_s_mean"]), _duration(r["wall_time_s_mean"]),
+            _fmt(r["final_val_loss_mean"], ".4f"), _fmt(r["tokens_per_s_median"]), _duration(r["wall_time_s_median"]),
         ]) + " |")
     env = summary["environment"]
     threads = ", ".join(map(str, env.get("threads") or [])) or "?"
     lines += ["", f"Devices: {', '.join(env['devices']) or '–'}; torch {env['torch']}, transformers {env['transformers']}; "
               f"CPU threads per training: {threads}.",
-              "Tokens/s: median over each run's log windows, averaged over the seeds; wall time: the mean `train()` time "
-              "of one run. Per-seed tables and curves: `seed-S/results.md`."]
+              "Tokens/s: each run's median over its log windows, then the median over the seeds; wall time: the median "
+              "`train()` time of one run (evaluation included). Per-seed tables and curves: `seed-S/results.md`."]
     notes = [f"- {r['name']}: {r['note']}" for r in summary["entrants"] if r.get("note")]
     if notes:
         lines += ["", "Notes:", *notes]
