@@ -341,7 +341,9 @@ def prepare(source: str = "shakespeare", out: str | Path = "data/shakespeare", t
         options["split_at"] = split_at
     sources = [{"source": source, **corpus.describe()}]
     fp = fingerprint({"sources": sources, "tokenizer": tokenizer_spec, "options": options})
-    if not force:  # up to date: a reader's check, so a training run reading `out` (shared lock) does not block it
+    # up to date: a reader's check, so a training run reading `out` (shared lock) does not block it; leftovers
+    # of a killed prepare are removed under the exclusive lock below
+    if not force and not any(out.glob(".prepare-*")):
         lock = shared_lock(out, "wiola prepare") if (out / MANIFEST).is_file() else None
         try:
             done = _up_to_date(out, fp) if lock is not None else None
