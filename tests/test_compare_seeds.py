@@ -107,8 +107,13 @@ def test_every_entrant_runs_once_per_seed_and_the_summary_is_their_statistics(ti
         p = stats.ttest_ind(r["best_val_losses"], control, equal_var=False).pvalue
         assert r["p"] == pytest.approx(p) and r["delta"] == pytest.approx(r["best_val_loss_mean"] - statistics.fmean(control))
         assert r["verdict"] == ("no difference beyond noise" if p >= 0.05 else "better" if r["delta"] < 0 else "worse")
+        if ":" in name:  # an ablation is also set against its own base
+            base = rows[name.split(":")[0]]["best_val_losses"]
+            assert r["p_base"] == pytest.approx(stats.ttest_ind(r["best_val_losses"], base, equal_var=False).pvalue)
+        else:
+            assert r["p_base"] is None
     md = (out / "results.md").read_text()
-    assert "Welch's two-sided t-test" in md and md.count("\n| ") == 1 + 25
+    assert "Welch's two-sided t-test" in md and md.count("\n| ") == 1 + 25 and "| Δ vs base (p) |" in md
     assert (out / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "seed-12" / "results.md").is_file()
 

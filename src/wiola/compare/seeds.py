@@ -69,38 +69,47 @@ def _mean_curve(curves: list[list[list[float]]]) -> list[list[float]]:
     return [[step, statistics.fmean(v for c in curves for s, v in c if s == step)] for step in sorted(common)]
 
 
+def welch(row: dict[str, Any], ref: dict[str, Any]) -> tuple[float | None, float | None, str]:
+    """(mean difference row - ref, Welch's two-sided p or None, verdict) over the per-seed best losses."""
+    from scipy import stats
+
+    if row["best_val_loss_mean"] is None or ref["best_val_loss_mean"] is None:
+        return None, None, "no finished seed"
+    delta = row["best_val_loss_mean"] - ref["best_val_loss_mean"]
+    a, b = row["best_val_losses"], ref["best_val_losses"]
+    if len(a) < 2 or len(b) < 2:
+        return delta, None, "needs 2+ seeds"
+    if len(set(a)) == 1 and len(set(b)) == 1:  # no spread on either side: nothing to test against
+        return delta, None, "no spread to test"
+    with warnings.catch_warnings():  # scipy warns of precision loss when one side has (almost) no spread
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    if not math.isfinite(p):
+        return delta, None, "no spread to test"
+    return delta, p, ("better" if delta < 0 else "worse") if p < ALPHA else "no difference beyond noise"
+
+
 def compare_with_control(rows: list[dict[str, Any]], control: str | None) -> None:
-    """Add `delta`, `p`, `q`, `significant` and `verdict` to every row (in place)."""
+    """Add `delta`, `p`, `q`, `significant` and `verdict` (against the control) to every row, and for an
+    ablation `BASE:component=value` also `delta_base` and `p_base` against its base entrant (in place)."""
     from scipy import stats
 
     ref = next((r for r in rows if r["name"] == control), None)
+    by_name = {r["name"]: r for r in rows}
     tested = []
     for r in rows:
+        base = by_name.get(r["name"].split(":")[0]) if ":" in r["name"] else None
+        r.update(base=base["name"] if base else None, delta_base=None, p_base=None)
+        if base is not None:
+            r["delta_base"], r["p_base"], _ = welch(r, base)
         r.update(delta=None, p=None, q=None, significant=None, verdict="")
         if ref is None or r is ref:
             r["verdict"] = "control" if r is ref else ""
             continue
-        if r["best_val_loss_mean"] is None:
-            r["verdict"] = "no finished seed"
-            continue
-        r["delta"] = r["best_val_loss_mean"] - ref["best_val_loss_mean"]
-        a, b = r["best_val_losses"], ref["best_val_losses"]
-        if len(a) < 2 or len(b) < 2:
-            r["verdict"] = "needs 2+ seeds"
-            continue
-        if len(set(a)) == 1 and len(set(b)) == 1:  # no spread on either side: nothing to test against
-            r["verdict"] = "no spread to test"
-            continue
-        with warnings.catch_warnings():  # scipy warns of precision loss when one side has (almost) no spread
-            warnings.simplefilter("ignore", RuntimeWarning)
-            p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-        if not math.isfinite(p):
-            r["verdict"] = "no spread to test"
-            continue
-        r["p"] = p
-        r["significant"] = p < ALPHA
-        r["verdict"] = ("better" if r["delta"] < 0 else "worse") if r["significant"] else "no difference beyond noise"
-        tested.append(r)
+        r["delta"], r["p"], r["verdict"] = welch(r, ref)
+        if r["p"] is not None:
+            r["significant"] = r["p"] < ALPHA
+            tested.append(r)
     if tested:
         for r, q in zip(tested, stats.false_discovery_control([r["p"] for r in tested])):
             r["q"] = float(q)
@@ -132,7 +141,7 @@ def write_seed_reports(*, spec: Spec, out: Path, data_dir: Path, manifest: dict[
 
 
 SEED_HEADER = ("entrant", "kind", "parameters", "best val loss (mean ± std)", "per seed", "Δ vs control", "p (Welch)",
-               "q (BH)", "verdict", "final val loss", "tokens/s", "wall time / run")
+               "q (BH)", "verdict", "Δ vs base (p)", "final val loss", "tokens/s", "wall time / run")
 
 
 def seeds_markdown(summary: dict[str, Any]) -> str:
@@ -148,10 +157,11 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
         "the data order and dropout.", "",
         (f"Control: `{summary['control']}`. Rule: a difference is called significant when Welch's two-sided t-test on "
          f"the per-seed best validation losses gives p < {summary['alpha']}; q is the Benjamini-Hochberg adjusted p over "
-         "all tests (when nothing differs, about 1 test in 20 passes p < 0.05 by chance)." if summary["control"] else
+         "all tests (when nothing differs, about 1 test in 20 passes p < 0.05 by chance). An ablation `BASE:switch` "
+         "is also set against its own base (Δ vs base, with Welch's p)." if summary["control"] else
          "No `control` entrant in the spec: no differences are tested."), "",
         "| " + " | ".join(SEED_HEADER) + " |",
-        "|" + "---|" * 2 + "---:|" * 6 + "---|" + "---:|" * 3,
+        "|" + "---|" * 2 + "---:|" * 6 + "---|" + "---:|" * 4,
     ]
     for r in summary["entrants"]:
         mean, std = r["best_val_loss_mean"], r["best_val_loss_std"]
@@ -160,7 +170,7 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([
             f"{r['name']}{failed}", r["kind"], _fmt(r["parameters"]), spread,
             " / ".join(f"{v:.4f}" for v in r["best_val_losses"]) or "–",
-            _fmt(r["delta"], "+.4f"), _fmt(r["p"], ".3f"), _fmt(r["q"], ".3f"), r["verdict"],
+            _fmt(r["delta"], "+.4f"), _fmt(r["p"], ".3f"), _fmt(r["q"], ".3f"), r["verdict"], _vs_base(r),
             _fmt(r["final_val_loss_mean"], ".4f"), _fmt(r["tokens_per_s_median"]), _duration(r["wall_time_s_median"]),
         ]) + " |")
     env = summary["environment"]
@@ -175,6 +185,13 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
     if summary["pending"]:
         lines += ["", f"Not finished yet ({len(summary['pending'])}): {', '.join(summary['pending'])}."]
     return "\n".join(lines) + "\n"
+
+
+def _vs_base(r: dict[str, Any]) -> str:
+    """An ablation against its own base (for switch-on ablations of the control, the same as the control column)."""
+    if r.get("delta_base") is None:
+        return "–"
+    return f"{r['delta_base']:+.4f} ({_fmt(r['p_base'], '.3f')})"
 
 
 def plot_seeds(rows: list[dict[str, Any]], control: str | None, path: Path) -> None:
