@@ -44,6 +44,19 @@ def _environment(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return env
 
 
+def data_summary(data_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The data block of results.json: directory, fingerprint, vocabulary, split sizes."""
+    splits = manifest["splits"]
+    return {"dir": str(data_dir), "fingerprint": manifest.get("fingerprint"), "vocab_size": manifest["vocab_size"],
+            "train_tokens": splits["train"]["num_tokens"], "val_tokens": splits["val"]["num_tokens"]}
+
+
+def entrant_notes(entrants: list[dict[str, Any]]) -> list[str]:
+    """The "Notes:" lines of a markdown report (empty when no entrant has a note)."""
+    notes = [f"- {r['name']}: {r['note']}" for r in entrants if r.get("note")]
+    return ["", "Notes:", *notes] if notes else []
+
+
 def write_reports(*, spec: Spec, out: Path, data_dir: Path, manifest: dict[str, Any], options: dict[str, Any],
                   entrants: list[Entrant]) -> None:
     """results.json, results.md and val_loss.png from the finished entrants (in spec order)."""
@@ -51,11 +64,9 @@ def write_reports(*, spec: Spec, out: Path, data_dir: Path, manifest: dict[str, 
     for e in entrants:
         row = _read_json(out / "runs" / e.slug / "result.json")
         (rows.append(row) if row is not None else pending.append(e.name))
-    splits = manifest["splits"]
     summary = {
         "spec": str(spec.path),
-        "data": {"dir": str(data_dir), "fingerprint": manifest.get("fingerprint"), "vocab_size": manifest["vocab_size"],
-                 "train_tokens": splits["train"]["num_tokens"], "val_tokens": splits["val"]["num_tokens"]},
+        "data": data_summary(data_dir, manifest),
         "train": options,
         "shape": spec.shape,
         "tokens_per_step": options.get("batch_size", 32) * options["seq_len"],
@@ -118,9 +129,7 @@ def markdown_report(summary: dict[str, Any]) -> str:
               "during that entrant's training (marked RSS; it includes the Python and PyTorch runtime).",
               "Tokens/s: median over the training log windows (evaluation and checkpoint time fall in a few windows only). "
               "Wall time: the whole `train()` call(s), evaluation and checkpoints included."]
-    notes = [f"- {r['name']}: {r['note']}" for r in summary["entrants"] if r.get("note")]
-    if notes:
-        lines += ["", "Notes:", *notes]
+    lines += entrant_notes(summary["entrants"])
     if summary["pending"]:
         lines += ["", f"Not finished yet: {', '.join(summary['pending'])}."]
     return "\n".join(lines) + "\n"

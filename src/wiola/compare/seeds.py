@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from wiola.compare.entrants import Entrant
-from wiola.compare.report import _duration, _environment, _fmt, _read_json, _write_json
+from wiola.compare.report import _duration, _environment, _fmt, _read_json, _write_json, data_summary, entrant_notes
 from wiola.compare.spec import BASELINES, Spec
 
 ALPHA = 0.05
@@ -121,12 +121,10 @@ def write_seed_reports(*, spec: Spec, out: Path, data_dir: Path, manifest: dict[
     rows = seed_rows(out, seeds, entrants)
     compare_with_control(rows, spec.control)
     runs = [r for s in seeds for r in (_read_json(out / f"seed-{s}" / "results.json") or {}).get("entrants", [])]
-    splits = manifest["splits"]
     summary = {
         "spec": str(spec.path), "seeds": seeds, "control": spec.control, "alpha": ALPHA,
         "test": "Welch's two-sided t-test on the per-seed best validation losses; q: Benjamini-Hochberg over all tests",
-        "data": {"dir": str(data_dir), "fingerprint": manifest.get("fingerprint"), "vocab_size": manifest["vocab_size"],
-                 "train_tokens": splits["train"]["num_tokens"], "val_tokens": splits["val"]["num_tokens"]},
+        "data": data_summary(data_dir, manifest),
         "train": {k: v for k, v in options.items() if k != "seed"},
         "shape": spec.shape,
         "tokens_per_step": options.get("batch_size", 32) * options["seq_len"],
@@ -179,9 +177,7 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
               f"CPU threads per training: {threads}.",
               "Tokens/s: each run's median over its log windows, then the median over the seeds; wall time: the median "
               "`train()` time of one run (evaluation included). Per-seed tables and curves: `seed-S/results.md`."]
-    notes = [f"- {r['name']}: {r['note']}" for r in summary["entrants"] if r.get("note")]
-    if notes:
-        lines += ["", "Notes:", *notes]
+    lines += entrant_notes(summary["entrants"])
     if summary["pending"]:
         lines += ["", f"Not finished yet ({len(summary['pending'])}): {', '.join(summary['pending'])}."]
     return "\n".join(lines) + "\n"
