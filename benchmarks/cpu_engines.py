@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
-    from wiola.cpu_decode import cpu_threads
+    from wiola.cpu import cpu_threads
 
     if args.threads:
         torch.set_num_threads(args.threads)

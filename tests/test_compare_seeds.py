@@ -181,21 +181,21 @@ def test_bad_seeds_control_and_threads_are_one_line_errors(tmp_path, capsys, ext
 
 
 def test_thread_default_shares_the_cores_among_local_processes(monkeypatch):
-    from wiola import cpu_decode
+    from wiola import cpu
 
     before = torch.get_num_threads()
     try:
-        for name in cpu_decode.THREAD_ENV:
+        for name in cpu.THREAD_ENV:
             monkeypatch.delenv(name, raising=False)
-        monkeypatch.setattr(cpu_decode, "physical_cores", lambda: 4)
+        monkeypatch.setattr(cpu, "physical_cores", lambda: 4)
         torch.set_num_threads(8)
-        assert cpu_decode.cpu_threads(processes=2) == 2
+        assert cpu.cpu_threads(processes=2) == 2
         torch.set_num_threads(8)
-        assert cpu_decode.cpu_threads() == 4
-        assert cpu_decode.cpu_threads(3) == 3  # asked for: exactly that
+        assert cpu.cpu_threads() == 4
+        assert cpu.cpu_threads(3) == 3  # asked for: exactly that
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         torch.set_num_threads(5)
-        assert cpu_decode.cpu_threads(processes=2) == 5  # the environment's choice stands
+        assert cpu.cpu_threads(processes=2) == 5  # the environment's choice stands
     finally:
         torch.set_num_threads(before)
 

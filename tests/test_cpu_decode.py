@@ -20,7 +20,7 @@ from torch import nn
 
 from tests.train.tinyrun import FAMILIES
 from wiola import WiolaConfig, WiolaForCausalLM
-from wiola import cpu_decode
+from wiola import cpu, cpu_decode
 from wiola.errors import WiolaError
 from wiola.fast_decode import StaticDecoder
 from wiola.generate import cache_slots
@@ -152,14 +152,14 @@ def test_bad_quantize_values_fail_in_one_line(capsys):
 
 
 def test_threads_respect_the_user_and_cache_slots_bucket(monkeypatch):
-    assert cpu_decode.physical_cores() >= 1
+    assert cpu.physical_cores() >= 1
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     before = torch.get_num_threads()
-    assert cpu_decode.cpu_threads() == before  # the user's choice stands
+    assert cpu.cpu_threads() == before  # the user's choice stands
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     try:
-        assert 1 <= cpu_decode.cpu_threads() <= max(before, cpu_decode.physical_cores())
+        assert 1 <= cpu.cpu_threads() <= max(before, cpu.physical_cores())
     finally:
         torch.set_num_threads(before)
     assert cache_slots(33, 1024) == 256 and cache_slots(300, 1024) == 512 and cache_slots(900, 1000) == 1000
@@ -187,3 +187,19 @@ def test_cpu_engines_benchmark_runs_and_reports_ratios(capsys):
     if importlib.util.find_spec("ctranslate2") is not None:
         ct2 = next(r for r in rows if r["engine"].startswith("ctranslate2 int8") and r["batch"] == 1)
         assert ct2["tokens_per_s"] > 0 and "| 1.00 |" in printed
+
+
+def test_compile_cache_follows_the_wiola_cache(monkeypatch, tmp_path):
+    """The compile ledger lives in the same cache as the corpora and ONNX exports unless told otherwise."""
+    from wiola.onnx_decode import onnx_cache_dir
+
+    monkeypatch.delenv("WIOLA_COMPILE_CACHE", raising=False)
+    monkeypatch.delenv("WIOLA_ONNX_CACHE", raising=False)
+    monkeypatch.setenv("WIOLA_CACHE", str(tmp_path / "wc"))
+    assert cpu_decode.compile_cache_dir() == tmp_path / "wc" / "compile"
+    assert onnx_cache_dir().parent == cpu_decode.compile_cache_dir().parent
+    monkeypatch.delenv("WIOLA_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cpu_decode.compile_cache_dir() == tmp_path / "xdg" / "wiola" / "compile"
+    monkeypatch.setenv("WIOLA_COMPILE_CACHE", str(tmp_path / "own"))
+    assert cpu_decode.compile_cache_dir() == tmp_path / "own"

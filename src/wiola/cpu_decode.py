@@ -2,8 +2,9 @@
 of a compiled CPU decode step, and when compiling pays back.
 
 **Threads.** Decoding a small model is a chain of small matrix-vector products; threads beyond the
-physical cores (SMT siblings) only add synchronisation. `cpu_threads()` sets torch's intra-op threads to
-the physical cores this process may run on, unless the user chose (`OMP_NUM_THREADS`/`MKL_NUM_THREADS`).
+physical cores (SMT siblings) only add synchronisation. `wiola.cpu.cpu_threads()` (shared with training)
+sets torch's intra-op threads to the physical cores this process may run on, unless the user chose
+(`OMP_NUM_THREADS`/`MKL_NUM_THREADS`).
 
 **Compiled CPU step.** Inductor with `freezing` (parameters become constants, so the linear layers run
 MKL's prepacked GEMM — most of the gain on CPU) and `cpp_wrapper` (the step is one C++ call, not a
@@ -21,8 +22,8 @@ batch and cache size on this machine, or — never compiled here — from `COLD_
 **Caches.** Inductor's own caches (FX graph cache, AOT autograd cache, compiled C++ kernels) live under
 `TORCHINDUCTOR_CACHE_DIR` (default `/tmp/torchinductor_$USER`). After every CPU compile, `StaticDecoder`
 also saves torch's portable cache artifacts (`torch.compiler.save_cache_artifacts`) next to the ledger in
-`compile_cache_dir()` — `$WIOLA_COMPILE_CACHE`, else `$XDG_CACHE_HOME/wiola/compile` or
-`~/.cache/wiola/compile` — and loads them before compiling the same signature again, so a warm compile
+`compile_cache_dir()` — `$WIOLA_COMPILE_CACHE`, else `compile/` in the wiola cache (`$WIOLA_CACHE`,
+`$XDG_CACHE_HOME/wiola` or `~/.cache/wiola`) — and loads them before compiling the same signature again, so a warm compile
 survives a cleared `/tmp`. Writing there is best effort (a read-only home only loses the speed-up).
 """
 
@@ -39,49 +40,16 @@ PROBE_STEPS = 8  # eager steps timed before deciding to compile
 COLD_COMPILE_S = 40.0  # first compile of a nano-sized step, 2 busy cores (measured 29–60 s)
 DEFAULT_SPEEDUP = 2.0  # eager ms/step ÷ compiled ms/step before anything is recorded (measured 2.0–2.5× on nano shapes)
 CPU_INDUCTOR_OPTIONS = {"freezing": True, "cpp_wrapper": True}
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def physical_cores() -> int:
-    """Physical cores among the CPUs this process may run on (SMT siblings counted once)."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cpus = list(range(os.cpu_count() or 1))
-    cores = set()
-    for cpu in cpus:
-        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            cores.add((topo.joinpath("physical_package_id").read_text().strip(), topo.joinpath("core_id").read_text().strip()))
-        except OSError:  # no topology in /sys (macOS, Windows): count every CPU (Apple silicon has no SMT)
-            return max(1, len(cpus))
-    return max(1, len(cores))
-
-
-def cpu_threads(threads: int | None = None, processes: int = 1) -> int:
-    """Set torch's intra-op threads and return the count in use.
-
-    `threads` given: exactly that many. Otherwise the physical cores shared out among `processes`
-    processes on this machine (torchrun's LOCAL_WORLD_SIZE when training), unless OMP_NUM_THREADS /
-    MKL_NUM_THREADS is set or `torch.set_num_threads` already chose fewer. Processes that each take
-    every core slow one another down by an order of magnitude on a small machine (docs/results.md).
-    """
-    if threads is not None:
-        torch.set_num_threads(threads)
-        return torch.get_num_threads()
-    if any(os.environ.get(name) for name in THREAD_ENV):
-        return torch.get_num_threads()
-    share = max(1, physical_cores() // max(1, processes))
-    if torch.get_num_threads() > share:
-        torch.set_num_threads(share)
-    return torch.get_num_threads()
 
 
 def compile_cache_dir() -> Path:
+    """Where the compile ledger and torch's cache artifacts live (see the module docstring)."""
     root = os.environ.get("WIOLA_COMPILE_CACHE")
     if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wiola" / "compile"
+        return Path(root).expanduser()
+    from wiola.data.shakespeare import cache_root
+
+    return cache_root() / "compile"
 
 
 def signature(model, batch: int, capacity: int, quantize: str | None, threads: int) -> str:

@@ -121,11 +121,11 @@ class StaticDecoder:
         if self.engine == "onnx" or (self.engine == "auto" and compile == "auto" and self.device.type == "cpu" and not self.quantize
                                      and next(model.parameters()).dtype == torch.float32):
             lacking = onnx_decode.missing(export=False)
-            if lacking:
-                self._note(f"note: {', '.join(lacking)} is not installed, so decoding runs on torch (pip install 'wiola[export]' for the faster ONNX engine on CPU)",
-                           always=self.engine == "onnx")
-            else:
+            if not lacking:
                 self.onnx = onnx_decode.OnnxEngine(model)
+            elif self.engine == "onnx" or (self.verbose and onnx_decode.first_time("missing-onnxruntime")):  # the auto engine's hint: once per machine
+                self._note(f"note: {', '.join(lacking)} is not installed, so decoding runs on torch (pip install 'wiola[export]' for the faster ONNX engine on CPU)"
+                           + ("" if self.engine == "onnx" else "; shown once"), always=True)
 
     def _check_engine(self, engine: str, compile) -> str:
         if engine not in ("auto", "torch", "onnx"):

@@ -115,7 +115,7 @@ def generate_command(
         raise WiolaError(f"--engine onnx does not combine with {clash} (that runs on the torch engine)")
     dev = resolve_device(device)
     if dev.type == "cpu":
-        from wiola.cpu_decode import cpu_threads
+        from wiola.cpu import cpu_threads
 
         cpu_threads()
     if quantize and dev.type != "cpu":

@@ -50,6 +50,20 @@ def missing(export: bool) -> list[str]:
     return [name for name in names if importlib.util.find_spec(name) is None]
 
 
+def first_time(hint: str) -> bool:
+    """True the first time `hint` is asked about on this machine (a marker in the ONNX cache); True again
+    if the marker cannot be written, so a hint is never lost to a read-only cache."""
+    marker = onnx_cache_dir() / "shown" / hint
+    if marker.exists():
+        return False
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:
+        pass
+    return True
+
+
 def onnx_cache_dir() -> Path:
     root = os.environ.get("WIOLA_ONNX_CACHE")
     if root:

@@ -151,6 +151,13 @@ def test_missing_onnxruntime_or_failed_export_falls_back_to_torch(exports, monke
         assert main(["generate", str(src), "the king", "--greedy", "--max-new-tokens", "8", "--device", "cpu", "--engine", "onnx"]) == 0
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "onnxruntime is not installed" in err[0]
+        generate_auto = ["generate", str(src), "the king", "--greedy", "--max-new-tokens", "8", "--device", "cpu"]
+        assert main(generate_auto) == 0  # the default (auto) engine: the hint once per machine, then quiet
+        assert [line for line in capsys.readouterr().err.splitlines() if "not installed" in line] == [
+            "wiola: note: onnxruntime is not installed, so decoding runs on torch "
+            "(pip install 'wiola[export]' for the faster ONNX engine on CPU); shown once"]
+        assert main(generate_auto) == 0
+        assert "not installed" not in capsys.readouterr().err
 
     def broken(*args, **kwargs):
         raise RuntimeError("no ONNX op for this\nsecond line of the exporter's report")

@@ -503,7 +503,7 @@ def _train(config: str, data_dir: Path, out_dir: Path, *, overrides: dict[str, A
         ensure_writable(out_dir)
     distributed.barrier(d)
     cfg = cfg.finalize(d.world_size, model_config.max_position_embeddings)
-    from wiola.cpu_decode import cpu_threads
+    from wiola.cpu import cpu_threads
 
     cpu_threads(cfg.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     validation = check_data(data_dir, manifest, cfg, model_config.vocab_size)
