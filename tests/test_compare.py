@@ -270,3 +270,37 @@ def test_article_switches_are_compare_ablations():
     assert [(e.shape["mlp"], e.shape["norm"]) for e in entrants[1:]] == [("agu", "rmsnorm"), ("f3n", "rmsnorm"), ("swiglu", "hln")]
     base = entrants[0].parameters
     assert [e.parameters - base for e in entrants[1:]] == [6 * (384 + 2), 0, 13 * 2]  # d + 2 per AGU layer, 2 per HLN norm
+
+
+def test_a_touched_corpus_keeps_the_finished_runs(tmp_path, monkeypatch, capsys):
+    """Copying or touching the corpus changes the inputs' fingerprint, so the data are prepared again, but
+    not the tokens: finished runs are identified by the data's content and kept, not refused."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    write_corpus(tmp_path / "tiny.txt")
+    spec = write_spec(tmp_path / "one.json", tiny_spec(entrants=[{"name": "seed", "kind": "wiola", "config": "wiola-nano"}],
+                                                        train={**tiny_spec()["train"], "max_steps": 3}))
+    out = tmp_path / "out"
+    assert compare(spec, out) == 0
+    first = results(out)["data"]
+    meta_path = out / "runs" / "seed" / "entrant.json"
+    log = (out / "runs" / "seed" / "log.jsonl").read_text()
+    stat = (tmp_path / "tiny.txt").stat()
+    os.utime(tmp_path / "tiny.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    capsys.readouterr()
+    assert compare(spec, out) == 0
+    printed = capsys.readouterr().out
+    second = results(out)["data"]
+    assert second["fingerprint"] != first["fingerprint"] and second["content"] == first["content"]  # prepared again, same tokens
+    assert "finished earlier, skipped" in printed and (out / "runs" / "seed" / "log.jsonl").read_text() == log
+
+    # a run recorded before content ids (the inputs' fingerprint): kept when that is the data prepared now
+    meta = json.loads(meta_path.read_text())
+    meta["setting"]["data"] = {"fingerprint": second["fingerprint"], "vocab_size": second["vocab_size"]}
+    meta_path.write_text(json.dumps(meta))
+    assert compare(spec, out) == 0 and "finished earlier, skipped" in capsys.readouterr().out
+    meta["setting"]["data"]["fingerprint"] = first["fingerprint"]  # ... and refused when it is not
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(WiolaError, match="different setting"):
+        compare(spec, out)

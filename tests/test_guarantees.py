@@ -156,6 +156,19 @@ def test_resume_on_other_data_is_refused_unless_allowed(data, cfg, tmp_path, cap
     assert checkpoint.load_state(out / "checkpoints" / "final")["data_source"]["path"] == str(other.resolve())
 
 
+def test_resume_on_the_same_tokens_prepared_elsewhere_is_accepted(data, cfg, tmp_path, capsys):
+    """The same corpus prepared again from another file (another fingerprint) gives the same tokens: no refusal."""
+    from wiola.data.manifest import content_id, read_manifest
+
+    out = tmp_path / "run"
+    assert train(cfg, data, out, "--max-steps", 2, "--eval-every", 100) == 0
+    again = make_dataset(tmp_path / "again", n_docs=200)
+    assert read_manifest(again)["fingerprint"] != read_manifest(data)["fingerprint"]
+    assert content_id(read_manifest(again)) == content_id(read_manifest(data))
+    assert train(cfg, again, out, "--resume", "--max-steps", 3) == 0
+    assert not [r for r in read_log(out) if r.get("event") == "data_changed"] and sorted(train_losses(out)) == [1, 2, 3]
+
+
 # ------------------------------------------------------------------ (4) concurrent writers
 
 
@@ -401,6 +414,18 @@ def test_missing_layer_weights_are_refused(trained, data, tmp_path, capsys):
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     assert main(["eval", str(broken), str(data), "--device", "cpu"]) == 2
     one_error_line(capsys, "weights are incomplete", "model.layers.1.")
+
+
+def test_a_checkpoint_without_its_tokenizer_is_refused(trained, data, tmp_path, capsys):
+    """transformers 5.0 loads a folder without tokenizer files as a default GPT-NeoX tokenizer, silently."""
+    from wiola.data.tokenizer import VOCABULARY_FILES
+
+    bare = tmp_path / "bare"
+    shutil.copytree(trained / "checkpoints" / "final", bare)
+    for name in VOCABULARY_FILES + ("tokenizer_config.json", "special_tokens_map.json"):
+        (bare / name).unlink(missing_ok=True)
+    assert main(["generate", str(bare), "the", "--max-new-tokens", "2", "--device", "cpu"]) == 2
+    one_error_line(capsys, "cannot load the tokenizer", "no vocabulary")
 
 
 def test_saved_tokenizer_loads_without_the_package_and_without_a_question(trained):

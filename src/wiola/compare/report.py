@@ -45,9 +45,12 @@ def _environment(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def data_summary(data_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The data block of results.json: directory, fingerprint, vocabulary, split sizes."""
+    """The data block of results.json: directory, content id and fingerprint, vocabulary, split sizes."""
+    from wiola.data.manifest import content_id
+
     splits = manifest["splits"]
-    return {"dir": str(data_dir), "fingerprint": manifest.get("fingerprint"), "vocab_size": manifest["vocab_size"],
+    return {"dir": str(data_dir), "content": content_id(manifest), "fingerprint": manifest.get("fingerprint"),
+            "vocab_size": manifest["vocab_size"],
             "train_tokens": splits["train"]["num_tokens"], "val_tokens": splits["val"]["num_tokens"]}
 
 

@@ -21,6 +21,7 @@ from wiola.compare.entrants import Entrant, _data_fields, resolve_entrants
 from wiola.compare.report import _read_json, _write_json, write_reports
 from wiola.compare.seeds import write_seed_reports
 from wiola.compare.spec import RUNTIME_OPTIONS, Spec, check_seeds, load_spec, prepare_data
+from wiola.data.manifest import content_id
 from wiola.errors import WiolaError
 
 
@@ -125,8 +126,16 @@ def _setting_differences(old: dict[str, Any], new: dict[str, Any], prefix: str =
     return diffs
 
 
+def _upgrade_data_setting(meta: dict[str, Any], setting: dict[str, Any], fingerprint: str | None) -> None:
+    """A run recorded before data were identified by content names the inputs' fingerprint; when that is the
+    fingerprint of the data prepared now, the same inputs gave the same tokens, so it counts as this content."""
+    data = (meta.get("setting") or {}).get("data")
+    if isinstance(data, dict) and "content" not in data and fingerprint and data.get("fingerprint") == fingerprint:
+        meta["setting"]["data"] = dict(setting["data"])
+
+
 def run_entrant(e: Entrant, k: int, n: int, *, out: Path, data_dir: Path, options: dict[str, Any],
-                setting: dict[str, Any], keep_checkpoints: bool) -> tuple[str, int]:
+                setting: dict[str, Any], keep_checkpoints: bool, data_fingerprint: str | None = None) -> tuple[str, int]:
     """Train (or resume, or skip) one entrant; returns (status, exit code); status is done, non_finite or interrupted."""
     from wiola.train import checkpoint, trainer
     from wiola.train.metrics import read_log
@@ -140,6 +149,7 @@ def run_entrant(e: Entrant, k: int, n: int, *, out: Path, data_dir: Path, option
     finished = meta is not None and result_path.is_file()
     resume = meta is not None and not finished and (latest / checkpoint.STATE_FILE).is_file()
     if finished or resume:  # something to keep: it must be what this spec asks for
+        _upgrade_data_setting(meta, setting, data_fingerprint)
         diffs = _setting_differences({key: meta.get(key) for key in wanted}, json.loads(json.dumps(wanted)))
         if diffs:
             raise WiolaError(f"{run_dir} was trained for a different setting or config ({'; '.join(diffs[:6])}); "
@@ -258,7 +268,7 @@ def compare(spec_path: str | Path, out: str | Path, *, only: list[str] | None = 
 def _run_setting(out: Path, options: dict[str, Any], manifest: dict[str, Any], context: dict[str, Any],
                  only: list[str] | None, position: tuple[int, int]) -> int:
     """Every entrant (or those in `only`) with one set of training options, into `out`; its reports after each."""
-    setting = {"data": {"fingerprint": manifest.get("fingerprint"), "vocab_size": manifest["vocab_size"]},
+    setting = {"data": {"content": content_id(manifest), "vocab_size": manifest["vocab_size"]},
                "train": {k: v for k, v in options.items() if k not in RUNTIME_OPTIONS}}
     setting = json.loads(json.dumps(setting))
     entrants, spec = context["entrants"], context["spec"]
@@ -268,6 +278,7 @@ def _run_setting(out: Path, options: dict[str, Any], manifest: dict[str, Any], c
         if only and e.name not in only:
             continue
         status, code = run_entrant(e, done + k, total, out=out, data_dir=context["data_dir"], options=options, setting=setting,
+                                   data_fingerprint=manifest.get("fingerprint"),
                                    keep_checkpoints=spec.keep_checkpoints)
         write_reports(out=out, options=options, **context)
         if status == "interrupted":

@@ -38,6 +38,24 @@ def fingerprint(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def content_id(manifest: dict[str, Any]) -> str:
+    """sha256 of what training reads from a prepared directory: the token dtype, vocabulary size and special
+    ids, the tokenizer's hash, and each split's token count and sha256.
+
+    `fingerprint` identifies the inputs (source paths, sizes and modification times, options) so that
+    `wiola prepare` knows when to run again; a copied or touched corpus changes it although the tokens do
+    not. Training and comparisons identify their data by this id instead. A manifest without split hashes
+    (written before they were recorded) falls back to its fingerprint."""
+    splits = manifest["splits"]
+    if not splits or any(not isinstance(info, dict) or not info.get("sha256") for info in splits.values()):
+        return manifest["fingerprint"]
+    tokenizer = manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), dict) else {}
+    content = {"dtype": manifest["dtype"], "vocab_size": manifest["vocab_size"], "tokenizer": tokenizer.get("sha256"),
+               "special": [manifest.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")],
+               "splits": {name: [info["num_tokens"], info["sha256"]] for name, info in sorted(splits.items())}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits (vocab_size <= 65536), else uint32."""
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)

@@ -38,9 +38,13 @@ def require_onnx() -> None:
         raise WiolaError(f"wiola export --to onnx needs {', '.join(missing)}: pip install 'wiola[export]'")
 
 
+MAX_DIM = 1 << 30  # batch, sequence and cache sizes the graph accepts
+
+
 def _dynamic_shapes(spec):
-    dims = {"batch": torch.export.Dim("batch", min=1), "seq": torch.export.Dim("seq", min=1),
-            "capacity": torch.export.Dim("capacity", min=1)}
+    # explicit upper bounds: torch 2.6's export otherwise guards each size against int64's max and refuses
+    dims = {"batch": torch.export.Dim("batch", min=1, max=MAX_DIM), "seq": torch.export.Dim("seq", min=1, max=MAX_DIM),
+            "capacity": torch.export.Dim("capacity", min=1, max=MAX_DIM)}
     tokens = {0: dims["batch"], 1: dims["seq"]}
     return (tokens, dict(tokens), tuple({i: dims[s] for i, s in enumerate(t.shape) if isinstance(s, str)} for t in spec))
 

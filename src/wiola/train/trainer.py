@@ -10,7 +10,7 @@ internals. Under torchrun every rank runs this file; rank 0 alone writes files.
 Before step 1 everything the run needs is checked: the output directory is locked (one writer),
 the data directory matches its manifest (split sizes, tokenizer hash) and is share-locked against
 `wiola prepare`, the train and val splits are long enough for `--seq-len`, and the tokenizer loads.
-On `--resume` the data must be the checkpoint's (its fingerprint is stored there) unless
+On `--resume` the tokens must be the checkpoint's (their content id is stored there) unless
 `--allow-new-data` is given, and changed options apply as if the run had started with them: the
 lr schedule is recomputed from the new lr/min-lr/warmup/schedule/max-steps and AdamW's betas and
 weight decay are replaced (see docs/guarantees.md).
@@ -418,7 +418,9 @@ def data_identity(data_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """What identifies a prepared data directory in a checkpoint (checked on --resume)."""
     splits = manifest["splits"]
     tok = manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), dict) else {}
-    return {"fingerprint": manifest["fingerprint"], "tokenizer_sha256": tok.get("sha256"),
+    from wiola.data.manifest import content_id
+
+    return {"content": content_id(manifest), "fingerprint": manifest["fingerprint"], "tokenizer_sha256": tok.get("sha256"),
             "train_tokens": splits.get("train", {}).get("num_tokens"), "val_tokens": splits.get("val", {}).get("num_tokens"),
             "path": str(data_dir.resolve())}
 
@@ -490,11 +492,12 @@ def _train(config: str, data_dir: Path, out_dir: Path, *, overrides: dict[str, A
         if changed:
             raise WiolaError("--resume: cannot change " + ", ".join(f"{k} ({saved[k]} -> {getattr(cfg, k)})" for k in changed))
         old = ckpt_state.get("data_source")
-        keys = ("fingerprint", "tokenizer_sha256", "train_tokens", "val_tokens")
+        # the same tokens (content id; a checkpoint from before content ids: the inputs' fingerprint and sizes)
+        keys = ("content",) if old is not None and "content" in old else ("fingerprint", "tokenizer_sha256", "train_tokens", "val_tokens")
         if old is not None and any(old.get(k) != identity[k] for k in keys):
             if not allow_new_data:
                 raise WiolaError(f"--resume: {data_dir} is not the data this run was trained on ({old.get('path')},"
-                                 f" fingerprint {str(old.get('fingerprint'))[:12]} vs {identity['fingerprint'][:12]});"
+                                 f" {keys[0]} {str(old.get(keys[0]))[:12]} vs {identity[keys[0]][:12]});"
                                  " pass --allow-new-data to continue on it anyway")
             events.append({"event": "data_changed", "step": int(ckpt_state["step"]), "from": old, "to": identity})
 
