@@ -42,6 +42,9 @@ def test_bench_command_prints_ratios_and_writes_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_llama_static_loop_decodes_like_generate(compiled):
+    if compiled and tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 7):
+        pytest.skip("torch 2.6 (measured with transformers 5.0): dynamo cannot trace transformers' LLaMA forward "
+                    "fullgraph (`co_varnames` in its output-capturing wrapper); the compiled LLaMA row needs torch >= 2.7")
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)

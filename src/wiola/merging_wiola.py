@@ -207,17 +207,22 @@ def _store(cache, k_slot, v_slot, slot_valid, ck, cv, cache_valid) -> None:
 _compiled_flex = None
 
 
-def _flex_attention(*args, **kwargs):
+def _flex_attention(q, k, v, **kwargs):
     """FlexAttention, compiled once on CUDA (its fast kernel) unless already inside a compiled model;
-    eager elsewhere (a correct reference)."""
+    eager elsewhere (a correct reference). Query, key and value go in with one dtype (under autocast they
+    can differ, which FlexAttention refuses on torch 2.6); the output has the query's dtype."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
-    if args[0].device.type != "cuda" or torch.compiler.is_compiling():  # inside torch.compile: the outer graph compiles it
-        return flex_attention(*args, **kwargs)
+    if not q.dtype == k.dtype == v.dtype:
+        common = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        result = _flex_attention(q.to(common), k.to(common), v.to(common), **kwargs)
+        return (result[0].to(q.dtype), *result[1:]) if isinstance(result, tuple) else result.to(q.dtype)
+    if q.device.type != "cuda" or torch.compiler.is_compiling():  # inside torch.compile: the outer graph compiles it
+        return flex_attention(q, k, v, **kwargs)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(*args, **kwargs)
+    return _compiled_flex(q, k, v, **kwargs)
 
 
 def _flex_attention_lse(*args, **kwargs):

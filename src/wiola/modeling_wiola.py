@@ -571,9 +571,11 @@ class WiolaForCausalLM(WiolaPreTrainedModel, GenerationMixin):
         # under the name the installed generate reads and feeds back (`cache` from 5.24, `past_key_values` before)
         if implementation == "static":
             model_kwargs[CACHE_KWARG] = WiolaStaticCache(self.config, max_cache_len=max_cache_length)
-        elif implementation in (None, "dynamic"):
-            # assisted decoding (the target and its draft) crops rejected tokens: record history since the last crop
-            assisted = generation_mode == "assisted_generation" or bool(getattr(generation_config, "is_assistant", False))
+        elif implementation in (None, "dynamic", "dynamic_full"):
+            # assisted decoding (the target and its draft) crops rejected tokens: record history since the last crop.
+            # ("dynamic_full": a cache without sliding layers, for rollback; transformers 5.0 sets it for the draft model)
+            assisted = (generation_mode == "assisted_generation" or bool(getattr(generation_config, "is_assistant", False))
+                        or implementation == "dynamic_full")
             model_kwargs[CACHE_KWARG] = WiolaCache(self.config, history="recent" if assisted else "none")
         else:
             raise ValueError(f"WiolaForCausalLM supports cache_implementation 'dynamic' (WiolaCache) or 'static' (WiolaStaticCache), not {implementation!r}")

@@ -31,9 +31,10 @@ def test_neutral_setting_is_llama(overrides):
     ids = random_ids(2, 17)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
-    torch.testing.assert_close(model(ids).logits, llama(ids).logits, atol=1e-6, rtol=0)
+    # float32 rounding: ≤1e-6 on torch 2.13, up to 1.8e-6 on torch 2.6's kernels (docs/compat.md)
+    torch.testing.assert_close(model(ids).logits, llama(ids).logits, atol=5e-6, rtol=0)
     got, want = model(ids, attention_mask=mask).logits, llama(ids, attention_mask=mask).logits
-    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[0], want[0], atol=5e-6, rtol=0)
 
 
 def _sequence(ids, mask, model, steps=6):

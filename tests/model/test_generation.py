@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from packaging import version
 from wiola.compat_wiola import output_cache
 
 from wiola import WiolaCache
@@ -115,6 +117,9 @@ def test_assisted_decoding_with_a_wiola_draft_equals_greedy(model, variant, monk
     assert sum(dropped) > 0  # rejected draft tokens were cropped from both caches
 
 
+@pytest.mark.skipif(version.parse(transformers.__version__) < version.parse("5.13"),
+                    reason="transformers <5.13: prompt lookup decoding fails without an eos token (torch.isin on None), "
+                           "and this test's model has none")
 def test_prompt_lookup_decoding_equals_greedy(model, monkeypatch):
     ids = random_ids(1, 6).repeat(1, 3)  # repeats give the lookup something to propose
     greedy = model.generate(ids, max_new_tokens=16, do_sample=False)
@@ -125,5 +130,5 @@ def test_prompt_lookup_decoding_equals_greedy(model, monkeypatch):
 
 
 def test_assisted_decoding_with_a_static_cache_is_refused(model):
-    with pytest.raises(ValueError, match="cropped"):
+    with pytest.raises(ValueError, match="cropped|not supported with Static cache"):  # ours, or transformers 5.0's own refusal first
         model.generate(random_ids(1, 5), max_new_tokens=3, prompt_lookup_num_tokens=2, cache_implementation="static")

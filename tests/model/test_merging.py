@@ -143,3 +143,18 @@ def test_flex_kernel_in_bf16_stays_within_the_bf16_tolerance(n_rep):
         ref, joins_ref = merged_attention(*args, real, -1.0, n_rep, "eager", kernel="mask")
     assert torch.equal(joins, joins_ref) and joins.sum() > 0
     torch.testing.assert_close(fast[real[:, None, :].expand(b, h, t)].float(), ref[real[:, None, :].expand(b, h, t)].float(), atol=2e-2, rtol=0)
+
+
+def test_flex_kernel_takes_mixed_dtypes_from_autocast():
+    """Under autocast a layer can hand FlexAttention a float32 query and key with a bfloat16 value; torch 2.6
+    refuses mixed dtypes, so the kernel computes in the common dtype and answers in the query's."""
+    from wiola.merging_wiola import _flex_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 16, 8, generator=g), torch.randn(1, 2, 16, 8, generator=g)
+    v = torch.randn(1, 2, 16, 8, generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        mixed, same = _flex_attention(q, k, v), _flex_attention(q, k, v.float())
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, same)
+    out16 = _flex_attention(q.to(torch.bfloat16), k, v)  # the output follows the query
+    assert out16.dtype == torch.bfloat16
