@@ -105,7 +105,7 @@ class FakeHub:
             repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
             if repo_id in self.repos:
                 return 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
-            self.repos[repo_id] = {"private": payload.get("visibility") == "private", "branches": {"main"}, "files": {}}
+            self.repos[repo_id] = {"private": payload.get("visibility") == "private" or payload.get("private") is True, "branches": {"main"}, "files": {}}
             return 200, {"url": f"{self.url}/{repo_id}"}
         if r.method == "POST" and len(parts) >= 6 and parts[:2] == ["api", "models"]:
             repo_id, action, rev = "/".join(parts[2:4]), parts[4], "/".join(parts[5:])

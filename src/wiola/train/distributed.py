@@ -103,6 +103,10 @@ def teardown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
+def _torch_version() -> tuple[int, int]:
+    return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+
+
 def wrap_model(model: nn.Module, d: Dist, strategy: str, param_dtype: torch.dtype | None = None) -> nn.Module:
     """DDP or FSDP2 when world_size > 1; the model itself otherwise."""
     if not d.enabled:
@@ -114,6 +118,10 @@ def wrap_model(model: nn.Module, d: Dist, strategy: str, param_dtype: torch.dtyp
         return DistributedDataParallel(model, device_ids=ids)
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if d.device.type == "cpu" and _torch_version() < (2, 7):  # measured on 2.6.0: AttributeError deep in FSDP2's unshard
+            raise WiolaError(f"--distributed fsdp on CPU needs torch 2.7 or later (this is {torch.__version__}, whose FSDP2 "
+                             "records CUDA stream events); use --distributed ddp")
 
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for block in decoder_layers(model):
@@ -231,6 +239,26 @@ def complete_optimizer_state(model: nn.Module, state: dict[str, Any]) -> list[st
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> list[str]:
     """Load a full (parameter-name keyed) optimizer state into the optimizer of a plain, DDP or FSDP2 model.
     Parameters without state in `state` start fresh (see `complete_optimizer_state`); returns their names."""
+    from torch.distributed.tensor import DTensor
+
     fresh = complete_optimizer_state(model, state)
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    if any(isinstance(t, DTensor) for t in model.parameters()):  # FSDP2: shard the full state
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return fresh
+    # a plain or DDP model: parameter names -> the optimizer's own indices (torch 2.6's helper loses an empty group's
+    # "params", e.g. the no-decay group of a LoRA run, and fails)
+    names = {id(p): _plain_name(n) for n, p in model.named_parameters()}
+    saved_groups = state.get("param_groups", [])
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise WiolaError(f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this run's {len(optimizer.param_groups)}")
+    index, groups = {}, []
+    for saved, group in zip(saved_groups, optimizer.param_groups):
+        ids = []
+        for p in group["params"]:
+            index[names[id(p)]] = len(index)
+            ids.append(index[names[id(p)]])
+        groups.append({**saved, "params": ids})
+    saved_state = state.get("state", {})
+    optimizer.load_state_dict({"state": {index[_plain_name(str(n))]: v for n, v in saved_state.items() if _plain_name(str(n)) in index},
+                               "param_groups": groups})
     return fresh
