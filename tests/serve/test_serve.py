@@ -292,3 +292,15 @@ def test_streamed_text_is_the_decoded_tokens_cut_at_the_first_stop(model_dirs):
         hits = [full.find(s) for s in stops if s in full]
         assert "".join(e.text for e in events) == (full[: min(hits)] if hits else full)
         assert events[-1].finish == ("stop" if hits else "length") and all(e.finish is None for e in events[:-1])
+
+
+def test_a_stop_string_is_held_back_while_its_next_character_is_still_incomplete():
+    """Streaming sends text as it settles, but never the start of a stop string that may still complete:
+    after "...n" + the first byte of "í" (decoded as U+FFFD), the "n" of the stop "ní" must wait too."""
+    from wiola.serve.engine import _held_back
+
+    assert _held_back("the n\ufffd", ["ní"]) == 2  # "n" + the incomplete character
+    assert _held_back("the n", ["ní"]) == 1
+    assert _held_back("the x\ufffd", ["ní"]) == 1  # only the incomplete character
+    assert _held_back("the x", ["ní"]) == 0 and _held_back("the n\ufffd", []) == 1
+    assert _held_back("a st\ufffd", ["stop", "t\u00e9"]) == 3  # the longest prefix of any stop string wins

@@ -381,11 +381,18 @@ class Engine:
 def _held_back(text: str, stops: list[str]) -> int:
     """Characters at the end of `text` not to send yet: a last U+FFFD (the bytes of a character still
     incomplete decode as one; more bytes may complete it), or the start of a stop string."""
-    hold = 1 if text.endswith("\ufffd") else 0
+    incomplete = 1 if text.endswith("\ufffd") else 0
+    hold = incomplete
     for stop in stops:
         for k in range(min(len(stop) - 1, len(text)), 0, -1):
             if text.endswith(stop[:k]):
                 hold = max(hold, k)
+                break
+        # the incomplete character may complete the stop string's next one: hold the prefix before it too
+        body = text[:len(text) - incomplete]
+        for k in range(min(len(stop) - 1, len(body)) if incomplete else 0, 0, -1):
+            if body.endswith(stop[:k]):
+                hold = max(hold, k + incomplete)
                 break
     return hold
 
