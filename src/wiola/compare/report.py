@@ -13,6 +13,7 @@ from typing import Any
 
 from wiola.compare.entrants import Entrant
 from wiola.compare.spec import BASELINES, Spec
+from wiola.data.manifest import content_id
 
 
 # ---------------------------------------------------------------------------- JSON files
@@ -46,8 +47,6 @@ def _environment(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def data_summary(data_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """The data block of results.json: directory, content id and fingerprint, vocabulary, split sizes."""
-    from wiola.data.manifest import content_id
-
     splits = manifest["splits"]
     return {"dir": str(data_dir), "content": content_id(manifest), "fingerprint": manifest.get("fingerprint"),
             "vocab_size": manifest["vocab_size"],

@@ -32,10 +32,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja")
 
 
+def _sha256_json(obj: Any) -> str:
+    """sha256 of the canonical JSON of `obj` (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def fingerprint(inputs: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of everything that determines a prepared directory."""
-    canonical = json.dumps({"format": FORMAT, "version": VERSION, **inputs}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return _sha256_json({"format": FORMAT, "version": VERSION, **inputs})
 
 
 def content_id(manifest: dict[str, Any]) -> str:
@@ -53,7 +57,7 @@ def content_id(manifest: dict[str, Any]) -> str:
     content = {"dtype": manifest["dtype"], "vocab_size": manifest["vocab_size"], "tokenizer": tokenizer.get("sha256"),
                "special": [manifest.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")],
                "splits": {name: [info["num_tokens"], info["sha256"]] for name, info in sorted(splits.items())}}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return _sha256_json(content)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -117,6 +117,12 @@ def save_tokenizer(tokenizer: "PreTrainedTokenizerFast", path: str | Path) -> Pa
 VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model")  # a local tokenizer folder holds one
 
 
+def has_vocabulary(folder: Path) -> bool:
+    """Whether a local folder holds a tokenizer's vocabulary. transformers 5.0 loads a folder without one as a
+    default GPT-NeoX tokenizer, silently, so Wiola checks first."""
+    return any((folder / name).is_file() for name in VOCABULARY_FILES)
+
+
 def load_tokenizer(path: str | Path) -> "PreTrainedTokenizerFast":
     """Load a fast tokenizer from a local directory, or from the Hub as `hf:NAME`."""
     name = str(path)
@@ -126,8 +132,7 @@ def load_tokenizer(path: str | Path) -> "PreTrainedTokenizerFast":
         raise WiolaError(f"tokenizer not found: {name} is not a directory (Hugging Face Hub tokenizers: hf:NAME)")
     else:
         name = str(Path(name).expanduser())
-        if not any((Path(name) / file).is_file() for file in VOCABULARY_FILES):
-            # (transformers 5.0 loads a folder without one as a default GPT-NeoX tokenizer, silently)
+        if not has_vocabulary(Path(name)):
             raise WiolaError(f"could not load a tokenizer from {path}: it has no vocabulary ({', '.join(VOCABULARY_FILES)})")
     from transformers import AutoTokenizer
 

@@ -381,20 +381,20 @@ class Engine:
 def _held_back(text: str, stops: list[str]) -> int:
     """Characters at the end of `text` not to send yet: a last U+FFFD (the bytes of a character still
     incomplete decode as one; more bytes may complete it), or the start of a stop string."""
-    incomplete = 1 if text.endswith("\ufffd") else 0
-    hold = incomplete
+    incomplete = text.endswith("\ufffd")
+    hold = int(incomplete)
     for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:k]):
-                hold = max(hold, k)
-                break
-        # the incomplete character may complete the stop string's next one: hold the prefix before it too
-        body = text[:len(text) - incomplete]
-        for k in range(min(len(stop) - 1, len(body)) if incomplete else 0, 0, -1):
-            if body.endswith(stop[:k]):
-                hold = max(hold, k + incomplete)
-                break
+        hold = max(hold, _stop_prefix(text, stop))
+        if incomplete:  # it may complete the stop string's next character: hold the prefix before it too
+            prefix = _stop_prefix(text[:-1], stop)
+            if prefix:
+                hold = max(hold, prefix + 1)
     return hold
+
+
+def _stop_prefix(text: str, stop: str) -> int:
+    """Length of the longest proper start of `stop` that `text` ends with (0 when none)."""
+    return next((k for k in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:k])), 0)
 
 
 def _as_list(value) -> list:

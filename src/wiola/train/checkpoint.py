@@ -266,9 +266,9 @@ def load_for_inference(path: str | Path, device: torch.device):
     if bad:  # transformers only warns and leaves those weights random
         raise WiolaError(f"{model_dir}: the weights are incomplete ({len(bad)} tensor(s) missing or of the wrong shape,"
                          f" e.g. {', '.join(str(k) for k in bad[:3])}); refusing to use random weights")
-    from wiola.data.tokenizer import VOCABULARY_FILES
+    from wiola.data.tokenizer import VOCABULARY_FILES, has_vocabulary
 
-    if not any((model_dir / name).is_file() for name in VOCABULARY_FILES):  # transformers 5.0 would load a default tokenizer
+    if not has_vocabulary(model_dir):
         raise WiolaError(f"cannot load the tokenizer from {model_dir}: it has no vocabulary ({', '.join(VOCABULARY_FILES)})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -251,14 +251,11 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     saved_groups = state.get("param_groups", [])
     if len(saved_groups) != len(optimizer.param_groups):
         raise WiolaError(f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this run's {len(optimizer.param_groups)}")
-    index, groups = {}, []
+    index, groups = {}, []  # parameter name -> position in the optimizer (its state_dict's key)
     for saved, group in zip(saved_groups, optimizer.param_groups):
-        ids = []
-        for p in group["params"]:
-            index[names[id(p)]] = len(index)
-            ids.append(index[names[id(p)]])
-        groups.append({**saved, "params": ids})
-    saved_state = state.get("state", {})
-    optimizer.load_state_dict({"state": {index[_plain_name(str(n))]: v for n, v in saved_state.items() if _plain_name(str(n)) in index},
-                               "param_groups": groups})
+        start = len(index)
+        index.update((names[id(p)], start + i) for i, p in enumerate(group["params"]))
+        groups.append({**saved, "params": list(range(start, len(index)))})
+    by_name = {_plain_name(str(n)): v for n, v in state.get("state", {}).items()}
+    optimizer.load_state_dict({"state": {index[n]: v for n, v in by_name.items() if n in index}, "param_groups": groups})
     return fresh

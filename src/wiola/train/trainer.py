@@ -33,6 +33,7 @@ import torch
 
 from wiola import finetune, legacy
 from wiola.data.lock import claim_dir, shared_lock
+from wiola.data.manifest import content_id
 from wiola.data.manifest import verify as verify_data
 from wiola.errors import WiolaError
 from wiola.train import batches, checkpoint, distributed
@@ -418,8 +419,6 @@ def data_identity(data_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """What identifies a prepared data directory in a checkpoint (checked on --resume)."""
     splits = manifest["splits"]
     tok = manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), dict) else {}
-    from wiola.data.manifest import content_id
-
     return {"content": content_id(manifest), "fingerprint": manifest["fingerprint"], "tokenizer_sha256": tok.get("sha256"),
             "train_tokens": splits.get("train", {}).get("num_tokens"), "val_tokens": splits.get("val", {}).get("num_tokens"),
             "path": str(data_dir.resolve())}
