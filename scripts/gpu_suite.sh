@@ -7,8 +7,9 @@
 # nothing is pip-installed there.
 #
 #   bash scripts/gpu_suite.sh prep          # HERE, on the development machine: fetch what the GPU box cannot
-#                                           # (the Shakespeare corpus into .gpu/cache, tinyshakespeare.txt) into
-#                                           # .gpu/, which git ignores; carry ".gpu" with every GPU call
+#                                           # (the Shakespeare complete works into .gpu/cache) into .gpu/, which
+#                                           # git ignores; carry ".gpu" with every GPU call. The character corpus
+#                                           # travels with the tree (corpora/tinyshakespeare.txt).
 # then on the GPU machine, one stage per call (figures land in $OUT, default runs/gpu):
 #   bash scripts/gpu_suite.sh presets [PRESET ...]         # wiola bench --no-decode: micro, small, 360m, 700m, 1.5b
 #   bash scripts/gpu_suite.sh compare-char [ENTRANT ...]   # wiola compare, char-level Shakespeare (resumable)
@@ -31,7 +32,6 @@ if [ "$stage" = prep ]; then
   mkdir -p "$(dirname "$exclude")"
   grep -qxF '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >> "$exclude"
   WIOLA_CACHE="$PWD/.gpu/cache" .venv/bin/python -c "from wiola.data.shakespeare import shakespeare_dir; print('corpus:', shakespeare_dir())"
-  cp ../shared/data/tinyshakespeare.txt .gpu/tinyshakespeare.txt
   du -sh .gpu
   exit 0
 fi
@@ -47,7 +47,6 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 compare() {  # compare SPEC NAME [entrants...]
   local spec=$1 name=$2
   shift 2
-  mkdir -p ../shared/data && cp .gpu/tinyshakespeare.txt ../shared/data/tinyshakespeare.txt  # the char spec's source
   local only=()
   [ $# -gt 0 ] && only=(--only "$@")
   $PY -m wiola compare "$spec" "runs/compare/$name" "${only[@]}" || status=$?

@@ -8,7 +8,7 @@ import torch
 from wiola import WiolaConfig, WiolaForCausalLM, list_presets
 from wiola.configuration_wiola import PRESETS, count_parameters
 
-# SPEC §3 (tied embeddings): what the reference implementations build, less the paper sizes' dead layer-0
+# docs/architecture.md §3 (tied embeddings): what the reference implementations build, less the paper sizes' dead layer-0
 # GCLA tensors (W_kc, W_vc, φ), which this library does not build.
 SPEC_COUNTS = {
     "wiola-nano": 12_915_888,
@@ -35,14 +35,21 @@ def test_paper_presets_are_the_reference_less_layer0_context(name):
     assert list_presets()[name] + dead == REFERENCE_COUNTS[name]
 
 
-def test_spec_table_matches_when_the_workspace_has_it():
+def test_architecture_table_matches_the_presets():
+    """docs/architecture.md §3 lists every preset with its real count, shape and components."""
+    import re
     from pathlib import Path
 
-    spec = Path(__file__).resolve().parents[3] / "shared" / "SPEC.md"
-    if not spec.is_file():
-        pytest.skip("../shared/SPEC.md is not beside this checkout")
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
+    rows = {m[0]: m[1:] for m in re.findall(r"^\| `([\w.-]+)` \| ([\d,]+) \| (\d+) \| (\d+) \| (\d+) / (\d+) \| ([\d,]+) \|", doc, re.M)}
+    assert set(rows) == set(PRESETS)
+    for name, count in list_presets().items():
+        c = WiolaConfig.from_preset(name)
+        want = (f"{count:,}", str(c.hidden_size), str(c.num_hidden_layers), str(c.num_attention_heads), str(c.num_key_value_heads),
+                f"{c.max_position_embeddings:,}")
+        assert rows[name] == want, name
     for name, count in SPEC_COUNTS.items():
-        assert f"| `{name}` |" in spec.read_text() and f"{count:,}" in spec.read_text(), name
+        assert rows[name][0] == f"{count:,}", name
 
 
 @pytest.mark.parametrize("name", ["wiola-nano", "wiola-micro", "wiola-120m", "llama-nano", "llama-120m", "wiola-1.3b", "wiola-1.3b-article", "llama-3b"])
