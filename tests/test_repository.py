@@ -105,7 +105,7 @@ def test_the_scan_tells_outside_references_from_inside_ones(tmp_path):
     files = {
         "README.md": "see [docs](docs/a.md) and https://example.com/../up and `/tmp/scratch` and `~/.cache/wiola`\n",
         "docs/a.md": "[back](../README.md), [sibling](../docs/a.md#top), [config](../configs/x.yaml).\n",
-        "configs/x.yaml": "source: ../shared/data/tinyshakespeare.txt\n",
+        "configs/x.yaml": "source: ../workspace/data/corpus.txt\n",
         "scripts/s.sh": 'REPO="$(cd "$(dirname "$0")/.." && pwd)"\ncat ../../notes.md\n',
         "src/m.py": 'SPEC = "/work/shared/SPEC.md"\nHOME = "/home/alice/project"\nOK = "sub/../file"\n',
         "docs/b.md": "[up two](../../elsewhere.md) [root file](../README.md)\n",
@@ -116,7 +116,7 @@ def test_the_scan_tells_outside_references_from_inside_ones(tmp_path):
     (tmp_path / "docs" / "link").symlink_to("../../outside")
     found = outside_references(tmp_path, list(files), ["docs/link"])
     assert sorted(found) == sorted([
-        "configs/x.yaml:1: ../shared/data/tinyshakespeare.txt",
+        "configs/x.yaml:1: ../workspace/data/corpus.txt",
         "scripts/s.sh:2: ../../notes.md",
         "src/m.py:1: /work/shared/SPEC.md",
         "src/m.py:2: /home/alice/project",
