@@ -36,7 +36,7 @@ def test_nanogpt_cpu_spec_is_nanogpts_setting_with_every_component_both_ways():
     spec = load_spec(NANOGPT_CPU)
     assert spec.shape == NANOGPT
     assert {k: spec.train[k] for k in NANOGPT_TRAIN} == NANOGPT_TRAIN
-    assert spec.data["source"].endswith("shared/data/tinyshakespeare.txt") and spec.data["split_at"] == "exact"
+    assert spec.data["source"] == "corpora/tinyshakespeare.txt" and spec.data["split_at"] == "exact"
     assert spec.data["tokenizer_kind"] == "char" and spec.data["val_fraction"] == 0.1
     assert spec.seeds == [1337, 1338, 1339] and spec.control == "llama-arch"
     entrants = {e.name: e for e in resolve_entrants(spec, CHAR_FIELDS)}
