@@ -5,7 +5,7 @@ three model families: eager, compiled (traced with `aot_eager`: what inductor wo
 generation), `compile="auto"` switching to the compiled step mid-run, and one real inductor compile
 (freezing + C++ wrapper) at a tiny size, which also writes the compile ledger and torch's cache artifacts.
 The int8 copy runs, leaves the fp32 model alone, and its greedy agreement with fp32 is reported and
-bounded; bad --quantize values fail with one line.
+bounded; bad --quantize values fail with one line. A malformed ledger reads as empty, with one note.
 """
 
 from __future__ import annotations
@@ -203,3 +203,30 @@ def test_compile_cache_follows_the_wiola_cache(monkeypatch, tmp_path):
     assert cpu_decode.compile_cache_dir() == tmp_path / "xdg" / "wiola" / "compile"
     monkeypatch.setenv("WIOLA_COMPILE_CACHE", str(tmp_path / "own"))
     assert cpu_decode.compile_cache_dir() == tmp_path / "own"
+
+
+@pytest.mark.parametrize("content", ["[1, 2, 3]", '{"sig": 5}', '{"sig": {"compile_s": "slow"}}', '{"sig": {"eager_ms": true}}', "{not json"])
+def test_a_malformed_ledger_reads_as_empty_with_a_note(private_cache, tmp_path, monkeypatch, capsys, content):
+    """Issue 26, item 7: a ledger that is valid JSON but not records of numbers (or not JSON) is ignored with one
+    note per ledger, the run decodes as usual, and the next update rewrites it."""
+    import json
+
+    monkeypatch.setenv("WIOLA_ONNX_CACHE", str(tmp_path / "onnx"))
+    ledgers = [private_cache / "records.json", tmp_path / "onnx" / "records.json"]
+    for path in ledgers:
+        path.parent.mkdir(parents=True)
+        path.write_text(content)
+    model = family_model("all-off")
+    ids = prompt()
+    expected = reference(model, ids)
+    decoder = StaticDecoder(model, max_cache_len=PROMPT + NEW, backend="aot_eager")  # compile and engine "auto": both ledgers read
+    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "eager"
+    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected)
+    err = capsys.readouterr().err.strip().splitlines()
+    noted = [path for path in ledgers if any(line.startswith(f"wiola: note: ignoring the malformed ledger {path} (") for line in err)]
+    assert noted[:1] == [ledgers[0]] and len(err) == len(noted), err  # one line per ledger read (the ONNX one: with onnxruntime)
+    assert all(line.endswith("); its timings start over") for line in err)
+    if ledgers[1] in noted:  # the engines' step times of this run replaced it
+        assert isinstance(json.loads(ledgers[1].read_text()), dict)
+    cpu_decode.Ledger().update("sig", compile_s=1.0)  # the next update starts it over
+    assert json.loads(ledgers[0].read_text()) == {"sig": {"compile_s": 1.0}}

@@ -25,13 +25,24 @@ also saves torch's portable cache artifacts (`torch.compiler.save_cache_artifact
 `compile_cache_dir()` — `$WIOLA_COMPILE_CACHE`, else `compile/` in the wiola cache (`$WIOLA_CACHE`,
 `$XDG_CACHE_HOME/wiola` or `~/.cache/wiola`) — and loads them before compiling the same signature again, so a warm compile
 survives a cleared `/tmp`. Writing there is best effort (a read-only home only loses the speed-up).
+
+**Ledger and identity.** A ledger that is not an object of records (each an object of numbers) is treated as
+empty, with a one-line note on stderr (once per process), and is rewritten by the next update; the
+`records.PID.tmp` files of writers that died are removed (`remove_leftovers`). Signatures and the ONNX cache
+key see the config's content without the fields that say where it was loaded from (`config_content`), so
+`runs/x`, `/abs/runs/x` and a copy of the same weights elsewhere share their records and their export.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
+import shutil
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -40,6 +51,9 @@ PROBE_STEPS = 8  # eager steps timed before deciding to compile
 COLD_COMPILE_S = 40.0  # first compile of a nano-sized step, 2 busy cores (measured 29–60 s)
 DEFAULT_SPEEDUP = 2.0  # eager ms/step ÷ compiled ms/step before anything is recorded (measured 2.0–2.5× on nano shapes)
 CPU_INDUCTOR_OPTIONS = {"freezing": True, "cpp_wrapper": True}
+PROVENANCE_KEYS = ("_name_or_path", "_commit_hash", "transformers_version")  # where a config came from, not what it is
+LEFTOVER_S = 24 * 3600  # a temporary file or folder this old is a dead writer's, whatever its PID says
+DEAD_WRITER_S = 600  # ... and one whose writer's PID is gone, once this old (a writer in another PID namespace may look dead)
 
 
 def compile_cache_dir() -> Path:
@@ -52,26 +66,63 @@ def compile_cache_dir() -> Path:
     return cache_root() / "compile"
 
 
+def config_content(config) -> dict:
+    """The config's fields without those that record where it was loaded from (`PROVENANCE_KEYS`): the same
+    model loaded by a relative path, an absolute one or from a copy has one content."""
+    return {k: v for k, v in config.to_dict().items() if k not in PROVENANCE_KEYS}
+
+
 def signature(model, batch: int, capacity: int, quantize: str | None, threads: int) -> str:
-    """What a compiled step depends on: torch, the model's config and dtype, batch, cache size, quantization, threads."""
-    config = model.config.to_dict()
-    config.pop("transformers_version", None)
+    """What a compiled step depends on: torch, the model's config (`config_content`) and dtype, batch, cache size, quantization, threads."""
+    config = config_content(model.config)
     parts = [torch.__version__, json.dumps(config, sort_keys=True, default=str), str(next(model.parameters()).dtype),
              batch, capacity, quantize, threads, torch.backends.cpu.get_cpu_capability()]
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
+_NOTED: set[Path] = set()  # malformed ledgers already reported by this process
+
+
+def _malformed(records) -> str | None:
+    """What is wrong with a ledger's parsed content (None: an object of records, each an object of finite numbers)."""
+    if not isinstance(records, dict):
+        return f"a JSON {type(records).__name__}, not an object of records"
+    for key, record in records.items():
+        if not isinstance(record, dict):
+            return f"record {key!r} is not an object"
+        for field, value in record.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                return f"{key}.{field} is not a number"
+    return None
+
+
 class Ledger:
-    """`records.json` in the compile cache: per signature, the compile seconds and eager/compiled ms per step."""
+    """`records.json` in the compile cache: per signature, the compile seconds and eager/compiled ms per step.
+
+    A ledger that cannot be parsed, or whose content is not records of numbers, reads as empty (with a note
+    on stderr, once per process); the next update replaces it."""
 
     def __init__(self, root: Path | None = None):
         self.path = (root or compile_cache_dir()) / "records.json"
 
     def read(self) -> dict[str, dict]:
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            text = self.path.read_text()
+        except OSError:  # none yet (or unreadable): nothing recorded
             return {}
+        try:
+            records = json.loads(text)
+            problem = _malformed(records)
+        except ValueError:
+            problem = "not JSON"
+        except RecursionError:
+            problem = "nested too deeply"
+        if problem is None:
+            return records
+        if self.path not in _NOTED:
+            _NOTED.add(self.path)
+            print(f"wiola: note: ignoring the malformed ledger {self.path} ({problem}); its timings start over", file=sys.stderr, flush=True)
+        return {}
 
     def get(self, sig: str) -> dict:
         return self.read().get(sig, {})
@@ -90,6 +141,55 @@ class Ledger:
             tmp.replace(self.path)
         except OSError:
             pass
+        remove_leftovers(self.path.parent)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (True when that cannot be told: on Windows, or another user's)."""
+    if os.name == "nt" or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+_LEFTOVER = re.compile(r"^(?:records\.(\d+)\.tmp|\.[0-9a-f]{8,}-(?:(\d+)-)?.+)$")  # a ledger's temporary file, an export's temporary folder
+
+
+def remove_leftovers(root: Path) -> list[str]:
+    """Remove what killed writers left in a cache folder: `records.PID.tmp` (`Ledger.write`) and `.KEY-PID-xxxx`
+    (`OnnxEngine.export`) whose process is gone and that are `DEAD_WRITER_S` old, or any such `LEFTOVER_S` old.
+    Best effort; returns the names removed."""
+    removed = []
+    now = time.time()
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        match = _LEFTOVER.match(path.name)
+        if match is None:
+            continue
+        pid = match.group(1) or match.group(2)
+        try:
+            age = now - path.lstat().st_mtime
+        except OSError:
+            continue
+        if age < LEFTOVER_S and (pid is None or age < DEAD_WRITER_S or pid_alive(int(pid))):
+            continue
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path.name)
+        except OSError:
+            pass
+    return removed
 
 
 def compile_pays_back(record: dict, eager_ms: float, remaining_steps: int) -> bool:

@@ -195,16 +195,32 @@ class StaticDecoder:
         if self.onnx is None:
             return None
         if self.engine == "onnx":
-            return "onnx" if self.onnx.cached() or self._export(onnx_decode.expected_export_s(onnx_decode.ledger().read())) else None
+            return "onnx" if self._cached_export() or self._export(onnx_decode.expected_export_s(onnx_decode.ledger().read())) else None
         if max_new_tokens < cpu_decode.PROBE_STEPS + 3:  # too short to time, or to win back the session's start
             return None
+        cached = self._cached_export()
+        if self.onnx is None:  # a wrong cached folder whose export failed again
+            return None
         record = onnx_decode.ledger().get(self._onnx_signature(batch))
-        if self.onnx.cached():
+        if cached:
             if record.get("eager_ms") and record.get("onnx_ms"):
                 return "onnx" if record["onnx_ms"] < record["eager_ms"] else None
         elif onnx_decode.missing(export=True) or self.onnx.failed_before():
             return None
         return "probe"
+
+    def _cached_export(self) -> bool:
+        """Whether this model's export is cached. A cached folder that is not (`OnnxEngine.cached`: another model's
+        export under this key, or edited since) has been removed: say so in one line and export again."""
+        if self.onnx.cached():
+            return True
+        if self.onnx.stale is None:
+            return False
+        reason, self.onnx.stale = self.onnx.stale, None
+        expected_s = onnx_decode.expected_export_s(onnx_decode.ledger().read())
+        self._note(f"note: the cached ONNX export {self.onnx.folder} is not this model's ({reason}); exporting it again "
+                   f"(about {expected_s:.0f} s)", always=True)
+        return self._export(expected_s, announce=False)
 
     def _switch_to_onnx(self, batch: int, eager_ms: float, steps: int) -> bool:
         """After the probe: onnxruntime for the rest of the run? (A cached export: yes, to time it; else export
@@ -222,16 +238,18 @@ class StaticDecoder:
             onnx_decode.add_forgone(self.onnx.key, steps * saving / 1000.0)
         return False
 
-    def _export(self, expected_s: float) -> bool:
-        """Export for the onnx engine (once per set of weights); on failure say why in one line and drop the engine."""
+    def _export(self, expected_s: float, announce: bool = True) -> bool:
+        """Export for the onnx engine (once per set of weights); on failure say why in one line and drop the engine.
+        `announce`: say (verbose) that it exports."""
         forced = self.engine == "onnx"
         lacking = onnx_decode.missing(export=True)
         if lacking:
             self._note(f"note: exporting for the onnx engine needs {', '.join(lacking)} (pip install 'wiola[export]'); decoding on torch", forced)
             self.onnx = None
             return False
-        self._note(f"exporting the model to ONNX for the faster CPU engine (once for these weights, about {expected_s:.0f} s; "
-                   f"cached in {onnx_decode.onnx_cache_dir()})")
+        if announce:
+            self._note(f"exporting the model to ONNX for the faster CPU engine (once for these weights, about {expected_s:.0f} s; "
+                       f"cached in {onnx_decode.onnx_cache_dir()})")
         try:
             self.onnx.export()
         except Exception as exc:

@@ -3,11 +3,18 @@
 
 **Cache.** `onnx_cache_dir()` — `$WIOLA_ONNX_CACHE`, else `<wiola cache>/onnx` with the wiola cache at
 `$WIOLA_CACHE`, `$XDG_CACHE_HOME/wiola` or `~/.cache/wiola` — holds one export folder per `model_key(model)`
-(a hash of the weights, the config and dtype, and the exporter: torch's and onnxscript's versions and the
-graph format), written atomically, and a ledger `records.json` (`cpu_decode.Ledger`): per model key the
-export seconds (or that the export failed) and the decoding time forgone on torch; per decode signature
-(`cpu_decode.signature`: the model's shape, batch, cache size, threads) the eager and onnxruntime ms per step.
-The cache keeps the `KEEP_EXPORTS` most recently used exports; deleting it at any time only costs re-exports.
+(a hash of the weights, the config's content — `cpu_decode.config_content`, not the path it was loaded from —
+and dtype, and the exporter: torch's and onnxscript's versions and the graph format), written atomically, and a
+ledger `records.json` (`cpu_decode.Ledger`): per model key the export seconds (or that the export failed) and
+the decoding time forgone on torch; per decode signature (`cpu_decode.signature`: the model's shape, batch,
+cache size, threads) the eager and onnxruntime ms per step. The cache keeps the `KEEP_EXPORTS` most recently
+used exports; deleting it at any time only costs re-exports.
+
+**Verified before use.** Each export folder holds `RECORD` (`wiola_cache.json`): the key it was exported for
+and the sha256 of each of its files. A folder is used only when its record names this model's key and every
+file still has its hash (`mismatch`, checked once per engine); otherwise (another model's export copied
+under this key, an edited initializer, a file missing) the folder is removed and the model exported again,
+with a one-line note — never another model's text.
 
 **When (`engine="auto"`, `StaticDecoder`).** The export pays once, each later run only loads the session
 (tens of ms at nano size). With a cached export, the run decodes on onnxruntime from the prompt on when the
@@ -86,15 +93,61 @@ def _exporter() -> str:
 
 
 def model_key(model) -> str:
-    """What an export depends on: every weight's bytes, the config, the dtype and the exporter."""
-    config = model.config.to_dict()
-    config.pop("transformers_version", None)
+    """What an export depends on: every weight's bytes, the config's content (not where it was loaded from),
+    the dtype and the exporter."""
+    config = cpu_decode.config_content(model.config)
     h = hashlib.sha256(json.dumps([_exporter(), config], sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         t = tensor.detach().reshape(-1).contiguous().cpu()
         h.update(f"{name} {t.dtype} {tuple(tensor.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().data)
     return h.hexdigest()[:24]
+
+
+RECORD = "wiola_cache.json"  # in each export folder: the key it was exported for and its files' sha256
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def seal(folder: Path, key: str) -> None:
+    """Write `RECORD` into an export folder: `key` and the sha256 of every other file in it."""
+    hashes = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != RECORD}
+    (folder / RECORD).write_text(json.dumps({"key": key, "sha256": hashes}, indent=1, sort_keys=True) + "\n")
+
+
+def mismatch(folder: Path, key: str) -> str | None:
+    """Why `folder` does not hold the export of the model keyed `key`, as it was written (None: it does)."""
+    try:
+        record = json.loads((folder / RECORD).read_text())
+    except FileNotFoundError:
+        return f"it has no {RECORD}"
+    except (OSError, ValueError) as exc:
+        return f"cannot read {RECORD}: {type(exc).__name__}"
+    hashes = record.get("sha256") if isinstance(record, dict) else None
+    if not isinstance(hashes, dict) or "wiola_onnx.json" not in hashes or not all(
+            isinstance(n, str) and isinstance(d, str) and n == Path(n).name and n not in ("", ".", "..") for n, d in hashes.items()):
+        return f"{RECORD} is malformed"
+    if record.get("key") != key:
+        return f"it holds the export of other weights (key {str(record.get('key'))[:24]})"
+    for name, digest in hashes.items():
+        try:
+            if _sha256(folder / name) != digest:
+                return f"{name} changed after the export"
+        except OSError:
+            return f"{name} is missing"
+    try:
+        graph = json.loads((folder / "wiola_onnx.json").read_text()).get("graph")
+    except (OSError, ValueError, AttributeError):
+        graph = None
+    if graph not in hashes:
+        return f"its graph {graph!r} is not among the exported files"
+    return None
 
 
 def ledger() -> cpu_decode.Ledger:
@@ -164,6 +217,8 @@ class OnnxEngine:
         self.model = model
         self._key: str | None = None
         self._session = None
+        self._verified = False  # the folder passed `mismatch` (or this engine wrote it)
+        self.stale: str | None = None  # why the cached folder was not this model's export (it was removed)
         self.export_s: float | None = None  # seconds the export took in this process
 
     @property
@@ -177,7 +232,19 @@ class OnnxEngine:
         return onnx_cache_dir() / self.key
 
     def cached(self) -> bool:
-        return (self.folder / "wiola_onnx.json").is_file()
+        """Whether the cache holds this model's export as it was written (`mismatch`, checked once per engine).
+        A folder that fails the check is removed, and why is kept in `stale` for the caller to say."""
+        if self._verified:
+            return True
+        if not self.folder.exists():
+            return False
+        reason = mismatch(self.folder, self.key)
+        if reason is None:
+            self._verified = True
+            return True
+        self.stale = reason
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return False
 
     def export(self) -> float:
         """Export into the cache (atomically; a concurrent export of the same key wins harmlessly); returns the
@@ -188,11 +255,13 @@ class OnnxEngine:
         start = time.perf_counter()
         try:
             root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{self.key}-", dir=root))
+            tmp = Path(tempfile.mkdtemp(prefix=f".{self.key}-{os.getpid()}-", dir=root))  # the PID: `cpu_decode.remove_leftovers`
             try:
                 export_onnx(self.model, tmp / "no-tokenizer", tmp)
+                seal(tmp, self.key)
                 try:
                     os.replace(tmp, self.folder)
+                    self._verified = True
                 except OSError:  # another process exported the same key first
                     if not self.cached():
                         raise
@@ -207,10 +276,12 @@ class OnnxEngine:
         return self.export_s
 
     def _prune(self, root: Path) -> None:
-        """Keep the `KEEP_EXPORTS` most recently used exports (`start` marks a use)."""
-        exports = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.stat().st_mtime, reverse=True)
+        """Keep the `KEEP_EXPORTS` most recently used exports (`start` marks a use); remove killed exports' leftovers."""
+        exports = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "shown"),
+                         key=lambda p: p.stat().st_mtime, reverse=True)
         for old in exports[KEEP_EXPORTS:]:
             shutil.rmtree(old, ignore_errors=True)
+        cpu_decode.remove_leftovers(root)
 
     def failed_before(self) -> bool:
         return bool(ledger().get(self.key).get("export_failed"))

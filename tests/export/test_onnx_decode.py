@@ -2,7 +2,9 @@
 onnxruntime decodes the tokens of the torch path — greedy, seeded sampling, left padding, end-of-sequence and
 streaming — for the seed, paper (ATM forced on), all-off and article families; `engine="auto"` chooses by the
 ledger's step times, exports once when that pays back and reuses the export; a missing onnxruntime or a failed
-export falls back to torch with one line; bad engine choices are one-line errors."""
+export falls back to torch with one line; bad engine choices are one-line errors. A cache folder that is not the
+model's export as written (another model's, an edited initializer) is exported again with one note; the same
+weights loaded by any path share one cache entry; killed exports' leftovers are pruned."""
 
 from __future__ import annotations
 
@@ -36,7 +38,9 @@ def cached(exports, family: str):
     """The family's saved model, with its export placed in the engine's cache (as a first run would leave it)."""
     src, folder = exports(family)
     model = WiolaForCausalLM.from_pretrained(src).eval()
-    shutil.copytree(folder, onnx_decode.onnx_cache_dir() / onnx_decode.model_key(model))
+    key = onnx_decode.model_key(model)
+    shutil.copytree(folder, onnx_decode.onnx_cache_dir() / key)
+    onnx_decode.seal(onnx_decode.onnx_cache_dir() / key, key)  # the record of what the folder holds, as `OnnxEngine.export` writes it
     return src, model
 
 
@@ -170,9 +174,11 @@ def test_missing_onnxruntime_or_failed_export_falls_back_to_torch(exports, monke
     assert engine.failed_before() and not engine.cached()
     auto = StaticDecoder(model, max_cache_len=CAPACITY)  # auto does not try again for these weights and this exporter
     assert auto._onnx_plan(2, NEW) is None
-    # a damaged cached export: one line, torch
+    # a cached export that onnxruntime cannot load (its record vouches for it, as for an export an older
+    # onnxruntime made): one line, torch
     cached(exports, "all-off")
     (engine.folder / "model.onnx").write_bytes(b"not a graph")
+    onnx_decode.seal(engine.folder, engine.key)
     decoder = StaticDecoder(model, max_cache_len=CAPACITY, engine="onnx")
     assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "eager"
     err = capsys.readouterr().err.strip().splitlines()
@@ -220,3 +226,122 @@ def test_the_cache_and_the_ledger_stay_bounded(private_cache, monkeypatch):
     os.utime(private_cache / "key0", (5000, 5000))  # the oldest export, used last
     onnx_decode.OnnxEngine(None)._prune(private_cache)
     assert sorted(p.name for p in private_cache.iterdir() if p.is_dir()) == ["key0", "key3"]
+
+
+def negate_lm_head(folder, model) -> None:
+    """Edit one initializer of the cached graph: the output projection (found by its values), negated."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(folder / "model.onnx"))
+    head = model.lm_head.weight.detach().numpy()
+    init = next(i for i in graph.graph.initializer if any(
+        numpy_helper.to_array(i).shape == h.shape and np.array_equal(numpy_helper.to_array(i), h) for h in (head, head.T)))
+    init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+    onnx.save(graph, str(folder / "model.onnx"))
+
+
+def test_an_edited_cached_graph_is_exported_again(exports, capsys):
+    """Issue 26, item 1: an initializer edited in the cached graph gives the torch engine's tokens with one note
+    (and a fresh export), never the edited graph's."""
+    _, model = cached(exports, "all-off")
+    engine = onnx_decode.OnnxEngine(model)
+    negate_lm_head(engine.folder, model)
+    ids = prompts()[0]
+    expected = StaticDecoder(model, max_cache_len=CAPACITY, engine="torch").generate(ids, max_new_tokens=NEW)
+    capsys.readouterr()
+    decoder = StaticDecoder(model, max_cache_len=CAPACITY, engine="onnx")
+    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "onnx"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"wiola: note: the cached ONNX export {engine.folder} is not this model's "
+                                               "(model.onnx changed after the export); exporting it again (about "), err
+    assert onnx_decode.mismatch(engine.folder, engine.key) is None  # exported afresh
+
+
+def test_another_models_cached_export_is_exported_again(exports, char_tokenizer, tmp_path, capsys):
+    """Issue 26, item 1: model B (the shapes of A, other weights) finds A's export under its key: `wiola generate`
+    (engine auto) says so in one line, exports B and prints the torch engine's text, not A's."""
+    from tests.export.conftest import save_model
+
+    _, model = cached(exports, "all-off")
+    engine = onnx_decode.OnnxEngine(model)
+    src_b = save_model(tmp_path / "b", char_tokenizer, "all-off", seed=1)
+    engine_b = onnx_decode.OnnxEngine(WiolaForCausalLM.from_pretrained(src_b).eval())
+    shutil.copytree(engine.folder, engine_b.folder)
+    args = ["generate", str(src_b), "the king", "--greedy", "--max-new-tokens", str(NEW), "--device", "cpu"]
+    assert main([*args, "--engine", "torch"]) == 0
+    torch_text = capsys.readouterr().out
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert out == torch_text
+    notes = [line for line in err.splitlines() if "ONNX export" in line]
+    assert notes == [f"wiola: note: the cached ONNX export {engine_b.folder} is not this model's (it holds the export of "
+                     f"other weights (key {engine.key})); exporting it again (about {notes[0].split('(about ')[-1]}"], err
+    assert onnx_decode.mismatch(engine_b.folder, engine_b.key) is None
+
+
+def test_the_same_weights_share_one_cache_entry_whatever_the_path(exports, tmp_path, monkeypatch, private_cache):
+    """Issue 26, item 6: `runs/seed`, `/abs/runs/seed` and `runs/seed/checkpoints/final` (the same weights) have one
+    ONNX cache key and one compile-ledger signature, and all three decode from one cached export."""
+    from wiola import cpu_decode
+
+    src, _ = cached(exports, "all-off")
+    run = tmp_path / "runs" / "seed"
+    shutil.copytree(src, run)
+    shutil.copytree(src, run / "checkpoints" / "final")
+    monkeypatch.chdir(tmp_path)
+    models = [WiolaForCausalLM.from_pretrained(path).eval() for path in ("runs/seed", str(run), "runs/seed/checkpoints/final")]
+    assert len({onnx_decode.model_key(m) for m in models}) == 1
+    assert len({cpu_decode.signature(m, 1, CAPACITY, None, 1) for m in models}) == 1
+    no_export(monkeypatch)
+    ids = prompts()[0]
+    expected = StaticDecoder(models[0], max_cache_len=CAPACITY, engine="torch").generate(ids, max_new_tokens=NEW)
+    for m in models:
+        decoder = StaticDecoder(m, max_cache_len=CAPACITY, engine="onnx")
+        assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "onnx"
+    assert len([p for p in private_cache.iterdir() if p.is_dir() and p.name != "shown"]) == 1
+
+
+def test_killed_exports_leftovers_are_pruned(private_cache):
+    """The minor item of issue 26: a killed export's `.KEY-PID-xxxx/` folder and a killed ledger write's
+    `records.PID.tmp` are removed once their writer is gone (or, whatever the PID, once a day old); a live
+    writer's stay."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from wiola import cpu_decode
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    now = time.time()
+    key = "0123456789abcdef01234567"
+    made = {f".{key}-{gone.pid}-k1l2m3n4": 20 * 60,  # dead writer, 20 minutes old: removed
+            f".{key}-{gone.pid}-fresh123": 5,  # dead writer, seconds old: kept (it may be another namespace's live one)
+            f".{key}-{os.getpid()}-live1234": 20 * 60,  # live writer: kept
+            f".{key}-oldstyle": 2 * 24 * 3600,  # no PID (an earlier wiola's name), two days old: removed
+            f".{key}-newstyle": 20 * 60,  # no PID, 20 minutes: kept
+            f"records.{gone.pid}.tmp": 20 * 60,  # a ledger write killed before its rename: removed
+            f"records.{os.getpid()}.tmp": 20 * 60,  # kept
+            key: 3 * 24 * 3600, "shown": 3 * 24 * 3600}  # an export and the hints' markers: kept
+    private_cache.mkdir(parents=True)
+    for name, age in made.items():
+        path = private_cache / name
+        if name.endswith(".tmp"):
+            path.write_text("{}")
+        else:
+            path.mkdir()
+            (path / "model.onnx").write_bytes(b"partial")
+        os.utime(path, (now - age, now - age))
+    onnx_decode.OnnxEngine(None)._prune(private_cache)
+    assert sorted(p.name for p in private_cache.iterdir()) == sorted(
+        [f".{key}-{gone.pid}-fresh123", f".{key}-{os.getpid()}-live1234", f".{key}-newstyle", f"records.{os.getpid()}.tmp", key, "shown"])
+    # a ledger write clears its folder's dead temporary files too (the compile cache has no exports to prune)
+    compile_root = private_cache.parent / "compile"
+    compile_root.mkdir()
+    (compile_root / f"records.{gone.pid}.tmp").write_text("[")
+    os.utime(compile_root / f"records.{gone.pid}.tmp", (now - 3600, now - 3600))
+    cpu_decode.Ledger(compile_root).update("sig", compile_s=1.0)
+    assert sorted(p.name for p in compile_root.iterdir()) == ["records.json"]
