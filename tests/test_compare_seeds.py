@@ -113,7 +113,15 @@ def test_every_entrant_runs_once_per_seed_and_the_summary_is_their_statistics(ti
         else:
             assert r["p_base"] is None
     md = (out / "results.md").read_text()
-    assert "Welch's two-sided t-test" in md and md.count("\n| ") == 1 + 25 and "| Δ vs base (p) |" in md
+    assert "Welch's two-sided t-test" in md and "| Δ vs base (p) |" in md and "| p (paired) |" in md
+    # the seed table (header and 25 rows), then `paper` against the listed `llama@paper`, its same-budget LLaMA
+    assert md.count("\n| ") == 1 + 25 + 2 and "\n| paper | " in md.split("## Against a same-budget LLaMA")[1]
+    assert rows["paper"]["vs_llama"]["llama"] == "llama@paper"
+    losses = {n: rows[n]["best_val_losses"] for n in ("paper", "llama@paper")}
+    assert rows["paper"]["vs_llama"]["p_paired"] == pytest.approx(stats.ttest_rel(losses["paper"], losses["llama@paper"]).pvalue)
+    for name, r in rows.items():
+        if name != "llama-arch":
+            assert r["n_pairs"] == 2 and r["p_paired"] == pytest.approx(stats.ttest_rel(r["best_val_losses"], control).pvalue)
     assert (out / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "seed-12" / "results.md").is_file()
 
@@ -204,3 +212,278 @@ def test_an_empty_seed_list_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(WiolaError, match="--seeds must be a non-empty list"):
         compare(NANOGPT_CPU, tmp_path / "out", seeds=[])
     assert not (tmp_path / "out" / "data").exists()
+
+
+# ---------------------------------------------------------------------------- issue 28: paired test, same-budget LLaMAs
+
+CANDIDATE_CPU = REPO / "configs" / "compare" / "candidate_cpu.yaml"
+
+
+def _seeded(name, by_seed, kind="wiola", parameters=1000, same_budget=None):
+    seeds = sorted(by_seed)
+    losses = [by_seed[s] for s in seeds]
+    return {"name": name, "kind": kind, "parameters": parameters, "same_budget_llama": same_budget, "seeds": seeds,
+            "best_val_losses": losses, "best_val_loss_mean": statistics.fmean(losses) if losses else None}
+
+
+def test_the_paired_test_is_scipys_ttest_rel_on_the_shared_seeds():
+    from wiola.compare import paired
+
+    ctl = _seeded("ctl", {1: 1.50, 2: 1.53, 3: 1.49, 4: 1.52})
+    row = _seeded("x", {1: 1.47, 2: 1.52, 3: 1.45, 5: 1.40})  # seed 4 missing here, seed 5 not in the control
+    n, delta, p, why = paired(row, ctl)
+    want = stats.ttest_rel([1.47, 1.52, 1.45], [1.50, 1.53, 1.49])
+    assert (n, why) == (3, "") and p == pytest.approx(want.pvalue)
+    assert delta == pytest.approx(statistics.fmean([1.47 - 1.50, 1.52 - 1.53, 1.45 - 1.49]))
+    # the order the seeds are listed in does not matter: pairs are matched by seed number
+    shuffled = {**row, "seeds": [5, 3, 2, 1], "best_val_losses": [1.40, 1.45, 1.52, 1.47]}
+    assert paired(shuffled, ctl)[2] == pytest.approx(want.pvalue)
+    one = _seeded("one", {1: 1.40, 9: 1.41})
+    assert paired(one, ctl) == (1, pytest.approx(-0.10), None, "needs 2+ shared seeds (1 shared)")
+    assert paired(_seeded("none", {8: 1.4, 9: 1.4}), ctl) == (0, None, None, "needs 2+ shared seeds (0 shared)")
+    shifted = _seeded("shifted", {s: v + 0.01 for s, v in zip(ctl["seeds"], ctl["best_val_losses"])})
+    assert paired(shifted, ctl)[2:] == (None, "no spread to test")
+
+
+def test_the_report_gives_the_paired_test_beside_welch_with_its_own_bh_family():
+    rows = [_seeded("ctl", {1: 1.50, 2: 1.53, 3: 1.49}), _seeded("a", {1: 1.46, 2: 1.50, 3: 1.47}),
+            _seeded("b", {1: 1.51, 2: 1.55, 3: 1.48}), _seeded("c", {1: 1.40, 2: 1.43, 3: 1.41}),
+            _seeded("d", {2: 1.45})]
+    compare_with_control(rows, "ctl")
+    by = {r["name"]: r for r in rows}
+    ctl = [1.50, 1.53, 1.49]
+    for name in "abc":
+        r = by[name]
+        assert r["n_pairs"] == 3 and r["p_paired"] == pytest.approx(stats.ttest_rel(r["best_val_losses"], ctl).pvalue)
+        assert r["p"] == pytest.approx(stats.ttest_ind(r["best_val_losses"], ctl, equal_var=False).pvalue)
+    assert [by[n]["q_paired"] for n in "abc"] == pytest.approx(list(stats.false_discovery_control([by[n]["p_paired"] for n in "abc"])))
+    assert [by[n]["q"] for n in "abc"] == pytest.approx(list(stats.false_discovery_control([by[n]["p"] for n in "abc"])))
+    assert by["d"]["p_paired"] is None and by["d"]["paired_note"] == "needs 2+ shared seeds (1 shared)"
+    assert by["ctl"]["p_paired"] is None and by["ctl"]["verdict"] == "control"
+
+
+def _resolve(path, fields=CHAR_FIELDS, **changes):
+    spec = load_spec(path)
+    for key, value in changes.items():
+        setattr(spec, key, value)
+    return resolve_entrants(spec, fields)
+
+
+def test_same_budget_llamas_are_real_llamas_within_two_percent_of_their_entrant():
+    from wiola.train.config import make_model_config
+
+    entrants = _resolve(CANDIDATE_CPU)
+    by = {e.name: e for e in entrants}
+    control = by["llama-arch"]
+    generated = [e for e in entrants if e.name.startswith("llama@")]
+    assert {e.name for e in generated} == {"llama@paper:mlp=swiglu", "llama@paper:mlp=swiglu:cross_layer_context=none",
+                                           "llama@llama-arch:cross_layer_context=gcla"}
+    for e in entrants:
+        if e.kind not in ("wiola", "ablation") or e is control:
+            continue
+        off = abs(e.parameters / control.parameters - 1)
+        if off <= 0.02:  # within the 2% rule of the control: no LLaMA of its own
+            assert e.same_budget is None, e.name
+            continue
+        llama = by[e.same_budget]
+        assert llama.kind == "llama" and abs(llama.parameters / e.parameters - 1) <= 0.02, (e.name, llama.parameters)
+        assert llama.train == e.train and llama.budget == e.parameters or llama.name != f"llama@{e.name}"
+        config = make_model_config(llama.fields, {})
+        assert type(config).__name__ == "LlamaConfig" and config.hidden_act == "silu"  # SwiGLU, RoPE, RMSNorm: LLaMA
+        assert not any(k in llama.fields for k in COMPONENTS)  # no Wiola switch at all
+        assert config.hidden_size == e.shape["hidden_size"] and config.num_hidden_layers == e.shape["num_hidden_layers"]
+        assert config.num_attention_heads == e.shape["num_attention_heads"]
+        assert config.max_position_embeddings == e.shape["context"] and config.tie_word_embeddings
+        from wiola.compare import built_parameters
+        assert built_parameters(llama.fields) == llama.parameters
+    # the switch-ons that add no parameters (SRPE, WiolaRMSNorm) get none; the ones of the candidate with the same
+    # LLaMA model share one run
+    assert by["llama-arch:position_encoding=srpe"].same_budget is None
+    assert by["llama-arch:norm=wiola_rmsnorm"].same_budget is None
+    for name in ("paper:mlp=swiglu:position_encoding=rope", "paper:mlp=swiglu:token_merging=none", "paper:mlp=swiglu:norm=rmsnorm"):
+        assert by[name].same_budget == "llama@paper:mlp=swiglu"
+    # deterministic: the same spec gives the same entrants, configs and pairs
+    again = _resolve(CANDIDATE_CPU)
+    assert [(e.name, e.fields, e.parameters, e.same_budget) for e in again] == [(e.name, e.fields, e.parameters, e.same_budget)
+                                                                                 for e in entrants]
+    # without the option nothing is generated
+    plain = _resolve(CANDIDATE_CPU, same_budget_llama=False)
+    assert [e.name for e in plain] == [e.name for e in entrants if e not in generated]
+
+
+def test_a_listed_llama_at_name_is_that_entrants_and_the_nanogpt_spec_pairs_paper_with_llama_at_paper():
+    by = {e.name: e for e in _resolve(NANOGPT_CPU)}
+    assert by["paper"].same_budget == "llama@paper"
+    assert sum(e.same_budget is not None for e in by.values()) == 1  # nothing generated without same_budget_llama
+    with_flag = {e.name: e for e in _resolve(NANOGPT_CPU, same_budget_llama=True)}
+    assert with_flag["paper"].same_budget == "llama@paper"
+    # paper without SRPE (or ATM) is the same size: its LLaMA is the same model, so the listed llama@paper serves
+    assert with_flag["paper:position_encoding=rope"].same_budget == "llama@paper"
+    assert "llama@paper:position_encoding=rope" not in with_flag
+    assert with_flag["paper:mlp=swiglu"].same_budget == "llama@paper:mlp=swiglu"
+
+
+def _fake_results(out: Path, entrants, losses: dict[str, dict[int, float]]) -> None:
+    for name, by_seed in losses.items():
+        e = next(e for e in entrants if e.name == name)
+        for seed, loss in by_seed.items():
+            run = out / f"seed-{seed}" / "runs" / e.slug
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "result.json").write_text(json.dumps({
+                "name": e.name, "kind": e.kind, "status": "done", "parameters": e.parameters, "best_val_loss": loss,
+                "final_val_loss": loss + 0.01, "tokens_per_s": 5000.0, "wall_time_s": 300.0,
+                "val_curve": [[250, loss + 0.5], [2000, loss]]}))
+
+
+def test_the_seed_report_tests_each_entrant_against_its_same_budget_llama(tmp_path):
+    """Made-up results where the report reads them (OUT/seed-S/runs/NAME/result.json); no training."""
+    from wiola.compare import write_seed_reports
+
+    spec = load_spec(CANDIDATE_CPU)
+    entrants = resolve_entrants(spec, CHAR_FIELDS)
+    seeds = spec.seeds
+    import random
+
+    rng = random.Random(28)
+    losses = {e.name: {s: round(1.55 + rng.gauss(0, 0.015), 4) for s in seeds} for e in entrants}
+    losses["paper:mlp=swiglu"] = {s: losses["llama@paper:mlp=swiglu"][s] - 0.03 + rng.gauss(0, 0.004) for s in seeds}
+    del losses["llama@paper:mlp=swiglu"][1341]  # a seed its LLaMA has not finished: 4 pairs
+    _fake_results(tmp_path, entrants, losses)
+    manifest = {"splits": {"train": {"num_tokens": 1000}, "val": {"num_tokens": 100}}, "fingerprint": "f", "vocab_size": 69}
+    options = {**spec.train, "seq_len": 64}
+    write_seed_reports(spec=spec, out=tmp_path, data_dir=tmp_path / "data", manifest=manifest, options=options,
+                       entrants=entrants, seeds=seeds)
+    summary = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["name"]: r for r in summary["entrants"]}
+    assert summary["pending"] == ["llama@paper:mlp=swiglu (seed 1341)"]
+    tested = {name: r["vs_llama"] for name, r in rows.items() if r["vs_llama"]}
+    assert set(tested) == {e.name for e in entrants if e.same_budget}
+    for name, t in tested.items():
+        llama = losses[t["llama"]]
+        mine = losses[name]
+        shared = [s for s in seeds if s in llama]
+        assert t["n_pairs"] == len(shared)
+        assert t["p_paired"] == pytest.approx(stats.ttest_rel([mine[s] for s in shared], [llama[s] for s in shared]).pvalue)
+        assert t["p"] == pytest.approx(stats.ttest_ind(list(mine.values()), list(llama.values()), equal_var=False).pvalue)
+        assert t["delta_paired"] == pytest.approx(statistics.fmean(mine[s] - llama[s] for s in shared))
+    order = list(tested)
+    assert [tested[n]["q_paired"] for n in order] == pytest.approx(list(stats.false_discovery_control([tested[n]["p_paired"] for n in order])))
+    assert [tested[n]["q"] for n in order] == pytest.approx(list(stats.false_discovery_control([tested[n]["p"] for n in order])))
+    cand = tested["paper:mlp=swiglu"]
+    assert cand["n_pairs"] == 4 and cand["p_paired"] < 0.05 and cand["verdict"].startswith("better")
+    # the control column carries the paired test too, on all five seeds
+    ctl = losses["llama-arch"]
+    r = rows["llama-arch:cross_layer_context=gcla"]
+    assert r["n_pairs"] == 5 and r["p_paired"] == pytest.approx(
+        stats.ttest_rel([losses[r["name"]][s] for s in seeds], [ctl[s] for s in seeds]).pvalue)
+    md = (tmp_path / "results.md").read_text()
+    assert "## Against a same-budget LLaMA" in md and "| p (paired) |" in md
+    table = md.split("## Against a same-budget LLaMA")[1]
+    assert all(f"| {name} |" in table for name in tested)
+    assert f"`paper:mlp=swiglu` is {abs(cand['delta']):.4f} below its same-budget LLaMA `llama@paper:mlp=swiglu`" in table
+    assert f"paired p {cand['p_paired']:.3f} over 4 seeds" in table
+
+
+def test_an_entrant_trains_with_its_own_learning_rate_and_its_llama_with_the_same(tmp_path, capsys):
+    spec = yaml.safe_load((REPO / "configs" / "compare" / "tiny.yaml").read_text())
+    (tmp_path / "tiny.txt").write_text("to be or not to be, that is the question\n" * 200)
+    spec["data"]["source"] = str(tmp_path / "tiny.txt")
+    spec["train"].update(max_steps=2, eval_every=2, save_every=2, warmup_steps=1)
+    spec.pop("budget")
+    spec["entrants"] = [{"name": "p", "kind": "wiola", "config": {"preset": "wiola-120m", "mlp": "swiglu"},
+                         "train": {"lr": 0.02, "min_lr": 0.002}},
+                        {"name": "llama@p", "kind": "llama", "budget": "p", "train": {"lr": 0.02, "min_lr": 0.002}},
+                        {"name": "plain", "kind": "wiola", "config": {"preset": "wiola-120m", "mlp": "swiglu"}}]
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    assert main(["compare", str(path), str(out), "--threads", "1"]) == 0
+    from wiola.train.config import TrainConfig
+    from wiola.train.optim import lr_multiplier
+
+    for slug, lr in (("p", 0.02), ("llama_p", 0.02), ("plain", 3e-3)):
+        meta = json.loads((out / "runs" / slug / "entrant.json").read_text())
+        assert meta["setting"]["train"]["lr"] == lr
+        schedule = lr_multiplier(TrainConfig(max_steps=2, lr=lr, min_lr=lr / 10, warmup_steps=1))
+        logged = [json.loads(x) for x in (out / "runs" / slug / "log.jsonl").read_text().splitlines()]
+        steps = [r for r in logged if "lr" in r and "loss" in r]
+        assert len(steps) == 2 and all(r["lr"] == pytest.approx(lr * schedule(r["step"])) for r in steps)
+    # a second run skips all three: the per-entrant options are part of each one's recorded setting
+    assert main(["compare", str(path), str(out), "--threads", "1"]) == 0
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 3
+
+
+@pytest.mark.parametrize("extra, entrant, message", [
+    ({"same_budget_llama": True}, {}, "same_budget_llama needs a 'control' entrant"),
+    ({"same_budget_llama": "yes"}, {}, "same_budget_llama must be true or false, got 'yes'"),
+    ({}, {"train": {"max_steps": 5}}, "entrant 'seed': train: unknown key 'max_steps'"),
+    ({}, {"train": {"lr": "fast"}}, "entrant 'seed': train lr must be a non-negative number, got 'fast'"),
+])
+def test_bad_same_budget_and_entrant_train_options_are_one_line_errors(tmp_path, capsys, extra, entrant, message):
+    spec = yaml.safe_load((REPO / "configs" / "compare" / "tiny.yaml").read_text())
+    (tmp_path / "tiny.txt").write_text("to be or not to be, that is the question\n" * 200)
+    spec["data"]["source"] = str(tmp_path / "tiny.txt")
+    spec.update(extra)
+    spec["entrants"][0].update(entrant)
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    assert main(["compare", str(path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_the_candidate_specs_are_the_issue_28_settings():
+    nanogpt, bpe = load_spec(NANOGPT_CPU), load_spec(REPO / "configs" / "compare" / "shakespeare_bpe_cpu.yaml")
+    cand = load_spec(CANDIDATE_CPU)
+    assert cand.data == nanogpt.data and cand.train == nanogpt.train and cand.shape == nanogpt.shape
+    assert cand.seeds == [1337, 1338, 1339, 1340, 1341] and cand.control == "llama-arch" and cand.same_budget_llama
+    by = {e.name: e for e in resolve_entrants(cand, CHAR_FIELDS)}
+    earlier = {e.name: e for e in resolve_entrants(nanogpt, CHAR_FIELDS)}
+    # the control and the candidate are the very models of the nanoGPT CPU table (the same runs at seeds 1337-1339)
+    for name in ("llama-arch", "paper:mlp=swiglu", "llama-arch:cross_layer_context=gcla", "llama-arch:position_encoding=srpe",
+                 "llama-arch:norm=wiola_rmsnorm"):
+        assert by[name].fields == earlier[name].fields, name
+    assert {n for n in by if n.startswith("paper:mlp=swiglu:")} == {
+        "paper:mlp=swiglu:position_encoding=rope", "paper:mlp=swiglu:cross_layer_context=none",
+        "paper:mlp=swiglu:token_merging=none", "paper:mlp=swiglu:norm=rmsnorm"}
+    assert len(by) == 12
+    lr = load_spec(REPO / "configs" / "compare" / "candidate_lr_cpu.yaml")
+    assert lr.data == nanogpt.data and lr.shape == nanogpt.shape and lr.seeds == [1337, 1338, 1339]
+    assert {k: v for k, v in lr.train.items()} == nanogpt.train
+    lr_by = {e.name: e for e in resolve_entrants(lr, CHAR_FIELDS)}
+    for rate in ("5e-4", "1e-3", "2e-3"):
+        e = lr_by[f"paper:mlp=swiglu,lr={rate}"]
+        assert e.fields == earlier["paper:mlp=swiglu"].fields and e.train == {"lr": float(rate), "min_lr": float(rate) / 10}
+        assert e.same_budget == f"llama@paper:mlp=swiglu,lr={rate}" and lr_by[e.same_budget].train == e.train
+    bpe_spec = load_spec(REPO / "configs" / "compare" / "candidate_bpe_cpu.yaml")
+    assert bpe_spec.data == bpe.data and bpe_spec.train == bpe.train and bpe_spec.shape == bpe.shape
+    assert bpe_spec.seeds == [1337, 1338, 1339] and bpe_spec.same_budget_llama
+    bpe_fields = {**CHAR_FIELDS, "vocab_size": 2048}
+    bpe_by = {e.name: e for e in resolve_entrants(bpe_spec, bpe_fields)}
+    bpe_earlier = {e.name: e for e in resolve_entrants(bpe, bpe_fields)}
+    assert bpe_by["llama-arch"].fields == bpe_earlier["llama-arch"].fields
+    assert set(bpe_by) == {"llama-arch", "paper:mlp=swiglu", "llama@paper:mlp=swiglu"}
+
+
+def test_the_paired_test_stated_in_docs_results_is_recomputed_by_the_script(capsys):
+    import importlib.util
+
+    text = (REPO / "docs" / "results.md").read_text(encoding="utf-8")
+    section = text.split("### Result: three seeds, 25 entrants")[1].split("\n## ")[0]
+    values = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) > 4 and cells[0] in ("paper:mlp=swiglu", "llama@paper"):
+            values[cells[0]] = [float(v) for v in cells[4].split(" / ")]
+    want = stats.ttest_rel(values["paper:mlp=swiglu"], values["llama@paper"])
+    spec = importlib.util.spec_from_file_location("paired_test", REPO / "scripts" / "paired_test.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(REPO / "docs" / "results.md"), "paper:mlp=swiglu", "llama@paper",
+                        "--section", "three seeds, 25 entrants"]) == 0
+    printed = capsys.readouterr().out
+    assert f"paired t-test p = {want.pvalue:.4f}" in printed and "n pairs 3" in printed
+    issue28 = text.split("## Issue 28")[1]
+    assert f"paired p = {want.pvalue:.3f}" in issue28
+    assert "python scripts/paired_test.py docs/results.md paper:mlp=swiglu llama@paper" in issue28

@@ -1,13 +1,16 @@
 """The entrants of a comparison: `Entrant`, parameter counting and MLP width matching, `resolve_entrants`.
 
 `_Resolver` turns the spec's entrant list into `Entrant`s (Wiola configs, their single-component
-ablations, and transformers baselines at a matched parameter budget).
+ablations, and transformers baselines at a matched parameter budget) and, with the spec's
+`same_budget_llama`, adds a LLaMA at the parameter count of every Wiola entrant or ablation that is
+more than 2% off the control's (`llama@NAME`; see `_Resolver.same_budget_llamas`).
 """
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,9 @@ from wiola.compare.spec import (
     BUDGET_TOLERANCE,
     COMPONENTS,
     ENTRANT_KEYS,
+    ENTRANT_TRAIN_KEYS,
     KINDS,
+    SAME_BUDGET_TOLERANCE,
     WIDTH_FIELD,
     WIOLA_SHAPE_FIELDS,
     Spec,
@@ -39,10 +44,17 @@ class Entrant:
     shape: dict[str, Any]
     budget: int | None = None  # the parameter budget its MLP width was matched to
     note: str = ""
+    train: dict[str, Any] = field(default_factory=dict)  # its own training options (ENTRANT_TRAIN_KEYS)
+    same_budget: str | None = None  # the LLaMA entrant of its parameter count it is tested against
 
     @property
     def slug(self) -> str:
         return re.sub(r"[^A-Za-z0-9._-]+", "_", self.name).strip("_") or "entrant"
+
+
+def same_budget(parameters: int, reference: int) -> bool:
+    """Whether `parameters` is within the 2% rule (`SAME_BUDGET_TOLERANCE`) of `reference`."""
+    return abs(parameters - reference) <= SAME_BUDGET_TOLERANCE * reference
 
 
 def built_parameters(fields: dict[str, Any]) -> int:
@@ -126,6 +138,7 @@ class _Resolver:
             ordered.append(base)
             if entry.get("ablations") is not None:
                 ordered.extend(self.ablations(base, entry["ablations"]))
+        ordered.extend(self.same_budget_llamas(ordered))
         slugs: dict[str, str] = {}
         for e in ordered:
             if e.slug in slugs and slugs[e.slug] != e.name:
@@ -159,17 +172,26 @@ class _Resolver:
         other = self.get(ref)
         return other.parameters, other
 
+    def own_training(self, name: str, entry: dict[str, Any]) -> dict[str, Any]:
+        """The entrant's own training options (`train:`), checked: names from ENTRANT_TRAIN_KEYS, numbers."""
+        train = _check_keys(f"{self.spec.path}: entrant {name!r}: train", entry.get("train"), ENTRANT_TRAIN_KEYS)
+        for key, value in train.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise WiolaError(f"{self.spec.path}: entrant {name!r}: train {key} must be a non-negative number, got {value!r}")
+        return train
+
     # -- Wiola entrants and their ablations
 
     def wiola(self, name: str, entry: dict[str, Any]) -> Entrant:
         fields = self._wiola_fields(name, entry.get("config"))
+        train = self.own_training(name, entry)
         budget = None
         if entry.get("budget") is not None:
             budget, _ = self.budget(name, entry["budget"])
             fields, params = match_width(fields, "intermediate_size", budget)
         else:
             params = built_parameters(fields)
-        return self._finish(Entrant(name, "wiola", fields, params, self._wiola_shape(fields), budget))
+        return self._finish(Entrant(name, "wiola", fields, params, self._wiola_shape(fields), budget, _train_note(train), train))
 
     def _wiola_fields(self, name: str, config: Any) -> dict[str, Any]:
         from wiola.configuration_wiola import PRESETS
@@ -268,20 +290,26 @@ class _Resolver:
                 note += f" (MLP width {fields['intermediate_size']}, matched to {base.name})"
             else:
                 params = built_parameters(fields)
+            if base.train:  # an ablation trains as its base does
+                note += f"; {_train_note(base.train)}"
             out.append(self._finish(Entrant(f"{base.name}:{component}={value}", "ablation", fields, params,
-                                            self._wiola_shape(fields), budget, note)))
+                                            self._wiola_shape(fields), budget, note, dict(base.train))))
         return out
 
     # -- transformers baselines
 
     def baseline(self, name: str, entry: dict[str, Any]) -> Entrant:
-        kind = entry["kind"]
         ref = entry.get("budget", self.spec.budget)
         if ref is None:
             ref = next((n for n, e in self.raw.items() if e["kind"] == "wiola"), None)
             if ref is None:
                 raise WiolaError(f"{self.spec.path}: baseline {name!r} needs a 'budget' (no wiola entrant to match)")
         budget, other = self.budget(name, ref)
+        return self.build_baseline(name, entry["kind"], entry.get("config"), budget, other, self.own_training(name, entry))
+
+    def build_baseline(self, name: str, kind: str, extra: Any, budget: int, other: Entrant | None,
+                       train: dict[str, Any]) -> Entrant:
+        """A transformers baseline of `other`'s shape (the spec's shape wins), its MLP width matched to `budget`."""
         shape = {**(other.shape if other else {}), **self.spec.shape}
         missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "context") if k not in shape]
         if missing:
@@ -302,7 +330,7 @@ class _Resolver:
             note = f"{BASELINES[kind]}: dropout on attention probabilities only (transformers has no residual dropout)"
             if kind == "mistral":
                 fields["sliding_window"] = max(1, ctx // 2)
-        extra = entry.get("config") or {}
+        extra = extra or {}
         if not isinstance(extra, dict):
             raise WiolaError(f"{self.spec.path}: baseline {name!r}: config must be a mapping of {BASELINES[kind]} config fields")
         fields = {**fields, **extra, **self.data_fields}
@@ -316,7 +344,66 @@ class _Resolver:
             matched = budget
         shape = {"hidden_size": d, "num_hidden_layers": layers, "num_attention_heads": heads,
                  "num_key_value_heads": heads if kind == "gpt2" else fields["num_key_value_heads"], "context": ctx, "dropout": p}
-        return self._finish(Entrant(name, kind, fields, params, shape, matched, note))
+        if train:
+            note += f"; {_train_note(train)}"
+        return self._finish(Entrant(name, kind, fields, params, shape, matched, note, dict(train)))
+
+    # -- same-budget LLaMAs
+
+    def same_budget_llamas(self, ordered: list[Entrant]) -> list[Entrant]:
+        """Pair every Wiola entrant and ablation with a LLaMA of its parameter count (`Entrant.same_budget`).
+
+        A spec entrant named `llama@NAME` (kind llama, within 2% of NAME's parameters) is NAME's. With
+        `same_budget_llama: true`, every other Wiola entrant or ablation more than 2% off the control's
+        parameter count gets a generated one: `llama@NAME`, a LlamaForCausalLM of its shape with every
+        novelty off (RoPE, plain attention, SwiGLU, RMSNorm), its SwiGLU width matched to NAME's parameter
+        count and trained with NAME's own training options. Two entrants whose LLaMAs would be the same
+        model with the same options share the first one (same config and seed: the same run).
+        """
+        by_name = {e.name: e for e in ordered}
+        for e in ordered:
+            named = by_name.get(f"llama@{e.name}")
+            if e.kind in ("wiola", "ablation") and named is not None and named.kind == "llama" and named.train == e.train:
+                if same_budget(named.parameters, e.parameters):
+                    e.same_budget = named.name
+                elif self.spec.same_budget_llama:
+                    raise WiolaError(f"{self.spec.path}: entrant {named.name!r} has {named.parameters:,} parameters, more than "
+                                     f"{SAME_BUDGET_TOLERANCE:.0%} off {e.name!r} ({e.parameters:,}); give it 'budget: {e.name}' "
+                                     "or rename it")
+        if not self.spec.same_budget_llama:
+            return []
+        control = by_name.get(self.spec.control or "")
+        if control is None:
+            raise WiolaError(f"{self.spec.path}: control {self.spec.control!r} is not an entrant; entrants: {', '.join(by_name)}")
+
+        def key(llama: Entrant) -> str:
+            return json.dumps([llama.fields, llama.train], sort_keys=True)
+
+        listed = {key(e): e for e in reversed(ordered) if e.kind == "llama"}  # a listed LLaMA of that budget serves too
+        made: dict[str, Entrant] = {}  # the config and options of a generated LLaMA -> it
+        for e in ordered:
+            if e.kind not in ("wiola", "ablation") or e is control or e.same_budget or same_budget(e.parameters, control.parameters):
+                continue
+            name = f"llama@{e.name}"
+            if name in by_name:
+                raise WiolaError(f"{self.spec.path}: entrant {name!r} would be {e.name!r}'s same-budget LLaMA but is not one "
+                                 "(kind llama with the same training options); rename it")
+            llama = self.build_baseline(name, "llama", None, e.parameters, e, e.train)
+            if key(llama) in listed:
+                llama = listed[key(llama)]
+            elif key(llama) in made:
+                llama = made[key(llama)]
+                llama.note += f"; also {e.name}'s"
+            else:
+                llama.note = f"same-budget LLaMA of {e.name} (every novelty off); {llama.note}"
+                made[key(llama)] = llama
+            e.same_budget = llama.name
+            if not same_budget(llama.parameters, e.parameters):  # only where a width step of 8 is over 2% of the model
+                msg = (f"its same-budget LLaMA {llama.name} has {llama.parameters:,} parameters, "
+                       f"{100 * (llama.parameters / e.parameters - 1):+.1f}% off (the MLP width cannot match closer)")
+                print(f"wiola compare: warning: {e.name}: {msg}")
+                e.note = f"{e.note}; {msg}" if e.note else msg
+        return list(made.values())
 
     def _finish(self, e: Entrant) -> Entrant:
         if e.budget and abs(e.parameters - e.budget) > BUDGET_TOLERANCE * e.budget:
@@ -324,6 +411,10 @@ class _Resolver:
             print(f"wiola compare: warning: {e.name}: {msg}")
             e.note = f"{e.note}; {msg}" if e.note else msg
         return e
+
+
+def _train_note(train: dict[str, Any]) -> str:
+    return "own training options: " + ", ".join(f"{k} {v:g}" for k, v in train.items()) if train else ""
 
 
 def resolve_entrants(spec: Spec, data_fields: dict[str, Any]) -> list[Entrant]:

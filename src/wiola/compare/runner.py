@@ -206,6 +206,8 @@ def training_options(spec: Spec, overrides: dict[str, Any], entrants: list[Entra
     if options.get("seq_len") is None:
         options["seq_len"] = min(e.shape["context"] for e in entrants)
     TrainConfig.layered(options)  # unknown option names fail here, before anything trains
+    for e in entrants:
+        TrainConfig.layered(options, e.train)
     check_threads(options.get("threads"))
     return options
 
@@ -267,17 +269,19 @@ def compare(spec_path: str | Path, out: str | Path, *, only: list[str] | None = 
 
 def _run_setting(out: Path, options: dict[str, Any], manifest: dict[str, Any], context: dict[str, Any],
                  only: list[str] | None, position: tuple[int, int]) -> int:
-    """Every entrant (or those in `only`) with one set of training options, into `out`; its reports after each."""
-    setting = {"data": {"content": content_id(manifest), "vocab_size": manifest["vocab_size"]},
-               "train": {k: v for k, v in options.items() if k not in RUNTIME_OPTIONS}}
-    setting = json.loads(json.dumps(setting))
+    """Every entrant (or those in `only`) with one set of training options (and its own, `Entrant.train`), into
+    `out`; its reports after each."""
     entrants, spec = context["entrants"], context["spec"]
     done, total = position
     code = 0
     for k, e in enumerate(entrants, 1):
         if only and e.name not in only:
             continue
-        status, code = run_entrant(e, done + k, total, out=out, data_dir=context["data_dir"], options=options, setting=setting,
+        own = {**options, **e.train}
+        setting = {"data": {"content": content_id(manifest), "vocab_size": manifest["vocab_size"]},
+                   "train": {key: v for key, v in own.items() if key not in RUNTIME_OPTIONS}}
+        setting = json.loads(json.dumps(setting))
+        status, code = run_entrant(e, done + k, total, out=out, data_dir=context["data_dir"], options=own, setting=setting,
                                    data_fingerprint=manifest.get("fingerprint"),
                                    keep_checkpoints=spec.keep_checkpoints)
         write_reports(out=out, options=options, **context)

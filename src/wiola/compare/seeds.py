@@ -9,6 +9,12 @@ Welch's two-sided t-test on the per-seed best validation losses (unequal varianc
 `scipy.stats.ttest_ind(equal_var=False)`) gives p < 0.05; otherwise the table says "no difference
 beyond noise". With 24 entrants tested, about one passes by chance when nothing differs, so the table
 also gives Benjamini-Hochberg q values over all tests (`scipy.stats.false_discovery_control`).
+
+**The paired test.** Every entrant trained with seed S sees the same data order, so beside Welch's
+test the table gives the seed-matched one: a paired two-sided t-test (`scipy.stats.ttest_rel`) on the
+seeds both entrants finished (n pairs; fewer than 2 cannot be tested), with its own Benjamini-Hochberg
+q over the paired tests. Entrants with a same-budget LLaMA are also tested against it, both ways
+(`wiola.compare.same_budget`).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ def seed_rows(out: Path, seeds: list[int], entrants: list[Entrant]) -> list[dict
         best = [r["best_val_loss"] for _, r in ok]
         rows.append({
             "name": e.name, "kind": e.kind, "parameters": runs[0][1]["parameters"], "note": e.note,
+            "same_budget_llama": e.same_budget,
             "seeds": [s for s, _ in ok], "failed_seeds": [s for s, r in runs if (s, r) not in ok],
             "best_val_losses": best,
             "best_val_loss_mean": statistics.fmean(best) if best else None,
@@ -89,30 +96,62 @@ def welch(row: dict[str, Any], ref: dict[str, Any]) -> tuple[float | None, float
     return delta, p, ("better" if delta < 0 else "worse") if p < ALPHA else "no difference beyond noise"
 
 
-def compare_with_control(rows: list[dict[str, Any]], control: str | None) -> None:
-    """Add `delta`, `p`, `q`, `significant` and `verdict` (against the control) to every row, and for an
-    ablation `BASE:component=value` also `delta_base` and `p_base` against its base entrant (in place)."""
+def paired(row: dict[str, Any], ref: dict[str, Any]) -> tuple[int, float | None, float | None, str]:
+    """(n pairs, mean of the seed-matched differences row - ref, the paired two-sided p or None, why no p).
+
+    The pairs are the seeds both rows finished; the test is `scipy.stats.ttest_rel` on their best losses.
+    """
     from scipy import stats
+
+    theirs = dict(zip(ref.get("seeds") or [], ref["best_val_losses"]))
+    shared = [(v, theirs[s]) for s, v in zip(row.get("seeds") or [], row["best_val_losses"]) if s in theirs]
+    diffs = [a - b for a, b in shared]
+    delta = statistics.fmean(diffs) if diffs else None
+    if len(shared) < 2:
+        return len(shared), delta, None, f"needs 2+ shared seeds ({len(shared)} shared)"
+    if len(set(diffs)) == 1:  # the same difference on every seed: no spread to test against
+        return len(shared), delta, None, "no spread to test"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(stats.ttest_rel([a for a, _ in shared], [b for _, b in shared]).pvalue)
+    return (len(shared), delta, p, "") if math.isfinite(p) else (len(shared), delta, None, "no spread to test")
+
+
+def bh(tested: list[dict[str, Any]], p: str, q: str) -> None:
+    """Benjamini-Hochberg: set `row[q]` from `row[p]` over the rows given (one family of tests)."""
+    from scipy import stats
+
+    if tested:
+        for r, value in zip(tested, stats.false_discovery_control([r[p] for r in tested])):
+            r[q] = float(value)
+
+
+def compare_with_control(rows: list[dict[str, Any]], control: str | None) -> None:
+    """Add `delta`, `p`, `q`, `significant` and `verdict` (Welch against the control), `n_pairs`,
+    `delta_paired`, `p_paired` and `q_paired` (paired against the control) to every row, and for an
+    ablation `BASE:component=value` also `delta_base` and `p_base` against its base entrant; then the
+    tests against each row's same-budget LLaMA (`same_budget.compare_with_same_budget`). In place."""
+    from wiola.compare.same_budget import compare_with_same_budget
 
     ref = next((r for r in rows if r["name"] == control), None)
     by_name = {r["name"]: r for r in rows}
-    tested = []
     for r in rows:
-        base = by_name.get(r["name"].split(":")[0]) if ":" in r["name"] else None
+        base = by_name.get(r["name"].rsplit(":", 1)[0]) if r.get("kind") == "ablation" and ":" in r["name"] else None
         r.update(base=base["name"] if base else None, delta_base=None, p_base=None)
         if base is not None:
             r["delta_base"], r["p_base"], _ = welch(r, base)
-        r.update(delta=None, p=None, q=None, significant=None, verdict="")
+        r.update(delta=None, p=None, q=None, significant=None, verdict="",
+                 n_pairs=None, delta_paired=None, p_paired=None, q_paired=None, paired_note="")
         if ref is None or r is ref:
             r["verdict"] = "control" if r is ref else ""
             continue
         r["delta"], r["p"], r["verdict"] = welch(r, ref)
         if r["p"] is not None:
             r["significant"] = r["p"] < ALPHA
-            tested.append(r)
-    if tested:
-        for r, q in zip(tested, stats.false_discovery_control([r["p"] for r in tested])):
-            r["q"] = float(q)
+        r["n_pairs"], r["delta_paired"], r["p_paired"], r["paired_note"] = paired(r, ref)
+    bh([r for r in rows if r["p"] is not None], "p", "q")
+    bh([r for r in rows if r["p_paired"] is not None], "p_paired", "q_paired")
+    compare_with_same_budget(rows)
 
 
 def write_seed_reports(*, spec: Spec, out: Path, data_dir: Path, manifest: dict[str, Any], options: dict[str, Any],
@@ -123,7 +162,8 @@ def write_seed_reports(*, spec: Spec, out: Path, data_dir: Path, manifest: dict[
     runs = [r for s in seeds for r in (_read_json(out / f"seed-{s}" / "results.json") or {}).get("entrants", [])]
     summary = {
         "spec": str(spec.path), "seeds": seeds, "control": spec.control, "alpha": ALPHA,
-        "test": "Welch's two-sided t-test on the per-seed best validation losses; q: Benjamini-Hochberg over all tests",
+        "test": ("Welch's two-sided t-test on the per-seed best validation losses, and the paired t-test on the seeds both "
+                 "entrants finished; q: Benjamini-Hochberg over each family of tests"),
         "data": data_summary(data_dir, manifest),
         "train": {k: v for k, v in options.items() if k != "seed"},
         "shape": spec.shape,
@@ -139,11 +179,14 @@ def write_seed_reports(*, spec: Spec, out: Path, data_dir: Path, manifest: dict[
 
 
 SEED_HEADER = ("entrant", "kind", "parameters", "best val loss (mean ± std)", "per seed", "Δ vs control", "p (Welch)",
-               "q (BH)", "verdict", "Δ vs base (p)", "final val loss", "tokens/s", "wall time / run")
+               "q (BH)", "Δ paired (n)", "p (paired)", "q (paired BH)", "verdict", "Δ vs base (p)", "final val loss",
+               "tokens/s", "wall time / run")
 
 
 def seeds_markdown(summary: dict[str, Any]) -> str:
-    """The seed summary as markdown: setting, rule, one row per entrant."""
+    """The seed summary as markdown: setting, rule, one row per entrant; the same-budget table."""
+    from wiola.compare.same_budget import same_budget_markdown
+
     t, data = summary["train"], summary["data"]
     seeds = ", ".join(map(str, summary["seeds"]))
     lines = [
@@ -155,11 +198,12 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
         "the data order and dropout.", "",
         (f"Control: `{summary['control']}`. Rule: a difference is called significant when Welch's two-sided t-test on "
          f"the per-seed best validation losses gives p < {summary['alpha']}; q is the Benjamini-Hochberg adjusted p over "
-         "all tests (when nothing differs, about 1 test in 20 passes p < 0.05 by chance). An ablation `BASE:switch` "
-         "is also set against its own base (Δ vs base, with Welch's p)." if summary["control"] else
+         "all tests (when nothing differs, about 1 test in 20 passes p < 0.05 by chance). Beside it, the paired t-test on "
+         "the seeds both entrants finished (n pairs; the same seed gives the same data order), with its own q. An "
+         "ablation `BASE:switch` is also set against its own base (Δ vs base, with Welch's p)." if summary["control"] else
          "No `control` entrant in the spec: no differences are tested."), "",
         "| " + " | ".join(SEED_HEADER) + " |",
-        "|" + "---|" * 2 + "---:|" * 6 + "---|" + "---:|" * 4,
+        "|" + "---|" * 2 + "---:|" * 9 + "---|" + "---:|" * 4,
     ]
     for r in summary["entrants"]:
         mean, std = r["best_val_loss_mean"], r["best_val_loss_std"]
@@ -168,7 +212,8 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([
             f"{r['name']}{failed}", r["kind"], _fmt(r["parameters"]), spread,
             " / ".join(f"{v:.4f}" for v in r["best_val_losses"]) or "–",
-            _fmt(r["delta"], "+.4f"), _fmt(r["p"], ".3f"), _fmt(r["q"], ".3f"), r["verdict"], _vs_base(r),
+            _fmt(r["delta"], "+.4f"), _fmt(r["p"], ".3f"), _fmt(r["q"], ".3f"), _paired_delta(r),
+            _fmt(r.get("p_paired"), ".3f", r.get("paired_note") or "–"), _fmt(r.get("q_paired"), ".3f"), r["verdict"], _vs_base(r),
             _fmt(r["final_val_loss_mean"], ".4f"), _fmt(r["tokens_per_s_median"]), _duration(r["wall_time_s_median"]),
         ]) + " |")
     env = summary["environment"]
@@ -177,10 +222,15 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
               f"CPU threads per training: {threads}.",
               "Tokens/s: each run's median over its log windows, then the median over the seeds; wall time: the median "
               "`train()` time of one run (evaluation included). Per-seed tables and curves: `seed-S/results.md`."]
+    lines += same_budget_markdown(summary["entrants"])
     lines += entrant_notes(summary["entrants"])
     if summary["pending"]:
         lines += ["", f"Not finished yet ({len(summary['pending'])}): {', '.join(summary['pending'])}."]
     return "\n".join(lines) + "\n"
+
+
+def _paired_delta(r: dict[str, Any]) -> str:
+    return "–" if r.get("delta_paired") is None else f"{r['delta_paired']:+.4f} ({r['n_pairs']})"
 
 
 def _vs_base(r: dict[str, Any]) -> str:

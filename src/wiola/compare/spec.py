@@ -28,13 +28,20 @@ WIOLA_SHAPE_FIELDS = {
     "num_attention_heads": ("num_attention_heads",), "num_key_value_heads": ("num_key_value_heads",),
     "context": ("max_position_embeddings",), "dropout": ("hidden_dropout", "attention_dropout"),
 }
-SPEC_KEYS = ("data", "train", "shape", "budget", "ablation_widths", "keep_checkpoints", "seeds", "control", "entrants")
+SPEC_KEYS = ("data", "train", "shape", "budget", "ablation_widths", "keep_checkpoints", "seeds", "control", "same_budget_llama",
+             "entrants")
 DATA_KEYS = ("dir", "source", "tokenizer", "tokenizer_kind", "vocab_size", "val_fraction", "seed", "doc_separator", "column", "num_workers", "split_at")
-ENTRANT_KEYS = {"wiola": ("name", "kind", "config", "budget", "ablations")}
-ENTRANT_KEYS.update({kind: ("name", "kind", "config", "budget") for kind in BASELINES})
+ENTRANT_KEYS = {"wiola": ("name", "kind", "config", "budget", "ablations", "train")}
+ENTRANT_KEYS.update({kind: ("name", "kind", "config", "budget", "train") for kind in BASELINES})
+# the training options an entrant may set for itself (its `train:`): the optimizer's numbers, nothing that
+# changes the token stream (steps, batch, sequence length and seed stay the comparison's)
+ENTRANT_TRAIN_KEYS = ("lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip")
 # training options that change speed or bookkeeping but not what is learned: free to differ on resume
 RUNTIME_OPTIONS = ("device", "compile", "tensorboard", "log_every", "save_every", "micro_batch_size", "threads")
 BUDGET_TOLERANCE = 0.05
+# an entrant more than this far from the control's parameter count gets a same-budget LLaMA (`same_budget_llama`),
+# and a LLaMA within this much of an entrant's parameter count counts as that entrant's same-budget LLaMA
+SAME_BUDGET_TOLERANCE = 0.02
 
 
 # ---------------------------------------------------------------------------- the spec
@@ -54,6 +61,7 @@ class Spec:
     entrants: list[dict[str, Any]]
     seeds: list[int] | None = None  # every entrant once per seed (OUT/seed-S/); None: once, with train.seed
     control: str | None = None  # the entrant the others are tested against over the seeds
+    same_budget_llama: bool = False  # generate `llama@NAME` for every Wiola entrant > 2% off the control's size
 
 
 def _check_keys(what: str, mapping: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
@@ -95,6 +103,11 @@ def load_spec(path: str | Path, shape_overrides: dict[str, Any] | None = None) -
     control = raw.get("control")
     if control is not None and not isinstance(control, str):
         raise WiolaError(f"{path}: control must be an entrant name, got {control!r}")
+    same_budget = raw.get("same_budget_llama", False)
+    if not isinstance(same_budget, bool):
+        raise WiolaError(f"{path}: same_budget_llama must be true or false, got {same_budget!r}")
+    if same_budget and control is None:
+        raise WiolaError(f"{path}: same_budget_llama needs a 'control' entrant (the 2% rule compares parameter counts with it)")
     return Spec(
         path=path,
         data=_check_keys(f"{path}: data", raw.get("data"), DATA_KEYS),
@@ -106,6 +119,7 @@ def load_spec(path: str | Path, shape_overrides: dict[str, Any] | None = None) -
         entrants=entrants,
         seeds=check_seeds(raw.get("seeds"), f"{path}: seeds"),
         control=control,
+        same_budget_llama=same_budget,
     )
 
 
