@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from wiola.cli import main
 from wiola.train import checkpoint
 
 from .tinyrun import FAST, read_log, train_losses
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds a node's processes in /proc")]
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds a node's processes in /proc")
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 MAX_STEPS = 60
@@ -188,6 +189,15 @@ def resume_and_compare(uninterrupted: Path, dataset: Path, model_config: Path, o
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
+def test_dist_timeout_must_be_positive(dataset, model_config, tmp_path, capsys, value):
+    assert main(["train", str(model_config), str(dataset), str(tmp_path / "out"), *FAST, "--dist-timeout", value]) == 2
+    assert capsys.readouterr().err.strip() == f"wiola train: error: --dist-timeout must be a positive number of seconds, got {float(value)!r}"
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@linux_only
 def test_killed_node_ends_the_run_and_resume_matches_uninterrupted(uninterrupted, dataset, model_config, tmp_path):
     # node 1 dies (its agent and worker SIGKILLed): its connections close, so the survivor fails at the next
     # collective, long before --dist-timeout
@@ -196,6 +206,8 @@ def test_killed_node_ends_the_run_and_resume_matches_uninterrupted(uninterrupted
     resume_and_compare(uninterrupted, dataset, model_config, out, step)
 
 
+@pytest.mark.slow
+@linux_only
 def test_silent_node_ends_the_run_after_dist_timeout(dataset, model_config, tmp_path):
     # node 0 (global rank 0, the checkpoint writer, and the host of torchrun's store) freezes: no connection
     # closes, so only the collective timeout ends the survivor; with the former fixed 30 minutes it hung that long
