@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from wiola.cli import main
-from wiola.train import checkpoint
+from wiola.train import checkpoint, distributed
 
 from .tinyrun import FAST, read_log, train_losses
 
@@ -194,6 +196,28 @@ def test_dist_timeout_must_be_positive(dataset, model_config, tmp_path, capsys, 
     assert main(["train", str(model_config), str(dataset), str(tmp_path / "out"), *FAST, "--dist-timeout", value]) == 2
     assert capsys.readouterr().err.strip() == f"wiola train: error: --dist-timeout must be a positive number of seconds, got {float(value)!r}"
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_only_a_collective_failure_becomes_the_lost_node_line(tmp_path):
+    two = distributed.Dist(rank=1, world_size=2, local_rank=0, device=torch.device("cpu"))
+    latest = tmp_path / "checkpoints" / "latest"
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:4242: Connection reset"
+                        " by peer. This is typically caused by a remote worker hanging or bugs in the application. GLHF!")
+    with pytest.raises(distributed.LostPeer) as caught, distributed.peer_failures(two, latest):
+        raise gloo
+    assert str(caught.value) == ("rank 1: lost the other processes of the run (Read error [127.0.0.1]:4242: Connection reset by peer);"
+                                 " no checkpoint was written yet: start the run again")
+    latest.mkdir(parents=True)
+    (latest / checkpoint.STATE_JSON).write_text(json.dumps({"step": 15}))
+    with pytest.raises(distributed.LostPeer, match=r"the last checkpoint is .*latest \(step 15\): start every node again with --resume"), \
+            distributed.peer_failures(two, latest):
+        raise dist.DistBackendError("NCCL watchdog: collective timed out")
+    # this rank's own errors, and anything in a single process, pass through unchanged
+    for d, exc in ((two, RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)")),
+                   (distributed.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), gloo)):
+        with pytest.raises(RuntimeError) as caught, distributed.peer_failures(d, latest):
+            raise exc
+        assert caught.value is exc
 
 
 @pytest.mark.slow
