@@ -75,6 +75,7 @@ class TrainConfig:
     distributed: str = "ddp"
     tensorboard: bool = True
     threads: int | None = None  # torch intra-op CPU threads per process (None: physical cores / local processes)
+    dist_timeout: float = 1800.0  # seconds a collective waits for the other processes before the run fails
     # fine-tuning (wiola.finetune): start weights, and LoRA adapters instead of full training
     init_from: str | None = None
     lora: bool = False
@@ -137,6 +138,7 @@ class TrainConfig:
             raise WiolaError(f"--lora needs --lora-rank > 0, --lora-alpha > 0 and --lora-dropout in [0, 1) "
                              f"(got {cfg.lora_rank}, {cfg.lora_alpha}, {cfg.lora_dropout})")
         check_threads(cfg.threads)
+        check_dist_timeout(cfg.dist_timeout)
         if cfg.lora and not cfg.init_from:
             raise WiolaError("--lora trains adapters on trained weights: give the base model with --init-from DIR")
         return cfg
@@ -153,6 +155,12 @@ def check_threads(threads: Any) -> None:
     """--threads: None (the default choice) or a positive integer."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0):
         raise WiolaError(f"--threads must be a positive integer, got {threads!r}")
+
+
+def check_dist_timeout(seconds: Any) -> None:
+    """--dist-timeout: a positive, finite number of seconds."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (0 < seconds < math.inf):
+        raise WiolaError(f"--dist-timeout must be a positive number of seconds, got {seconds!r}")
 
 
 def _suggest(name: str, choices: Any) -> str:

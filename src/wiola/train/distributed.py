@@ -6,6 +6,12 @@ Gloo on CPU) and the model is wrapped with DDP or FSDP2 (`fully_shard` on every 
 layer, then on the whole model). Everything here works unchanged when world_size is 1.
 Full (unsharded) state dicts for checkpoints come from `torch.distributed.checkpoint.state_dict`,
 which handles plain, DDP and FSDP2 models alike.
+
+A lost process (a node killed, crashed or cut off) must end the run, not hang it: every collective
+waits at most `--dist-timeout` seconds (the process group's timeout, for gloo and NCCL alike), and
+`peer_failures` turns the backend's error into one line that names the checkpoint to resume from.
+A peer whose connection closes (a killed process, a rebooted node) fails the next collective at once;
+one that just stops answering (a frozen or cut-off node) fails it after the timeout.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -66,8 +73,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def setup(device_name: str = "auto") -> Dist:
-    """Join the torchrun process group if launched by torchrun; pick this process's device."""
+def setup(device_name: str = "auto", timeout_s: float = 1800.0) -> Dist:
+    """Join the torchrun process group if launched by torchrun; pick this process's device.
+
+    `timeout_s` bounds every collective (and the group's own rendezvous): a rank that waits longer
+    for the others fails instead of hanging."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -86,7 +96,7 @@ def setup(device_name: str = "auto") -> Dist:
                 backend,
                 rank=rank,
                 world_size=world_size,
-                timeout=timedelta(minutes=30),
+                timeout=timedelta(seconds=timeout_s),
                 device_id=device if device.type == "cuda" else None,
             )
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
@@ -101,6 +111,47 @@ def teardown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+class LostPeer(WiolaError):
+    """Another process of a multi-process run failed, left or stopped answering."""
+
+
+# how the backends word a peer that is gone or silent (gloo's tcp transport, NCCL, the c10d store)
+_PEER_SIGNS = ("gloo", "nccl", "connection reset", "connection closed", "broken pipe", "timed out", "socket")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether `exc` is a collective failing because another rank is gone (not an error of this rank's own)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(sign in str(exc).lower() for sign in _PEER_SIGNS)
+
+
+@contextlib.contextmanager
+def peer_failures(d: Dist, latest: Path) -> Iterator[None]:
+    """Turn a collective's failure under torchrun into a one-line `LostPeer` naming the checkpoint to resume from."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not (d.enabled and is_peer_failure(exc)) or isinstance(exc, WiolaError):
+            raise
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        first = first.split("] ", 1)[-1].split(". This is typically", 1)[0][:200]  # gloo's source location and advice
+        step = _checkpoint_step(latest)
+        where = (f"the last checkpoint is {latest} (step {step}): start every node again with --resume"
+                 if step is not None else "no checkpoint was written yet: start the run again")
+        raise LostPeer(f"rank {d.rank}: lost the other processes of the run ({first}); {where}") from exc
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The step of the checkpoint at `path`, or None when there is none (or it cannot be read)."""
+    import json
+
+    try:
+        return int(json.loads((path / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _torch_version() -> tuple[int, int]:

@@ -41,6 +41,7 @@ from wiola.train.config import (
     TrainConfig,
     architecture_dict,
     build_model,
+    check_dist_timeout,
     config_differences,
     make_model_config,
     parse_overrides,
@@ -500,7 +501,20 @@ def _train(config: str, data_dir: Path, out_dir: Path, *, overrides: dict[str, A
                                  " pass --allow-new-data to continue on it anyway")
             events.append({"event": "data_changed", "step": int(ckpt_state["step"]), "from": old, "to": identity})
 
-    d = distributed.setup(cfg.device)
+    check_dist_timeout(cfg.dist_timeout)  # before it is used to join the process group
+    d = distributed.setup(cfg.device, cfg.dist_timeout)
+    # a lost process (another node killed, crashed or silent for --dist-timeout s) ends this one in one line
+    with distributed.peer_failures(d, out_dir / "checkpoints" / "latest"):
+        return _train_in_group(d, cfg, model_config, data_dir, out_dir, manifest=manifest, ckpt_state=ckpt_state,
+                               ckpt_dir=ckpt_dir, given=given, overrides=overrides, identity=identity, events=events,
+                               resume=resume)
+
+
+def _train_in_group(d: distributed.Dist, cfg: TrainConfig, model_config: Any, data_dir: Path, out_dir: Path, *,
+                    manifest: dict[str, Any], ckpt_state: dict[str, Any] | None, ckpt_dir: Path, given: TrainConfig,
+                    overrides: dict[str, Any], identity: dict[str, Any], events: list[dict[str, Any]],
+                    resume: bool) -> TrainResult:
+    """The part of `_train` that runs inside the process group (every rank)."""
     if d.is_main:
         ensure_writable(out_dir)
     distributed.barrier(d)
@@ -593,6 +607,7 @@ def train_command(
     distributed: Literal["ddp", "fsdp"] | None = None,
     tensorboard: bool | None = None,
     threads: int | None = None,
+    dist_timeout: float | None = None,
     resume: bool = False,
     allow_new_data: bool = False,
     init_from: str | None = None,
@@ -647,6 +662,10 @@ def train_command(
         threads: CPU threads (torch intra-op) per process (default: the physical cores this process may
             use, divided among torchrun's local processes; OMP_NUM_THREADS, when set, wins over the default).
             Give 1 when several trainings share the machine (docs/results.md#side-by-side).
+        dist_timeout: under torchrun, seconds any rank waits in a collective (gradient all-reduce,
+            barrier, checkpoint gather) for the others before the run fails: a node that stops answering
+            ends the run after this long; one that dies ends it at once. Must exceed the longest
+            checkpoint write and the first step's compile (default 1800). See docs/guarantees.md#a-lost-node.
         resume: continue the run in `out` from checkpoints/latest. Options given again apply from the
             current step as if the run had started with them (lr schedule recomputed); batch size,
             sequence length, seed, --document-mask and the LoRA/--init-from layout cannot change.
@@ -673,6 +692,7 @@ def train_command(
         "weight_decay": weight_decay, "beta1": beta1, "beta2": beta2, "grad_clip": grad_clip, "eval_every": eval_every,
         "eval_batches": eval_batches, "log_every": log_every, "save_every": save_every, "seed": seed, "device": device,
         "dtype": dtype, "compile": compile, "document_mask": document_mask, "distributed": distributed, "tensorboard": tensorboard, "threads": threads,
+        "dist_timeout": dist_timeout,
         "init_from": init_from, "lora": lora, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
         "lora_dropout": lora_dropout, "lora_targets": lora_targets,
     }
