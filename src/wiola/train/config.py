@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from wiola.errors import WiolaError
+from wiola.errors import WiolaError, check_seed
 
 # Keys of a config's to_dict() that describe the saved file rather than the architecture.
 NON_ARCH_KEYS = frozenset(
@@ -137,6 +137,7 @@ class TrainConfig:
             raise WiolaError(f"--lora needs --lora-rank > 0, --lora-alpha > 0 and --lora-dropout in [0, 1) "
                              f"(got {cfg.lora_rank}, {cfg.lora_alpha}, {cfg.lora_dropout})")
         check_threads(cfg.threads)
+        check_seed(cfg.seed)  # also a config file's train: seed
         if cfg.lora and not cfg.init_from:
             raise WiolaError("--lora trains adapters on trained weights: give the base model with --init-from DIR")
         return cfg
