@@ -114,8 +114,10 @@ def check_seeds(seeds: Any, what: str = "--seeds") -> list[int] | None:
     if seeds is None:
         return None
     if (not isinstance(seeds, list) or not seeds
-            or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED for s in seeds)):
-        raise WiolaError(f"{what} must be a non-empty list of non-negative integers (at most 2**32 - 1), got {seeds!r}")
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
+        raise WiolaError(f"{what} must be a non-empty list of non-negative integers, got {seeds!r}")
+    if max(seeds) > MAX_SEED:
+        raise WiolaError(f"{what}: a seed must be at most 2**32 - 1 ({MAX_SEED}), got {max(seeds)}")
     if len(set(seeds)) != len(seeds):
         raise WiolaError(f"{what} lists a seed twice: {seeds}")
     return list(seeds)
