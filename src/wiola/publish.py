@@ -6,7 +6,8 @@ directory: `auto_map` names `configuration_wiola`/`modeling_wiola`, which import
 `*_wiola.py`), the tokenizer files (`manifest.TOKENIZER_FILES`), the loss plot, `wiola eval --tasks`
 results (`lm_eval/*.json`) and `README.md`: the model card of `wiola.card`, regenerated with a short seeded
 sample, unless the directory's README.md was written by a person (it lacks the card's marker) and is
-then uploaded as it is. A link among those files is refused (it would upload what it points to). Nothing else leaves the machine: no trainer state, optimizer, logs or checkpoints.
+then uploaded as it is. A link among those files is refused (it would upload what it points to). Nothing
+else leaves the machine: no trainer state, optimizer, logs or checkpoints.
 
 The upload is one commit through huggingface_hub's client (`HfApi.create_repo`, `create_branch` for a
 `--revision`, `create_commit`); `HF_ENDPOINT` chooses the server, the token comes from `--token`, else
@@ -40,7 +41,7 @@ def upload_files(model_dir: Path) -> dict[str, Path]:
     results = model_dir / "lm_eval"
     if results.is_symlink() or results.is_dir():
         files.update({f"lm_eval/{item.name}": item for item in sorted(results.glob("*.json"))})
-    links = [name for name, item in files.items() if item.is_symlink() or (name.startswith("lm_eval/") and results.is_symlink())]
+    links = ["lm_eval"] * results.is_symlink() + [name for name, item in files.items() if item.is_symlink()]
     if links:  # a link would upload whatever it points to
         raise WiolaError(f"{model_dir}: {', '.join(links[:3])}{' ...' if len(links) > 3 else ''} "
                          f"{'is a link' if len(links) == 1 else 'are links'}; push uploads plain files only "
