@@ -67,3 +67,25 @@ def test_data_and_tasks_together_and_errors(data, tmp_path, monkeypatch, capsys)
     assert "--include-path" in error(["eval", str(out), "--tasks", "wiola_shakespeare", "--include-path", str(tmp_path / "x")])
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
     assert "pip install 'wiola[eval]'" in error(["eval", str(out), "--tasks", "wiola_shakespeare"])
+
+
+def test_tasks_outside_a_git_repository_print_no_git_noise(data, tmp_path, monkeypatch, capfd):
+    """Issue 26: lm-eval records the working directory's git commit by running `git describe` with git's stderr
+    on the terminal, so `wiola eval --tasks` printed "fatal: not a git repository" outside one."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    out = train(data, tmp_path / "run", "all-off")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # never a repository above the test folder
+    assert subprocess.run(["git", "describe", "--always"], capture_output=True).returncode != 0  # as the user's folder
+    capfd.readouterr()
+    assert main(["eval", str(out), "--tasks", "wiola_shakespeare", "--limit", "2", "--device", "cpu", "--json"]) == 0
+    captured = capfd.readouterr()
+    assert "not a git repository" not in captured.err, captured.err
+    saved = json.loads((out / "lm_eval" / "wiola_shakespeare_limit2.json").read_text())
+    assert "git_hash" in saved and saved["git_hash"] is None  # what lm-eval records here, as before

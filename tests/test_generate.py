@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -75,3 +77,43 @@ def test_static_and_generate_paths_agree_and_static_needs_wiola(trained, tmp_pat
     assert main(["generate", str(llama), "the king", "--decoding", "static", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--decoding static needs a Wiola model" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("decoding", ["static", "generate"])
+def test_many_samples_decode_in_batches_of_bounded_memory(trained, monkeypatch, capsys, decoding):
+    """Issue 26 item 8: `--num-samples 10000` decoded every sample in one batch, until the out-of-memory killer
+    ended the process. Samples now go in batches whose estimated memory stays within SAMPLE_BATCH_BYTES."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    import wiola.generate as gen
+    from wiola.fast_decode import StaticDecoder
+    from wiola.modeling_wiola import WiolaForCausalLM
+
+    kw = dict(prompt="a fool", max_new_tokens=8, temperature=1.0, top_k=20, device="cpu", decoding=decoding,
+              engine="torch" if decoding == "static" else "auto")
+    small = generate_command(str(trained), num_samples=2, seed=5, **kw)  # fits one batch at the default budget
+    config = AutoConfig.from_pretrained(trained)
+    needed = len(AutoTokenizer.from_pretrained(trained)("a fool").input_ids) + 8  # prompt + new tokens
+    per_sample = gen.sample_bytes(config, gen.cache_slots(needed, 64) if decoding == "static" else needed)
+    assert gen.samples_per_batch(config, 64, 10_000) * gen.sample_bytes(config, 64) <= gen.SAMPLE_BATCH_BYTES
+    # a budget of two and a half samples: batches of 2, 2, 1
+    monkeypatch.setattr(gen, "SAMPLE_BATCH_BYTES", int(per_sample * 2.5))
+    sizes = []
+    for cls, name in ((StaticDecoder, "generate"), (WiolaForCausalLM, "generate")):
+        original = getattr(cls, name)
+
+        def spy(self, *args, _original=original, **kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            n = kwargs["generation_config"].num_return_sequences if "generation_config" in kwargs else ids.shape[0]
+            sizes.append(n)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, spy)
+    capsys.readouterr()
+    texts = generate_command(str(trained), num_samples=5, seed=5, **kw)
+    assert sizes == [2, 2, 1]
+    assert len(texts) == 5 and all(t.startswith("a fool") for t in texts)
+    assert texts[:2] == small  # the first batch draws with the seed itself, as one batch did
+    printed = capsys.readouterr().out
+    assert [int(n) for n in re.findall(r"--- sample (\d+) ---", printed)] == [1, 2, 3, 4, 5]
+    assert generate_command(str(trained), num_samples=5, seed=5, **kw) == texts  # still seeded

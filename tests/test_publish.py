@@ -201,3 +201,34 @@ def test_card_of_a_transformers_baseline_names_its_class_and_shape(kind, tmp_pat
     assert f"a transformers `{name}` (a baseline, not a Wiola decoder)" in text and "Wiola decoder," not in text
     assert "| layers × hidden size | 2 × 32 |" in text and "| context | 16 tokens |" in text and "| vocabulary | 40 tokens |" in text
     assert "| switch | value |" not in text
+
+
+def test_push_refuses_damaged_weights_and_links_in_one_line(run, hub, tmp_path, capsys):
+    """Issue 26 item 9 and a minor one: damaged weights printed a SafetensorError traceback (from the layout
+    check) where generate, export and card say "cannot load a model"; a link in the folder uploaded the file
+    it points to."""
+    import shutil
+
+    data, out = run
+
+    def error(argv):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        return err
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged, ignore=shutil.ignore_patterns("checkpoints"))
+    (damaged / "model.safetensors").write_bytes(b"\x00" * 64)
+    for sample in ("--no-sample", "--sample"):
+        assert "cannot load a model from" in error(["push", str(damaged), "alice/x", "--dry-run", sample])
+
+    linked = tmp_path / "linked"
+    shutil.copytree(out, linked, ignore=shutil.ignore_patterns("checkpoints"))
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"not": "a tokenizer"}')
+    (linked / "tokenizer.json").unlink()
+    (linked / "tokenizer.json").symlink_to(secret)
+    assert "tokenizer.json is a link" in error(["push", str(linked), "alice/x", "--dry-run", "--no-sample"])
+    assert "tokenizer.json is a link" in error(["push", str(linked), "alice/x", "--no-sample", "--token", "t"])
+    assert hub.requests == []

@@ -44,6 +44,7 @@ def chat_command(
     greedy: bool = False,
     seed: int = 1337,
     device: str = "auto",
+    allow_changed_base: bool = False,
 ) -> int:
     """Chat with a model in the terminal; replies stream token by token.
 
@@ -61,6 +62,8 @@ def chat_command(
         greedy: always take the most likely token (no sampling).
         seed: random seed of the first reply (reply i uses seed + i).
         device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.
+        allow_changed_base: LoRA runs: use the adapter even though its base model's weights changed since it was
+            trained (normally refused: the outputs are then not the trained model's; a warning is printed).
     """
     from transformers import TextStreamer
 
@@ -71,7 +74,7 @@ def chat_command(
 
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     dev = resolve_device(device)
-    model, tokenizer, model_dir = load_for_inference(checkpoint, dev)
+    model, tokenizer, model_dir = load_for_inference(checkpoint, dev, allow_changed_base=allow_changed_base)
     if ensure_chat_template(tokenizer):
         print(f"note: the tokenizer of {model_dir} has no chat template; using the default one (docs/finetune.md)", file=sys.stderr)
     if tokenizer.eos_token_id is None:

@@ -4,7 +4,7 @@ Each subcommand is a plain Python function with annotated parameters; this modul
 its signature into an argparse parser (parameters without a default become positional
 arguments, the rest `--options`, except `Annotated[..., "positional"]` ones: optional positionals), its docstring into the help text, and runs it.
 User errors (`WiolaError`, bad values, missing files, full or read-only disks and other
-`OSError`s) end in one clear line and exit status 2; `--debug` or `WIOLA_DEBUG=1` shows the full traceback instead.
+`OSError`s, and a `--seed` outside 0 .. 2**32 - 1) end in one clear line and exit status 2; `--debug` or `WIOLA_DEBUG=1` shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import types
 import typing
 from typing import Any, Callable, Literal, get_args, get_origin
 
-from wiola.errors import WiolaError
+from wiola.errors import WiolaError, check_seed
 
 # subcommand -> "module:function"; modules are imported only when their command runs.
 COMMANDS: dict[str, str] = {
@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     fn = args._fn
     kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "_fn")}
     try:
+        if kwargs.get("seed") is not None:  # every --seed: numpy, transformers and torch all take it
+            check_seed(kwargs["seed"])
         result = fn(**kwargs)
     except KeyboardInterrupt:
         print("wiola: interrupted", file=sys.stderr)

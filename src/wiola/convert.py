@@ -442,12 +442,15 @@ def write_destination(dst: Path, write) -> list[str]:
     and loses only the files an earlier conversion recorded that this one does not write. Files
     the user put there stay. Returns the names written.
     """
+    from wiola.train.checkpoint import umask_modes
+
     dst.parent.mkdir(parents=True, exist_ok=True)
     for stale in dst.parent.glob(f".{dst.name}.convert-*"):  # left by a killed conversion (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.convert-", dir=dst.parent))
     try:
         write(tmp)
+        umask_modes(tmp)  # safetensors writes the weights 0600
         created = sorted(p.name for p in tmp.iterdir() if p.is_file())
         (tmp / RECORD).write_text(json.dumps({"files": created}, indent=1) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700

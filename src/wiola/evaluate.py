@@ -104,6 +104,7 @@ def eval_command(
     json: bool = False,
     allow_tokenizer_mismatch: bool = False,
     f3n_level: str | None = None,
+    allow_changed_base: bool = False,
 ) -> dict[str, float]:
     """Evaluate a model: loss, perplexity and bits per byte on a prepared split (DATA), and/or lm-eval tasks (--tasks).
 
@@ -127,6 +128,8 @@ def eval_command(
             data was prepared with (the numbers are then meaningless; a warning is printed).
         f3n_level: F3N models: the granularity to evaluate — one level (`2`), one per layer (`1,2,4,4`), or
             `all` (every level in turn); each result also gives the inference FLOPs per token.
+        allow_changed_base: LoRA runs: use the adapter even though its base model's weights changed since it was
+            trained (normally refused: the outputs are then not the trained model's; a warning is printed).
     """
     from wiola.data.manifest import file_sha256, verify
     from wiola.train import batches as batch_io
@@ -148,14 +151,16 @@ def eval_command(
         if data is not None:
             split_result = eval_command(checkpoint, data, split=split, batch_size=batch_size, seq_len=seq_len,
                                         max_batches=max_batches, device=device, dtype=dtype, json=json,
-                                        allow_tokenizer_mismatch=allow_tokenizer_mismatch, f3n_level=f3n_level)
+                                        allow_tokenizer_mismatch=allow_tokenizer_mismatch, f3n_level=f3n_level,
+                                        allow_changed_base=allow_changed_base)
         result = eval_tasks(checkpoint, tasks, num_fewshot=num_fewshot, limit=limit, include_path=include_path,
-                            output=output, batch_size=batch_size, device=device, dtype=dtype, json=json)
+                            output=output, batch_size=batch_size, device=device, dtype=dtype, json=json,
+                            allow_changed_base=allow_changed_base)
         return {**result, "split": split_result} if split_result is not None else result
     dev = resolve_device(device)
     manifest = batch_io.read_manifest(data)
     verify(data, manifest)  # split sizes and the tokenizer's hash, cheaply
-    model, _, model_dir = load_for_inference(checkpoint, dev)
+    model, _, model_dir = load_for_inference(checkpoint, dev, allow_changed_base=allow_changed_base)
     if model.config.vocab_size < manifest["vocab_size"]:
         raise WiolaError(f"the data's vocabulary ({manifest['vocab_size']}) is larger than the model's ({model.config.vocab_size})")
     context = model.config.max_position_embeddings
@@ -247,6 +252,39 @@ class _KnownNoise(logging.Filter):
         return not any(text in record.getMessage() for text in self.NOISE)
 
 
+@contextlib.contextmanager
+def _quiet_git_lookup():
+    """lm-eval records the git commit of the working directory by running `git describe` with git's stderr
+    left on the terminal, so outside a repository (the usual case) it printed "fatal: not a git repository".
+    Within this block it runs the same lookup with only that command's stderr discarded (the recorded
+    `git_hash` is unchanged; lm-eval's own warnings and errors still print)."""
+    import os
+    import subprocess
+
+    import lm_eval.evaluator as evaluator
+
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is None:  # another lm-eval layout: leave it alone
+        yield
+        return
+
+    def quiet_git_commit_hash():
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):  # not a repository, or no git
+            try:
+                from lm_eval.loggers.utils import get_commit_from_path
+            except ImportError:
+                return None
+            return get_commit_from_path(os.getcwd())
+
+    evaluator.get_git_commit_hash = quiet_git_commit_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
+
 def _lm_eval():
     try:
         import lm_eval  # noqa: F401
@@ -292,7 +330,8 @@ def default_output(model_dir: Path, names: list[str], num_fewshot: int | None, l
 
 def eval_tasks(checkpoint: str, tasks: str, *, num_fewshot: int | None = None, limit: float | None = None,
                include_path: list[str] | None = None, output: str | None = None, batch_size: int = 8,
-               device: str = "auto", dtype: str = "fp32", json: bool = False) -> dict[str, Any]:
+               device: str = "auto", dtype: str = "fp32", json: bool = False,
+               allow_changed_base: bool = False) -> dict[str, Any]:
     """Run lm-eval tasks on a checkpoint; save and print the results. Returns lm-eval's results dict (no samples)."""
     from wiola.train.checkpoint import load_for_inference
     from wiola.train.distributed import resolve_device
@@ -312,14 +351,15 @@ def eval_tasks(checkpoint: str, tasks: str, *, num_fewshot: int | None = None, l
     for name in ("lm_eval.models.huggingface", "lm_eval.api.task"):
         if not any(isinstance(f, _KnownNoise) for f in logging.getLogger(name).filters):
             logging.getLogger(name).addFilter(_KnownNoise())
-    model, tokenizer, model_dir = load_for_inference(checkpoint, resolve_device(device))
+    model, tokenizer, model_dir = load_for_inference(checkpoint, resolve_device(device), allow_changed_base=allow_changed_base)
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     limit_arg = int(limit) if limit is not None and limit >= 1 and float(limit).is_integer() else limit
     try:
-        results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit_arg,
-                                          task_manager=manager, log_samples=False)
+        with _quiet_git_lookup():
+            results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit_arg,
+                                              task_manager=manager, log_samples=False)
     except (KeyError, ValueError, FileNotFoundError, ConnectionError) as exc:
         raise WiolaError(f"lm-eval could not run {', '.join(names)}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
                          " (tasks other than wiola_shakespeare download their data from the Hub once)") from None

@@ -12,10 +12,15 @@
   the adapter and optimizer state.
 * `wiola merge RUN OUT`: the base weights plus the merged adapter, saved as a plain model
   directory that loads with `AutoModelForCausalLM.from_pretrained` (and `trust_remote_code=True`).
+* A LoRA checkpoint also records its base (`wiola_base.json`: the directory and the sha256 of its
+  weight files). An adapter only means something on the weights it was trained on, so loading it
+  (`wiola generate`, `eval`, `chat`, `merge`) and `--resume` refuse a base whose weights changed since
+  (a base run resumed in place, say), unless `--allow-changed-base` says to go on anyway.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import types
@@ -31,6 +36,7 @@ from wiola.train import checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+BASE_RECORD = "wiola_base.json"  # {"path": base directory, "weights_sha256": weights_sha256(base)}
 
 # Linear layers that get adapters by default, by the last part of their name (docs/layout.md):
 # attention q/k/v/o and the GCLA output gate; SwiGLU gate/up/down, butterfly bypass, DSFF wide
@@ -61,6 +67,52 @@ def init_model_dir(path: str | Path) -> Path:
     return model_dir.resolve()
 
 
+_HASHES: dict[tuple, str] = {}  # (file names, sizes, mtimes) -> hash: each base is read once per process
+
+
+def weights_sha256(model_dir: str | Path) -> str:
+    """sha256 over the names and contents of the `*.safetensors` files of `model_dir`: the base a LoRA run records."""
+    from wiola.data.manifest import file_sha256
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise WiolaError(f"{model_dir}: no *.safetensors weights")
+    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(f"{file.name}\0{file_sha256(file)}\n".encode())
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+def base_record(base_dir: str | Path) -> dict[str, str]:
+    return {"path": str(base_dir), "weights_sha256": weights_sha256(base_dir)}
+
+
+def check_base(adapter_dir: Path, base_dir: str | Path, allow_changed_base: bool = False) -> dict[str, Any] | None:
+    """Refuse (one line) a base whose weights differ from the ones the adapter in `adapter_dir` was trained on.
+
+    Returns None when they are the same, or when the adapter predates base records (nothing to check);
+    with `allow_changed_base` a changed base gets a warning and {"recorded": ..., "now": ...} back."""
+    file = Path(adapter_dir) / BASE_RECORD
+    if not file.is_file():
+        return None
+    try:
+        recorded = json.loads(file.read_text())["weights_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise WiolaError(f"{file} is damaged (not a JSON record of the base's weights_sha256)") from None
+    now = weights_sha256(base_dir)
+    if now == recorded:
+        return None
+    message = (f"the base model {base_dir} is not the one the LoRA adapter in {adapter_dir} was trained on: its weights changed"
+               f" since (sha256 {now[:12]}, recorded {str(recorded)[:12]}), so the adapter would give other outputs")
+    if not allow_changed_base:
+        raise WiolaError(message + "; restore that base, or pass --allow-changed-base to use it anyway")
+    print(f"wiola: warning: {message}; going on (--allow-changed-base)", file=sys.stderr)
+    return {"recorded": recorded, "now": now}
+
+
 def linear_names(model: nn.Module) -> list[str]:
     """Qualified names of the model's nn.Linear layers, the LM head excepted."""
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name.split(".")[-1] != "lm_head"]
@@ -84,8 +136,9 @@ def check_targets(model: nn.Module, targets: list[str]) -> None:
             raise WiolaError(f"--lora-targets {target!r} names no linear layer of this model; it has: {', '.join(present)}")
 
 
-def add_lora(model: nn.Module, cfg: Any) -> nn.Module:
-    """Wrap `model` (already holding the base weights of cfg.init_from) in a PEFT model with fresh LoRA adapters."""
+def add_lora(model: nn.Module, cfg: Any, base: dict[str, str] | None = None) -> nn.Module:
+    """Wrap `model` (already holding the base weights of cfg.init_from) in a PEFT model with fresh LoRA adapters;
+    its checkpoints record `base` (`base_record(cfg.init_from)` unless given)."""
     peft = _require_peft()
     targets = list(cfg.lora_targets) if cfg.lora_targets else default_targets(model)
     check_targets(model, targets)
@@ -96,6 +149,8 @@ def add_lora(model: nn.Module, cfg: Any) -> nn.Module:
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         wrapped = peft.get_peft_model(model, config)
     # checkpoints of a LoRA run: the adapter plus the base config (so resume checks and `find_model_dir` work)
+    # and the record of the base's weights
+    wrapped.wiola_base = base if base is not None else base_record(cfg.init_from)
     wrapped.save_pretrained = types.MethodType(_save_lora_checkpoint, wrapped)
     return wrapped
 
@@ -105,6 +160,7 @@ def _save_lora_checkpoint(self, save_directory, state_dict=None, **kwargs) -> No
 
     PeftModel.save_pretrained(self, save_directory, state_dict=state_dict, **kwargs)
     self.get_base_model().config.save_pretrained(save_directory)
+    (Path(save_directory) / BASE_RECORD).write_text(json.dumps(self.wiola_base, indent=2) + "\n")
 
 
 def load_adapter(model: nn.Module, ckpt_dir: Path) -> None:
@@ -136,8 +192,9 @@ def load_init_weights(model: nn.Module, init_from: str | Path) -> None:
 def starting_model(model: nn.Module, cfg: Any, resume_from: Path | None) -> nn.Module:
     """Give a freshly built `model` its starting weights: the resumed checkpoint's, --init-from's, and/or LoRA adapters."""
     if cfg.lora:
+        base = base_record(cfg.init_from)  # hashed before reading, so the record is never newer than the weights
         load_init_weights(model, cfg.init_from)
-        model = add_lora(model, cfg)
+        model = add_lora(model, cfg, base)
         if resume_from is not None:
             load_adapter(model, resume_from)
     elif resume_from is not None:
@@ -168,8 +225,9 @@ def find_adapter_dir(path: str | Path) -> Path:
     raise WiolaError(f"{path} holds no LoRA adapter ({ADAPTER_CONFIG}); is it a `wiola train --lora` run?")
 
 
-def load_lora_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(PEFT model = base weights + adapter, adapter dir) for a LoRA run or adapter directory."""
+def load_lora_model(path: str | Path, dtype: torch.dtype = torch.float32, allow_changed_base: bool = False):
+    """(PEFT model = base weights + adapter, adapter dir) for a LoRA run or adapter directory; a base whose
+    weights changed since training is refused (`check_base`) unless `allow_changed_base`."""
     peft = _require_peft()
     from transformers import AutoModelForCausalLM
 
@@ -179,6 +237,7 @@ def load_lora_model(path: str | Path, dtype: torch.dtype = torch.float32):
     base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     if not base or not (Path(base) / "config.json").is_file():
         raise WiolaError(f"{adapter_dir}: the base model {base!r} named in {ADAPTER_CONFIG} is not a model directory (moved or deleted?)")
+    check_base(adapter_dir, base, allow_changed_base)
     base_model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     with warnings.catch_warnings():  # peft asks the deprecated `is_gradient_checkpointing` of transformers 5
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -186,7 +245,7 @@ def load_lora_model(path: str | Path, dtype: torch.dtype = torch.float32):
     return model.eval(), adapter_dir
 
 
-def merge(adapter_run: str | Path, out: str | Path) -> Path:
+def merge(adapter_run: str | Path, out: str | Path, allow_changed_base: bool = False) -> Path:
     """Merge the LoRA adapter of `adapter_run` into its base weights and save a plain model (+ tokenizer) to `out`."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -195,7 +254,7 @@ def merge(adapter_run: str | Path, out: str | Path) -> Path:
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise WiolaError(f"{out} exists and is not empty; choose a new output directory")
-    model, adapter_dir = load_lora_model(adapter_run)
+    model, adapter_dir = load_lora_model(adapter_run, allow_changed_base=allow_changed_base)
     merged = model.merge_and_unload()
     merged.config._name_or_path = ""
     try:
@@ -212,17 +271,20 @@ def merge(adapter_run: str | Path, out: str | Path) -> Path:
     return out
 
 
-def merge_command(run: str, out: str) -> int:
+def merge_command(run: str, out: str, allow_changed_base: bool = False) -> int:
     """Merge a LoRA run's adapter into its base weights, saving a plain model directory.
 
     The base model is the --init-from directory recorded in the adapter; OUT loads with
     AutoModelForCausalLM.from_pretrained (Wiola models also with trust_remote_code=True), and
-    works with wiola eval, generate and chat, or as --init-from of another run.
+    works with wiola eval, generate and chat, or as --init-from of another run. A base whose
+    weights changed since the adapter was trained is refused.
 
     Args:
         run: a `wiola train --lora` output directory, one of its checkpoints, or an adapter directory.
         out: new directory for the merged model.
+        allow_changed_base: merge even though the base's weights changed since the adapter was trained
+            (the recorded sha256 differs; a warning is printed).
     """
-    path = merge(run, out)
+    path = merge(run, out, allow_changed_base=allow_changed_base)
     print(f"merged {find_adapter_dir(run)} into its base model; saved to {path}", file=sys.stderr)
     return 0

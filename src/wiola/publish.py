@@ -6,7 +6,8 @@ directory: `auto_map` names `configuration_wiola`/`modeling_wiola`, which import
 `*_wiola.py`), the tokenizer files (`manifest.TOKENIZER_FILES`), the loss plot, `wiola eval --tasks`
 results (`lm_eval/*.json`) and `README.md`: the model card of `wiola.card`, regenerated with a short seeded
 sample, unless the directory's README.md was written by a person (it lacks the card's marker) and is
-then uploaded as it is. Nothing else leaves the machine: no trainer state, optimizer, logs or checkpoints.
+then uploaded as it is. A link among those files is refused (it would upload what it points to). Nothing
+else leaves the machine: no trainer state, optimizer, logs or checkpoints.
 
 The upload is one commit through huggingface_hub's client (`HfApi.create_repo`, `create_branch` for a
 `--revision`, `create_commit`); `HF_ENDPOINT` chooses the server, the token comes from `--token`, else
@@ -32,22 +33,26 @@ def upload_files(model_dir: Path) -> dict[str, Path]:
 
     files: dict[str, Path] = {}
     for item in sorted(model_dir.iterdir()):
-        if not item.is_file() or item.name.startswith("."):
+        if item.name.startswith(".") or not (item.name in ALWAYS or item.name in TOKENIZER_FILES
+                                             or item.suffix in (".safetensors", ".py")):
             continue
-        if (item.name in ALWAYS or item.name in TOKENIZER_FILES or item.suffix == ".safetensors"
-                or item.suffix == ".py"):
+        if item.is_symlink() or item.is_file():
             files[item.name] = item
     results = model_dir / "lm_eval"
-    if results.is_dir():
-        for item in sorted(results.glob("*.json")):
-            files[f"lm_eval/{item.name}"] = item
+    if results.is_symlink() or results.is_dir():
+        files.update({f"lm_eval/{item.name}": item for item in sorted(results.glob("*.json"))})
+    links = ["lm_eval"] * results.is_symlink() + [name for name, item in files.items() if item.is_symlink()]
+    if links:  # a link would upload whatever it points to
+        raise WiolaError(f"{model_dir}: {', '.join(links[:3])}{' ...' if len(links) > 3 else ''} "
+                         f"{'is a link' if len(links) == 1 else 'are links'}; push uploads plain files only "
+                         "(replace each link with a copy of its file)")
     return files
 
 
 def check_model_dir(path: str | Path) -> Path:
     """The model directory at `path` (a run's out/ or a checkpoint), refusing what would not load from the Hub."""
     from wiola import legacy
-    from wiola.train.checkpoint import find_model_dir
+    from wiola.train.checkpoint import _first_line, find_model_dir
 
     path = Path(path).expanduser()
     if not path.exists():
@@ -60,7 +65,11 @@ def check_model_dir(path: str | Path) -> Path:
                          f"(wiola merge {path} MERGED) and push MERGED")
     if not any(model_dir.glob("*.safetensors")):
         raise WiolaError(f"{model_dir} is not a model directory (config.json but no *.safetensors weights)")
-    if legacy.needs_upgrade(model_dir):
+    try:
+        old_layout = legacy.needs_upgrade(model_dir)  # reads the safetensors headers
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, truncated or foreign files
+        raise WiolaError(f"cannot load a model from {model_dir}: {_first_line(exc)}") from None
+    if old_layout:
         raise WiolaError(f"{model_dir} has the GCLA layout of wiola 0.2.0.dev; rewrite it with "
                          f"`wiola convert {model_dir} NEW_DIR` and push NEW_DIR")
     if not (model_dir / "modeling_wiola.py").is_file() and _is_wiola(model_dir):

@@ -86,3 +86,26 @@ def test_tied_lm_head_is_saved_once_and_restored(tmp_path):
     checkpoint.load_weights_into(other, tmp_path / "ckpt")
     assert torch.equal(other.lm_head.weight, model.lm_head.weight)
     assert other.lm_head.weight is other.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_weights_get_the_mode_the_umask_gives_other_files(tmp_path, umask):
+    """Issue 26: safetensors writes its files 0600, so checkpoints, merged, converted and exported models had
+    weights that an engine running as another user could not read, next to 0644 config files."""
+    import os
+
+    from wiola.convert import write_destination
+
+    old = os.umask(umask)
+    try:
+        save(tmp_path / "ckpt", tiny_model(0), 1)  # save_pretrained through atomic_write_dir
+        checkpoint.copy_dir_atomic(tmp_path / "ckpt", tmp_path / "copy")
+        write_destination(tmp_path / "converted", lambda folder: tiny_model(0).save_pretrained(folder))  # convert, export
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    for folder in ("ckpt", "copy", "converted"):
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / folder).iterdir() if p.is_file()}
+        assert "model.safetensors" in modes and "config.json" in modes
+        assert set(modes.values()) == {expected}, (folder, {k: oct(v) for k, v in modes.items()})
+    assert not list(tmp_path.glob("**/.mode-probe*"))

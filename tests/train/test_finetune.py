@@ -132,3 +132,53 @@ def test_default_lora_targets_cover_every_family():
     dsff = default_targets(WiolaForCausalLM(WiolaConfig(**small, mlp="dsff", dsff_wide_size=64)))
     assert {"wide_up_proj", "wide_down_proj", "fusion_proj", "gate_proj"} <= set(dsff)
     assert "output_gate_proj" in default_targets(WiolaForCausalLM(WiolaConfig(**small, cross_layer_context="gcla")))
+
+
+def test_lora_run_records_its_base_and_refuses_a_changed_one(base_run, dataset, tmp_path, capsys):
+    """Issue 26 item 2: an adapter only means something on the weights it was trained on. Changing the
+    --init-from folder afterwards (the base run resumed in place, say) used to change generate/eval output,
+    resume and merge silently; now each refuses in one line unless --allow-changed-base."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from wiola.finetune import BASE_RECORD, weights_sha256
+
+    base = tmp_path / "base"  # a copy: the module's base_run stays as it is
+    shutil.copytree(base_run / "checkpoints" / "final", base)
+    out = tmp_path / "lora"
+    lora = ["--init-from", base, "--lora", "--lora-rank", 4, "--eval-every", 100, "--save-every", 2]
+    assert run(base, dataset, out, "--max-steps", 2, *lora) == 0
+    record = json.loads((out / BASE_RECORD).read_text())
+    assert record == {"path": str(base.resolve()), "weights_sha256": weights_sha256(base)}
+    assert json.loads((out / "checkpoints" / "latest" / BASE_RECORD).read_text()) == record
+    gen = ["generate", str(out), "the king", "--greedy", "--max-new-tokens", "8", "--device", "cpu"]
+    assert main(gen) == 0
+    before = capsys.readouterr().out
+
+    weights = load_file(base / "model.safetensors")  # the base changes in place
+    save_file({k: v + 0.05 if v.is_floating_point() else v for k, v in weights.items()}, base / "model.safetensors")
+
+    def refused(argv):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert "weights changed" in err and "--allow-changed-base" in err, err
+
+    refused(gen)
+    refused(["eval", str(out), str(dataset), "--device", "cpu", "--max-batches", "1", "--seq-len", "16"])
+    refused(["merge", str(out), str(tmp_path / "merged")])
+    assert not (tmp_path / "merged").exists()
+    resume = ["train", str(base), str(dataset), str(out), *FAST, "--max-steps", "4", "--resume"]
+    refused(resume)
+
+    # the override goes on, with a warning, on the base as it is now
+    assert main([*gen, "--allow-changed-base"]) == 0
+    captured = capsys.readouterr()
+    assert "warning" in captured.err and captured.out != before
+    assert main(["merge", str(out), str(tmp_path / "merged"), "--allow-changed-base"]) == 0
+    assert main([*resume, "--allow-changed-base"]) == 0
+    assert any(r.get("event") == "base_changed" for r in read_log(out))
+    assert json.loads((out / BASE_RECORD).read_text())["weights_sha256"] == weights_sha256(base)  # recorded anew
+    capsys.readouterr()
+    assert main(gen) == 0  # the adapter trained on since then fits the new base

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wiola.errors import WiolaError
+from wiola.errors import MAX_SEED, WiolaError
 
 COMPONENTS = {  # switch -> its LLaMA ("off") value
     "position_encoding": "rope",
@@ -124,12 +124,14 @@ def load_spec(path: str | Path, shape_overrides: dict[str, Any] | None = None) -
 
 
 def check_seeds(seeds: Any, what: str = "--seeds") -> list[int] | None:
-    """None, or a non-empty list of distinct non-negative integers."""
+    """None, or a non-empty list of distinct integers in 0 .. 2**32 - 1."""
     if seeds is None:
         return None
     if (not isinstance(seeds, list) or not seeds
             or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
         raise WiolaError(f"{what} must be a non-empty list of non-negative integers, got {seeds!r}")
+    if max(seeds) > MAX_SEED:
+        raise WiolaError(f"{what}: a seed must be at most 2**32 - 1 ({MAX_SEED}), got {max(seeds)}")
     if len(set(seeds)) != len(seeds):
         raise WiolaError(f"{what} lists a seed twice: {seeds}")
     return list(seeds)

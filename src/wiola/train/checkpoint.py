@@ -8,7 +8,8 @@ A checkpoint directory (`out/checkpoints/{latest,best,final}`) holds
   rank's RNG states (python, numpy, torch, cuda), the step, the best validation loss and
   the training options; `trainer_state.json` repeats the scalars for people.
 
-Writes are atomic: everything goes into a temporary sibling directory, each file and the
+Files get the mode the umask gives new files (0644 usually; safetensors alone would write the weights
+0600). Writes are atomic: everything goes into a temporary sibling directory, each file and the
 directory are fsynced, then the old checkpoint is moved aside, the new one renamed into
 place and the old one deleted. A crash at any point leaves either the previous or the new
 checkpoint loadable (`resolve` also recovers the moved-aside copy if the crash fell
@@ -22,6 +23,7 @@ import os
 import random
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -51,6 +53,27 @@ def _fsync_tree(root: Path) -> None:
         _fsync_path(Path(dirpath))
 
 
+def default_file_mode(folder: Path) -> int:
+    """The mode a new file gets in `folder` under this process's umask (0644 under the usual 022): found by
+    creating one, which unlike reading `os.umask` is safe while other threads create files."""
+    probe = Path(folder) / f".mode-probe-{os.getpid()}-{threading.get_ident()}"
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        return os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def umask_modes(folder: Path) -> None:
+    """Give every file in `folder` the mode other new files get (safetensors writes its files 0600, so an
+    engine running as another user could not read the weights)."""
+    mode = default_file_mode(folder)
+    for item in Path(folder).iterdir():
+        if item.is_file() and not item.is_symlink() and item.stat().st_mode & 0o777 != mode:
+            os.chmod(item, mode)
+
+
 def _aside(path: Path) -> Path:
     return path.with_name(f".{path.name}.old")
 
@@ -65,6 +88,7 @@ def atomic_write_dir(path: Path, write: Callable[[Path], None]) -> None:
     tmp.mkdir()
     try:
         write(tmp)
+        umask_modes(tmp)
         _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -233,8 +257,11 @@ def find_model_dir(path: str | Path) -> Path:
     raise WiolaError(f"{path} holds no model (no config.json, and no checkpoints/final or checkpoints/latest)")
 
 
-def load_for_inference(path: str | Path, device: torch.device):
-    """(model in eval mode on `device`, tokenizer, model dir) for any checkpoint or trained output directory."""
+def load_for_inference(path: str | Path, device: torch.device, allow_changed_base: bool = False):
+    """(model in eval mode on `device`, tokenizer, model dir) for any checkpoint or trained output directory.
+
+    A LoRA run loads as its base plus the adapter, merged; a base whose weights changed since the adapter was
+    trained is refused unless `allow_changed_base` (`wiola.finetune.check_base`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -249,13 +276,15 @@ def load_for_inference(path: str | Path, device: torch.device):
         if (model_dir / "adapter_config.json").is_file():  # a `wiola train --lora` run: base + adapter, merged
             from wiola.finetune import load_lora_model
 
-            model, info = load_lora_model(model_dir)[0].merge_and_unload(), {}
+            model, info = load_lora_model(model_dir, allow_changed_base=allow_changed_base)[0].merge_and_unload(), {}
         elif legacy.needs_upgrade(model_dir):
             model, info = legacy.load_upgraded(model_dir, torch.float32), {}
             print(f"note: {model_dir} has the GCLA layout of wiola 0.2.0.dev (dead layer-0 tensors); upgraded in memory, "
                   f"`wiola convert {model_dir} NEW_DIR` rewrites it", file=sys.stderr)
         else:
             model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True)
+    except WiolaError:  # already one line (a moved or changed LoRA base)
+        raise
     except Exception as exc:  # noqa: BLE001 - SafetensorError, truncated files, bad configs
         raise WiolaError(f"cannot load a model from {model_dir}: {_first_line(exc)}") from None
     finally:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from wiola.errors import WiolaError
+from wiola.errors import WiolaError, check_seed
 
 # Keys of a config's to_dict() that describe the saved file rather than the architecture.
 NON_ARCH_KEYS = frozenset(
@@ -139,6 +139,7 @@ class TrainConfig:
                              f"(got {cfg.lora_rank}, {cfg.lora_alpha}, {cfg.lora_dropout})")
         check_threads(cfg.threads)
         check_dist_timeout(cfg.dist_timeout)
+        check_seed(cfg.seed)  # also a config file's train: seed
         if cfg.lora and not cfg.init_from:
             raise WiolaError("--lora trains adapters on trained weights: give the base model with --init-from DIR")
         return cfg

@@ -401,7 +401,8 @@ class Trainer:
 
 
 def train(config: str, data: str, out: str, *, overrides: dict[str, Any] | None = None,
-          options: dict[str, Any] | None = None, resume: bool = False, allow_new_data: bool = False) -> TrainResult:
+          options: dict[str, Any] | None = None, resume: bool = False, allow_new_data: bool = False,
+          allow_changed_base: bool = False) -> TrainResult:
     """Programmatic `wiola train`: resolve everything, run, return a `TrainResult`."""
     data_dir, out_dir = Path(data), Path(out)
     batches.read_manifest(data_dir)  # a missing or malformed data directory fails before anything is created
@@ -413,7 +414,7 @@ def train(config: str, data: str, out: str, *, overrides: dict[str, Any] | None 
             if data_lock is not None:
                 stack.callback(data_lock.release)
         return _train(config, data_dir, out_dir, overrides=overrides, options=options, resume=resume,
-                      allow_new_data=allow_new_data)
+                      allow_new_data=allow_new_data, allow_changed_base=allow_changed_base)
 
 
 def data_identity(data_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -459,7 +460,8 @@ def _given_options(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train(config: str, data_dir: Path, out_dir: Path, *, overrides: dict[str, Any] | None,
-           options: dict[str, Any] | None, resume: bool, allow_new_data: bool) -> TrainResult:
+           options: dict[str, Any] | None, resume: bool, allow_new_data: bool,
+           allow_changed_base: bool = False) -> TrainResult:
     manifest = batches.read_manifest(data_dir)
     model_spec, file_options = split_config_source(config)
     ckpt_dir = checkpoint.resolve(out_dir / "checkpoints" / "latest")
@@ -500,6 +502,10 @@ def _train(config: str, data_dir: Path, out_dir: Path, *, overrides: dict[str, A
                                  f" {keys[0]} {str(old.get(keys[0]))[:12]} vs {identity[keys[0]][:12]});"
                                  " pass --allow-new-data to continue on it anyway")
             events.append({"event": "data_changed", "step": int(ckpt_state["step"]), "from": old, "to": identity})
+        if cfg.lora:  # the adapter was trained on the weights of --init-from as they were then
+            changed_base = finetune.check_base(ckpt_dir, cfg.init_from, allow_changed_base)
+            if changed_base is not None:
+                events.append({"event": "base_changed", "step": int(ckpt_state["step"]), "base": cfg.init_from, **changed_base})
 
     check_dist_timeout(cfg.dist_timeout)  # before it is used to join the process group
     d = distributed.setup(cfg.device, cfg.dist_timeout)
@@ -610,6 +616,7 @@ def train_command(
     dist_timeout: float | None = None,
     resume: bool = False,
     allow_new_data: bool = False,
+    allow_changed_base: bool = False,
     init_from: str | None = None,
     lora: bool | None = None,
     lora_rank: int | None = None,
@@ -671,6 +678,8 @@ def train_command(
             sequence length, seed, --document-mask and the LoRA/--init-from layout cannot change.
         allow_new_data: with --resume, continue on a data directory other than the checkpoint's
             (recorded in log.jsonl); without it such a resume is refused.
+        allow_changed_base: with --resume of a --lora run, continue although the --init-from base's weights
+            changed since the adapter was trained (recorded in log.jsonl); without it such a resume is refused.
         init_from: start from the weights of this model directory (a training out/, one of its
             checkpoints/..., or any saved Wiola/LLaMA-style model) with a fresh optimizer, schedule
             and step 0: fine-tuning. CONFIG still gives the architecture (usually the same
@@ -697,7 +706,7 @@ def train_command(
         "lora_dropout": lora_dropout, "lora_targets": lora_targets,
     }
     result = train(config, data, out, overrides=parse_overrides(set), options=options, resume=resume,
-                   allow_new_data=allow_new_data)
+                   allow_new_data=allow_new_data, allow_changed_base=allow_changed_base)
     if result.stopped_by is None and result.loss is not None and int(os.environ.get("RANK", "0")) == 0:
         best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
         print(f"trained {result.step} steps, final loss {result.loss:.4f}{best}; model saved to {result.out}")
