@@ -200,11 +200,16 @@ STRICT = [  # JSON values of the wrong type that pydantic's lax mode would coerc
 ]
 
 
-def test_booleans_are_no_integers_and_a_request_that_can_never_fit_is_a_400(model_dirs):
+def test_booleans_are_no_integers_and_strings_no_numbers(model_dirs):
     with running_server(model_dirs("seed"), max_batch_size=2, max_queue=1) as (url, _):
         for path, body, param in STRICT:
             r = httpx.post(f"{url}/v1/{path}", json=body)
             assert (r.status_code, error_of(r)["param"]) == (400, param), (body, r.text)
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2, "temperature": 1}).status_code == 200
+
+
+def test_a_request_that_can_never_fit_is_a_400_not_retry_later(model_dirs):
+    with running_server(model_dirs("seed"), max_batch_size=2, max_queue=1) as (url, _):
         # 2 prompts × n=2 = 4 sequences, more than batch 2 + queue 1 can ever hold: not "retry later"
         r = httpx.post(f"{url}/v1/completions", json={"prompt": ["a", "b"], "n": 2, "max_tokens": 2})
         assert r.status_code == 400 and error_of(r)["param"] == "n" and "more than this server ever holds" in error_of(r)["message"]
