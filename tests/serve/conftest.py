@@ -30,6 +30,12 @@ def model_dirs(tmp_path_factory, tokenizer):
     return get
 
 
+@pytest.fixture(scope="session")
+def long_model(tmp_path_factory, tokenizer):
+    """A tiny seed-style model with a context of 1,024 tokens (long requests: disconnects, the soak)."""
+    return save_tiny_model(tmp_path_factory.mktemp("serve-long") / "seed", "seed", tokenizer, context=1024)
+
+
 @contextlib.contextmanager
 def running_server(model_dir, app_options=None, wrap_tokenizer=None, **engine_options):
     """(base URL, engine) of `wiola serve`'s app on 127.0.0.1 (a free port), run by uvicorn in a thread.

@@ -140,8 +140,8 @@ class Engine:
         self.steps = 0  # decode steps run
         self.batched_rows = 0  # sum of the batch size over the steps
         self.shifts = 0  # rows moved right for a longer prompt, or left to reclaim slots
-        self.cancelled = 0  # sequences ended because their client went away
-        self.tokens_after_cancel = 0  # tokens those sequences got after the client went away (the step in flight)
+        self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}  # sequences ended, by finish reason
+        self.tokens_after_cancel = 0  # tokens cancelled sequences got after their client went away (the step in flight)
 
     # ------------------------------------------------------------------ public API (any thread)
     def start(self) -> "Engine":
@@ -175,7 +175,7 @@ class Engine:
                     "max_queue": self.max_queue, "steps": self.steps,
                     "batched_rows": self.batched_rows,
                     "mean_batch": round(self.batched_rows / self.steps, 3) if self.steps else 0.0, "shifts": self.shifts,
-                    "cancelled": self.cancelled, "tokens_after_cancel": self.tokens_after_cancel}
+                    "finished": dict(self.finished), "tokens_after_cancel": self.tokens_after_cancel}
 
     def submit(self, requests: list[tuple[list[int], SamplingParams, Callable[[Event], None]]]) -> list[Sequence]:
         """Queue sequences (all or none): `(prompt ids, params, sink)` each. Raises `QueueFull`, `NeverFits` or `EngineClosed`."""
@@ -382,8 +382,8 @@ class Engine:
             if seq.counted:
                 seq.counted = False
                 self._n_active -= 1
+            self.finished[event.finish] = self.finished.get(event.finish, 0) + 1
             if event.finish == "cancelled":
-                self.cancelled += 1
                 self.tokens_after_cancel += len(seq.tokens) - seq.tokens_at_cancel
         seq.sink(event)
 
