@@ -141,7 +141,8 @@ def main() -> None:
                    help="first send K prompts one by one, then all K at once (greedy), and count identical token sequences")
     p.add_argument("--soak", type=float, default=0, metavar="SECONDS", help="run the soak (see above) for this long instead")
     p.add_argument("--clients", type=int, default=16, help="(--soak) concurrent clients")
-    p.add_argument("--warmup", type=float, default=None, help="(--soak) seconds of the same mix before RSS is first read (default: 10%%, 2-15 s)")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="(--soak) seconds of the same mix before RSS is first read (default: 10%%, 2-15 s)")
     p.add_argument("--max-request-bytes", type=int, default=2**20, help="the server's body limit (with --model: set; with --url: as set)")
     p.add_argument("--pid", type=int, help="(--soak with --url) the server's process id, to read its RSS")
     p.add_argument("--seed", type=int, default=0, help="(--soak) seed of the mix")

@@ -65,8 +65,8 @@ def rss_bytes(pid: int | None) -> int | None:
 
 
 class Soak:
-    def __init__(self, url: str, limit: int, seed: int):
-        self.url, self.limit, self.seed = url, limit, seed
+    def __init__(self, url: str, limit: int):
+        self.url, self.limit = url, limit
         health = httpx.get(f"{url}/health", timeout=30).json()
         model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
         self.model, self.capacity = model["id"], model["max_model_len"]
@@ -189,7 +189,7 @@ def run_soak(args, start_server) -> int:
     proc, url = start_server(args) if args.model else (None, args.url.rstrip("/"))
     pid = proc.pid if proc is not None else args.pid
     try:
-        soak = Soak(url, args.max_request_bytes, args.seed)
+        soak = Soak(url, args.max_request_bytes)
         rss_launch = rss_bytes(pid)
         warm = Tally()
         warmup = args.warmup if args.warmup is not None else min(15.0, max(2.0, args.soak / 10))
