@@ -1,4 +1,4 @@
-"""Load test of `wiola serve` on loopback: N concurrent clients, requests/s, latency, tokens/s.
+"""Load test and soak of `wiola serve` on loopback: N concurrent clients, requests/s, latency, tokens/s.
 
 Starts `wiola serve MODEL` on a free port (or uses a running server with --url), then for each
 concurrency level sends --requests streamed completions from that many clients at once (each client
@@ -10,6 +10,15 @@ levels compare like for like.
     python benchmarks/serve_load.py --model runs/main-job --concurrency 1,4,8,16 --requests 64 --max-tokens 128
 
 Prompts are windows of --prompt-words words from --corpus (default: a built-in passage).
+
+`--soak SECONDS` runs a bounded soak instead (`serve_soak.py` next to this file): --clients clients send a
+seeded mix of streamed and non-streamed completions and chats, clients that disconnect mid-request,
+bodies over the size limit (with and without Content-Length) and malformed requests, for that long
+after a warm-up; it prints requests/s, p50/p99 latency, the server's RSS after the warm-up and at the
+end, and outcomes by kind, and exits 1 unless: no 5xx, RSS growth under 10%, and no request served
+after its client left (see serve_soak.py).
+
+    python benchmarks/serve_load.py --model runs/main-job --soak 150 --clients 16
 """
 
 from __future__ import annotations
@@ -34,7 +43,8 @@ PASSAGE = ("To be, or not to be, that is the question: whether 'tis nobler in th
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "wiola", "serve", args.model, "--port", "0", "--max-batch-size", str(args.max_batch_size),
-           "--max-queue", str(args.max_queue), "--log-level", "warning", "--device", args.device]
+           "--max-queue", str(args.max_queue), "--log-level", "warning", "--device", args.device,
+           "--max-request-bytes", str(args.max_request_bytes)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     while True:
         line = proc.stderr.readline()
@@ -129,9 +139,20 @@ def main() -> None:
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--check-exact", type=int, default=0, metavar="K",
                    help="first send K prompts one by one, then all K at once (greedy), and count identical token sequences")
+    p.add_argument("--soak", type=float, default=0, metavar="SECONDS", help="run the soak (see above) for this long instead")
+    p.add_argument("--clients", type=int, default=16, help="(--soak) concurrent clients")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="(--soak) seconds of the same mix before RSS is first read (default: 10%%, 2-15 s)")
+    p.add_argument("--max-request-bytes", type=int, default=2**20, help="the server's body limit (with --model: set; with --url: as set)")
+    p.add_argument("--pid", type=int, help="(--soak with --url) the server's process id, to read its RSS")
+    p.add_argument("--seed", type=int, default=0, help="(--soak) seed of the mix")
     args = p.parse_args()
     if bool(args.model) == bool(args.url):
         p.error("give --model DIR or --url URL")
+    if args.soak:
+        from serve_soak import run_soak
+
+        sys.exit(run_soak(args, start_server))
     proc, url = start_server(args) if args.model else (None, args.url.rstrip("/"))
     try:
         texts = prompts(args)

@@ -5,7 +5,9 @@ Each turn renders the whole conversation with the tokenizer's chat template (the
 until the eos token: Wiola models on the fast decoder (`wiola.fast_decode.StaticDecoder`, one cache
 of the model's context length, reused every turn), other models through `generate()`. When the
 conversation no longer fits the context, its oldest turns are left out of the prompt.
-Commands at the prompt: `/reset` forgets the conversation, `/exit` (or Ctrl-D) ends the chat.
+Commands at the prompt: `/reset` forgets the conversation, `/exit` (or Ctrl-D, or Ctrl-C) ends the chat.
+Ctrl-C during a reply stops that reply and returns to the prompt (the unfinished exchange is left out
+of the conversation). A line that is not valid UTF-8 is not sent, with a one-line note.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ def chat_command(
     """Chat with a model in the terminal; replies stream token by token.
 
     The conversation is rendered with the tokenizer's chat template (docs/finetune.md); type
-    /reset to start over, /exit or Ctrl-D to leave. A LoRA run's directory works too (base +
-    adapter, merged in memory).
+    /reset to start over, /exit, Ctrl-D or Ctrl-C at the prompt to leave; Ctrl-C during a reply stops
+    the reply. A LoRA run's directory works too (base + adapter, merged in memory).
 
     Args:
         checkpoint: a model directory (a training out/, one of its checkpoints/..., a merged LoRA model or any saved model).
@@ -68,7 +70,7 @@ def chat_command(
     from transformers import TextStreamer
 
     from wiola.data.chat import ensure_chat_template
-    from wiola.generate import check_sampling, sampling_arguments
+    from wiola.generate import check_sampling, sampling_arguments, text_problem
     from wiola.train.checkpoint import load_for_inference
     from wiola.train.distributed import resolve_device
 
@@ -102,8 +104,16 @@ def chat_command(
         except EOFError:
             print()
             return 0
+        except UnicodeDecodeError as exc:  # the terminal's encoding is UTF-8 (strict) and the line is not
+            print(f"(message not sent: the line is not valid UTF-8 text (byte 0x{exc.object[exc.start]:02x} at byte {exc.start}))",
+                  flush=True)
+            continue
         text = line.strip()
         if not text:
+            continue
+        problem = text_problem(text)
+        if problem:
+            print(f"(message not sent: the line is {problem})", flush=True)
             continue
         if text in ("/exit", "/quit"):
             return 0
@@ -125,18 +135,24 @@ def chat_command(
         new = min(max_new_tokens, context - ids.shape[1])
         print(BOT_PROMPT, end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        if decoder is not None:
-            out = decoder.generate(ids, max_new_tokens=new, do_sample=do_sample, temperature=temperature, top_k=top_k or None,
-                                   top_p=top_p, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, seed=seed + turn,
-                                   streamer=streamer)
-        else:
-            from transformers import set_seed
+        try:
+            if decoder is not None:
+                out = decoder.generate(ids, max_new_tokens=new, do_sample=do_sample, temperature=temperature, top_k=top_k or None,
+                                       top_p=top_p, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, seed=seed + turn,
+                                       streamer=streamer)
+            else:
+                from transformers import set_seed
 
-            set_seed(seed + turn)
-            with torch.no_grad():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                     **sampling_arguments(do_sample, temperature, top_k, top_p),
-                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, streamer=streamer)
+                set_seed(seed + turn)
+                with torch.no_grad():
+                    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                         **sampling_arguments(do_sample, temperature, top_k, top_p),
+                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, streamer=streamer)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply only (the decoder resets its cache on the next turn)
+            messages.pop()
+            print("\n(reply stopped and left out of the conversation; Ctrl-C at the prompt or Ctrl-D quits)", flush=True)
+            turn += 1
+            continue
         reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         messages.append({"role": "assistant", "content": reply.strip()})
         turn += 1

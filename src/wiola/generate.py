@@ -27,8 +27,23 @@ from wiola.errors import WiolaError
 SAMPLE_BATCH_BYTES = 1 << 30  # estimated decoding memory of one batch of samples (`samples_per_batch`)
 
 
+def text_problem(text: str) -> str | None:
+    """Why `text` is not valid UTF-8 text, or None. Bytes that were not UTF-8 in a command-line argument
+    (or a terminal's line) reach Python as lone surrogates U+DC80..U+DCFF; the tokenizer cannot take them."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
+        return f"not valid UTF-8 text ({what} at character {exc.start})"
+
+
 def encode_prompt(tokenizer, prompt: str, context: int, device: torch.device) -> torch.Tensor:
     """Prompt ids [1, n]; an empty prompt starts from the BOS (or EOS) token."""
+    problem = text_problem(prompt)
+    if problem:
+        raise WiolaError(f"the prompt is {problem}")
     ids = tokenizer(prompt, return_tensors="pt").input_ids if prompt else torch.empty(1, 0, dtype=torch.long)
     if ids.shape[1] == 0:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id

@@ -30,9 +30,16 @@ def model_dirs(tmp_path_factory, tokenizer):
     return get
 
 
+@pytest.fixture(scope="session")
+def long_model(tmp_path_factory, tokenizer):
+    """A tiny seed-style model with a context of 1,024 tokens (long requests: disconnects, the soak)."""
+    return save_tiny_model(tmp_path_factory.mktemp("serve-long") / "seed", "seed", tokenizer, context=1024)
+
+
 @contextlib.contextmanager
-def running_server(model_dir, **engine_options):
-    """(base URL, engine) of `wiola serve`'s app on 127.0.0.1 (a free port), run by uvicorn in a thread."""
+def running_server(model_dir, app_options=None, wrap_tokenizer=None, **engine_options):
+    """(base URL, engine) of `wiola serve`'s app on 127.0.0.1 (a free port), run by uvicorn in a thread.
+    `app_options` go to `create_app`; `wrap_tokenizer(tok)` gives the app's tokenizer (the engine keeps `tok`)."""
     import torch
     import uvicorn
 
@@ -44,7 +51,8 @@ def running_server(model_dir, **engine_options):
     model, tok, _ = load_for_inference(model_dir, torch.device("cpu"))
     engine = Engine(model, tok, **engine_options)
     sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, tok, "tiny"), log_level="warning", lifespan="on"))
+    app = create_app(engine, wrap_tokenizer(tok) if wrap_tokenizer else tok, "tiny", **(app_options or {}))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -24,6 +24,8 @@ def require_server_packages() -> None:
 
 def listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port (port 0: a free one), or a one-line error."""
+    if not 0 <= port <= 65535:  # (the socket layer would take 70000 as 70000 % 65536)
+        raise WiolaError(f"--port must be in 0..65535, got {port}")
     try:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(info[0], socket.SOCK_STREAM)
@@ -46,6 +48,7 @@ def serve_command(
     max_model_len: int | None = None,
     device: str = "auto",
     shutdown_timeout: float | None = None,
+    max_request_bytes: int = 2**20,
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info",
 ) -> int:
     """Serve a model over HTTP with OpenAI's API (completions, chat completions, streaming).
@@ -65,6 +68,7 @@ def serve_command(
             (default: the model's context).
         device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.
         shutdown_timeout: on shutdown, seconds to wait for requests in flight before cancelling them (default: no limit).
+        max_request_bytes: the largest request body accepted; a larger one gets HTTP 413 before it is read.
         log_level: uvicorn's log level (info logs every request).
     """
     require_server_packages()
@@ -77,6 +81,8 @@ def serve_command(
     from .app import create_app
     from .engine import Engine
 
+    if max_request_bytes < 1:
+        raise WiolaError(f"--max-request-bytes must be positive, got {max_request_bytes}")
     sock = listen(host, port)
     dev = resolve_device(device)
     model, tokenizer, model_dir = load_for_inference(checkpoint, dev)
@@ -85,7 +91,7 @@ def serve_command(
               file=sys.stderr)
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue, capacity=max_model_len)
     name = model_name or Path(model_dir).resolve().name
-    app = create_app(engine, tokenizer, name)
+    app = create_app(engine, tokenizer, name, max_request_bytes=max_request_bytes)
     bound = sock.getsockname()
     print(f"wiola serve: {name} on http://{bound[0]}:{bound[1]} ({dev}; batch {max_batch_size}, queue {max_queue}, "
           f"{engine.capacity} tokens per request, cache {engine.slots.bytes() / 2**20:.1f} MiB)", file=sys.stderr, flush=True)

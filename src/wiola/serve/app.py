@@ -1,13 +1,19 @@
 """HTTP routes of `wiola serve` (FastAPI): `/v1/completions`, `/v1/chat/completions`, `/v1/models`,
 `/health`, in OpenAI's format, with server-sent events for `stream: true`.
 
-Handlers tokenize (the chat template renders conversations), check the request, and hand its
-sequences (one per prompt × `n`) to the `Engine`; the engine's worker thread sends each sequence's
-events onto the event loop, where they are streamed or collected. A client that disconnects cancels
-its sequences. Errors answer with OpenAI's JSON body: 400 for a bad request (unknown parameter
-values, a prompt too long for the context), 404 for an unknown model or path, 503 when the queue is
-full or the server is shutting down. Shutdown (uvicorn's, on SIGTERM) stops accepting connections,
-lets open requests finish, then stops the engine.
+A body over `max_request_bytes` gets 413 before it is parsed (`guard.BodyGuard`). Handlers check the
+request, tokenize it on one worker thread of their own (the chat template renders conversations;
+the event loop stays free for other clients, and one tokenization at a time bounds its memory), and
+hand its sequences (one per prompt × `n`) to the `Engine`; the engine's worker thread sends each
+sequence's events onto the event loop, where they are streamed or collected. A prompt whose UTF-8
+bytes alone prove it longer than the context (byte-level BPE: a token covers at most the bytes of the
+longest vocabulary entry) is refused without tokenizing it. A client that disconnects cancels its
+sequences, streamed or not (a non-streaming handler watches the connection while it waits). Errors
+answer with OpenAI's JSON body: 400 for a bad request (unknown parameter values, text that is not
+valid Unicode, a prompt too long for the context, more prompts × `n` than the server can ever hold),
+404 for an unknown model or path, 413 for a body over the limit, 503 when the queue is full or the
+server is shutting down. Shutdown (uvicorn's, on SIGTERM) stops accepting connections, lets open
+requests finish, then stops the engine.
 """
 
 from __future__ import annotations
@@ -17,22 +23,28 @@ import dataclasses
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import WiolaError
-from .engine import Engine, EngineClosed, Event, QueueFull, SamplingParams
+from .engine import Engine, EngineClosed, Event, NeverFits, QueueFull, SamplingParams
+from .guard import BodyGuard
 from .protocol import (APIError, ChatRequest, CompletionRequest, bad, chat_messages, check_chat_only, check_completion_only,
-                       sampling_params)
+                       check_text, sampling_params)
+
+MAX_REQUEST_BYTES = 2**20  # default body limit (wiola serve --max-request-bytes)
+GONE = -1  # the index of the event that says the client disconnected
 
 
 class _Events:
-    """(choice index, Event) pairs of one request's sequences, delivered on the event loop."""
+    """(choice index, Event) pairs of one request's sequences, delivered on the event loop; (GONE, None)
+    when the client disconnects."""
 
     def __init__(self):
         self.loop = asyncio.get_running_loop()
@@ -46,21 +58,52 @@ class _Events:
                 pass
         return put
 
+    async def watch(self, request: Request) -> None:
+        """Wait for the client's disconnect (the body has been read), then say so on the queue."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.queue.put_nowait((GONE, None))
 
-def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
-    """The FastAPI app serving `engine` as `model_name`; its lifespan starts and stops the engine."""
+
+def longest_token_bytes(tokenizer) -> int | None:
+    """The most UTF-8 bytes of text one token can stand for, when the tokenizer bounds it: a byte-level
+    BPE without a normalizer (each token spells bytes of the text, or is an added token's content).
+    None for other tokenizers (their normalizers and pre-tokenizers may drop characters)."""
+    try:
+        from tokenizers import models, pre_tokenizers
+
+        backend = tokenizer.backend_tokenizer
+        if backend.normalizer is not None or not isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel) \
+                or not isinstance(backend.model, models.BPE):
+            return None
+        return max(len(token.encode("utf-8")) for token in tokenizer.get_vocab())
+    except (AttributeError, ImportError, ValueError):
+        return None
+
+
+def create_app(engine: Engine, tokenizer, model_name: str, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
+    """The FastAPI app serving `engine` as `model_name`; its lifespan starts and stops the engine.
+    Request bodies over `max_request_bytes` get 413."""
+    tokenizing = ThreadPoolExecutor(1, thread_name_prefix="wiola-tokenize")  # (a fast tokenizer is not for two threads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
         yield
         await asyncio.to_thread(engine.stop)  # every request has been answered by now (uvicorn waits for them)
+        tokenizing.shutdown(wait=False)
 
     app = FastAPI(title="wiola serve", summary="OpenAI-compatible server for a Wiola model", lifespan=lifespan)
+    app.add_middleware(BodyGuard, limit=max_request_bytes)
     app.state.engine = engine
     capacity = engine.capacity
     vocab = engine.model.config.vocab_size
     created = int(time.time())
+    token_bytes = longest_token_bytes(tokenizer)
+
+    async def off_loop(fn, *args):
+        """`fn(*args)` on the tokenizer's thread (its exceptions, e.g. APIError, come back here)."""
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -108,16 +151,23 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
             seqs = engine.submit(requests)
         except (QueueFull, EngineClosed) as exc:
             raise APIError(503, str(exc), code="overloaded" if isinstance(exc, QueueFull) else "shutting_down") from None
+        except NeverFits as exc:
+            raise bad(str(exc), "n" if n > 1 else "prompt") from None
         except WiolaError as exc:
             raise bad(str(exc)) from None
         return events, seqs
 
-    async def collect(events: _Events, seqs: list) -> tuple[list[str], list[list[int]], list[str]]:
+    async def collect(events: _Events, seqs: list, request: Request) -> tuple[list[str], list[list[int]], list[str]] | None:
+        """Texts, token ids and finish reasons of a non-streamed request; None when its client left (which
+        cancels its sequences)."""
         k = len(seqs)
         texts, tokens, finish = [""] * k, [[] for _ in range(k)], [None] * k
+        watcher = asyncio.ensure_future(events.watch(request))
         try:
             while any(f is None for f in finish):
                 i, event = await events.queue.get()
+                if i == GONE:
+                    return None
                 texts[i] += event.text
                 if event.token is not None:
                     tokens[i].append(event.token)
@@ -126,7 +176,8 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
                         raise APIError(500, f"generation failed: {event.error}")
                     finish[i] = event.finish
         finally:
-            engine.cancel(seqs)  # (no effect on finished sequences; stops the rest if this handler is cancelled)
+            watcher.cancel()
+            engine.cancel(seqs)  # (no effect on finished sequences; stops the rest if the client left or this handler is cancelled)
         return texts, tokens, finish
 
     def usage(prompts: list[list[int]], n: int, completion: int) -> dict:
@@ -169,7 +220,15 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
             final["usage"] = usage(prompts, n, sum(counts))
             yield final
 
+    def check_length(nbytes: int, where: str) -> None:
+        """A 400 for text whose UTF-8 bytes alone prove it longer than the context (see `longest_token_bytes`)."""
+        if token_bytes and nbytes > capacity * token_bytes:
+            raise bad(f"This model's maximum context length is {capacity} tokens. However, the {where} is {nbytes:,} bytes, "
+                      f"more than {capacity} tokens can spell (at most {token_bytes} bytes each). Please reduce the length "
+                      f"of the {where}.", where, "context_length_exceeded")
+
     def encode(text: str) -> list[int]:
+        check_length(len(check_text(text, "prompt")), "prompt")
         ids = tokenizer(text).input_ids
         if not ids:  # an empty prompt starts from BOS (or EOS), as `wiola generate` does
             start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -212,16 +271,31 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
         check_model(name)
         return model_card()
 
+    def echo_texts(prompts: list[list[int]]) -> list[str]:
+        return [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+
+    def render(messages: list[dict[str, str]]) -> list[int]:
+        check_length(sum(len(m["content"].encode("utf-8")) for m in messages), "messages")
+        try:
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        except Exception as exc:  # noqa: BLE001 - template errors (e.g. a role order the template refuses)
+            raise bad(f"the chat template cannot render these messages: {exc}", "messages") from None
+        return list(prompt)
+
+    def gone() -> Response:
+        """The answer to a client that left (nobody reads it; 499 in the access log, as nginx logs it)."""
+        return Response(status_code=499)
+
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         check_completion_only(req)
-        prompts = completion_prompts(req.prompt)
+        prompts = await off_loop(completion_prompts, req.prompt)
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
         for p in prompts:
             check_fits(p, max_tokens, "prompt")
         params = sampling_params(req, max_tokens, engine.max_batch_size)
-        echoes = [tokenizer.decode(p, skip_special_tokens=True) if req.echo else "" for p in prompts]
+        echoes = await off_loop(echo_texts, prompts) if req.echo else [""] * len(prompts)
         events, seqs = start(prompts, params, req.n)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -234,7 +308,10 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
             chunks = stream_events(events, seqs, chunk, prompts, req.n, bool((req.stream_options or {}).get("include_usage")),
                                    req.return_token_ids, first)
             return StreamingResponse(sse(chunks, seqs), media_type="text/event-stream")
-        texts, tokens, finish = await collect(events, seqs)
+        collected = await collect(events, seqs, request)
+        if collected is None:
+            return gone()
+        texts, tokens, finish = collected
         choices = []
         for i in range(len(seqs)):
             choice = {"index": i, "text": echoes[i // req.n] + texts[i], "logprobs": None, "finish_reason": finish[i]}
@@ -245,15 +322,11 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
                 "usage": usage(prompts, req.n, sum(map(len, tokens)))}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         check_model(req.model)
         check_chat_only(req)
         messages = chat_messages(req)
-        try:
-            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        except Exception as exc:  # noqa: BLE001 - template errors (e.g. a role order the template refuses)
-            raise bad(f"the chat template cannot render these messages: {exc}", "messages") from None
-        prompt = list(prompt)
+        prompt = await off_loop(render, messages)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = check_fits(prompt, requested, "messages")
         params = sampling_params(req, max_tokens, engine.max_batch_size)
@@ -272,7 +345,10 @@ def create_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
             chunks = stream_events(events, seqs, chunk, [prompt], req.n, bool((req.stream_options or {}).get("include_usage")),
                                    req.return_token_ids, first)
             return StreamingResponse(sse(chunks, seqs), media_type="text/event-stream")
-        texts, tokens, finish = await collect(events, seqs)
+        collected = await collect(events, seqs, request)
+        if collected is None:
+            return gone()
+        texts, tokens, finish = collected
         choices = []
         for i in range(len(seqs)):
             choice = {"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None, "finish_reason": finish[i]}

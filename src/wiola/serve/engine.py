@@ -43,6 +43,10 @@ class QueueFull(WiolaError):
     """The engine holds `max_batch_size + max_queue` sequences already (HTTP 503)."""
 
 
+class NeverFits(WiolaError):
+    """One request holds more sequences than `max_batch_size + max_queue`: it could never be queued (HTTP 400)."""
+
+
 class EngineClosed(WiolaError):
     """The engine is shutting down and takes no new requests (HTTP 503)."""
 
@@ -92,6 +96,7 @@ class Sequence:
     settled: str = ""
     finish: str | None = None
     cancelled: bool = False
+    tokens_at_cancel: int = 0  # len(tokens) when the client went away
     start: int = 0  # first plain-layer slot of the row
     generator: torch.Generator | None = None
     counted: bool = False  # holds a batch place in the engine's count (from admission to its last event)
@@ -135,6 +140,8 @@ class Engine:
         self.steps = 0  # decode steps run
         self.batched_rows = 0  # sum of the batch size over the steps
         self.shifts = 0  # rows moved right for a longer prompt, or left to reclaim slots
+        self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}  # sequences ended, by finish reason
+        self.tokens_after_cancel = 0  # tokens cancelled sequences got after their client went away (the step in flight)
 
     # ------------------------------------------------------------------ public API (any thread)
     def start(self) -> "Engine":
@@ -167,10 +174,15 @@ class Engine:
             return {"running": self._n_active, "waiting": len(self.waiting), "max_batch_size": self.max_batch_size,
                     "max_queue": self.max_queue, "steps": self.steps,
                     "batched_rows": self.batched_rows,
-                    "mean_batch": round(self.batched_rows / self.steps, 3) if self.steps else 0.0, "shifts": self.shifts}
+                    "mean_batch": round(self.batched_rows / self.steps, 3) if self.steps else 0.0, "shifts": self.shifts,
+                    "finished": dict(self.finished), "tokens_after_cancel": self.tokens_after_cancel}
 
     def submit(self, requests: list[tuple[list[int], SamplingParams, Callable[[Event], None]]]) -> list[Sequence]:
-        """Queue sequences (all or none): `(prompt ids, params, sink)` each. Raises `QueueFull` or `EngineClosed`."""
+        """Queue sequences (all or none): `(prompt ids, params, sink)` each. Raises `QueueFull`, `NeverFits` or `EngineClosed`."""
+        if len(requests) > self.max_batch_size + self.max_queue:
+            raise NeverFits(f"this request needs {len(requests)} sequences (prompts × n), more than this server ever holds "
+                            f"(--max-batch-size {self.max_batch_size} + --max-queue {self.max_queue}); send fewer prompts "
+                            "or a smaller n")
         for prompt, params, _ in requests:
             if not prompt or len(prompt) + params.max_tokens > self.capacity:
                 raise WiolaError(f"{len(prompt)} prompt tokens + {params.max_tokens} new tokens do not fit {self.capacity} slots")
@@ -194,7 +206,9 @@ class Engine:
     def cancel(self, seqs: list[Sequence]) -> None:
         """Stop sequences whose client went away (takes effect before the next step)."""
         for seq in seqs:
-            seq.cancelled = True
+            if not seq.cancelled:
+                seq.tokens_at_cancel = len(seq.tokens)
+                seq.cancelled = True
 
     def generate(self, prompt: list[int], params: SamplingParams, timeout: float | None = None) -> tuple[list[int], str, str]:
         """Blocking convenience: (token ids, text, finish reason) of one sequence."""
@@ -368,6 +382,9 @@ class Engine:
             if seq.counted:
                 seq.counted = False
                 self._n_active -= 1
+            self.finished[event.finish] = self.finished.get(event.finish, 0) + 1
+            if event.finish == "cancelled":
+                self.tokens_after_cancel += len(seq.tokens) - seq.tokens_at_cancel
         seq.sink(event)
 
     def _fail_all(self, message: str) -> None:

@@ -2,9 +2,11 @@
 
 `CompletionRequest` and `ChatRequest` accept the fields of OpenAI's `/v1/completions` and
 `/v1/chat/completions`, plus three that vLLM also takes (`top_k`, `ignore_eos`, `return_token_ids`);
-unknown fields are ignored. `sampling_params` turns a request into the engine's `SamplingParams` or
-raises `APIError` (HTTP 400) naming the bad parameter. Errors are sent as OpenAI sends them:
-`{"error": {"message", "type", "param", "code"}}`.
+unknown fields are ignored. Fields are typed strictly as JSON types: `true` is no integer and `"5"` no
+number (pydantic's lax mode would read them as 1 and 5). Text must be valid Unicode: `check_text`
+refuses a lone surrogate (`"\\ud800"` in JSON). `sampling_params` turns a request into the engine's
+`SamplingParams` or raises `APIError` (HTTP 400) naming the bad parameter. Errors are sent as OpenAI
+sends them: `{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from .engine import SamplingParams
 
@@ -36,48 +38,61 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> APIE
     return APIError(400, message, param, code)
 
 
+def check_text(text: str, param: str) -> bytes:
+    """`text` as UTF-8, or a 400 naming its first lone surrogate (which UTF-8 cannot encode)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad(f"{param} is not valid Unicode text: a lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}",
+                  param) from None
+
+
+# JSON types, strictly (see the module docstring)
+Int, Float, Bool, Str = StrictInt, StrictFloat, StrictBool, StrictStr
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    n: int = 1
-    stream: bool = False
+    model: Str | None = None
+    temperature: Float | None = None
+    top_p: Float | None = None
+    top_k: Int | None = None
+    n: Int = 1
+    stream: Bool = False
     stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-    ignore_eos: bool = False
-    return_token_ids: bool = False
+    stop: Str | list[Str] | None = None
+    seed: Int | None = None
+    presence_penalty: Float | None = None
+    frequency_penalty: Float | None = None
+    logit_bias: dict[str, Float] | None = None
+    user: Str | None = None
+    ignore_eos: Bool = False
+    return_token_ids: Bool = False
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    prompt: Str | list[Int] | list[Str] | list[list[Int]]
+    max_tokens: Int | None = 16
+    echo: Bool = False
+    logprobs: Int | None = None
+    best_of: Int | None = None
+    suffix: Str | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: Str
+    content: Str | list[dict[str, Any]] | None = None
 
 
 class ChatRequest(_Request):
     messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = None
+    logprobs: Bool | None = None
+    top_logprobs: Int | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -105,6 +120,8 @@ def sampling_params(req: _Request, max_tokens: int, max_n: int) -> SamplingParam
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > MAX_STOPS or any(not s for s in stops):
         raise bad(f"stop must be up to {MAX_STOPS} non-empty strings, got {req.stop!r}", "stop")
+    for s in stops:
+        check_text(s, "stop")
     top_k = req.top_k if req.top_k and req.top_k > 0 else None
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=req.top_p, top_k=top_k,
                           seed=None if req.seed is None else req.seed % MAX_SEED, stop=stops, ignore_eos=req.ignore_eos)
@@ -148,5 +165,6 @@ def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
                     raise bad(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
                 parts.append(part["text"])
             content = "".join(parts)
+        check_text(content or "", f"messages[{i}].content")
         out.append({"role": role, "content": content or ""})
     return out
