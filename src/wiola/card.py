@@ -516,6 +516,7 @@ def card_command(
     sample: bool = True,
     license: str = "apache-2.0",
     device: str = "cpu",
+    allow_changed_base: bool = False,
 ) -> str:
     """Write the model card (README.md) of a model directory: architecture, data, losses, a sample, usage.
 
@@ -527,6 +528,7 @@ def card_command(
         sample: generate the card's sample (--no-sample leaves it out, and nothing is loaded).
         license: license identifier for the card's metadata.
         device: where to run the sample: cpu, cuda, cuda:N, mps or auto.
+        allow_changed_base: write the sample of a LoRA run although its --init-from base's weights changed.
     """
     from wiola.train.checkpoint import find_model_dir, load_for_inference
     from wiola.train.distributed import resolve_device
@@ -534,7 +536,7 @@ def card_command(
     model_dir = find_model_dir(checkpoint)
     model = tokenizer = None
     if sample:
-        model, tokenizer, _ = load_for_inference(model_dir, resolve_device(device))
+        model, tokenizer, _ = load_for_inference(model_dir, resolve_device(device), allow_changed_base=allow_changed_base)
     path = write_card(model_dir, model=model, tokenizer=tokenizer, prompt=sample_prompt, repo_id=repo_id,
                       license=license, path=Path(output) if output else None)
     print(f"model card written to {path}", file=sys.stderr)

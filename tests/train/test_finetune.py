@@ -171,12 +171,15 @@ def test_lora_run_records_its_base_and_refuses_a_changed_one(base_run, dataset, 
     assert not (tmp_path / "merged").exists()
     resume = ["train", str(base), str(dataset), str(out), *FAST, "--max-steps", "4", "--resume"]
     refused(resume)
+    refused(["card", str(out), "--output", str(tmp_path / "card.md")])  # its sample loads the model
+    refused(["serve", str(out), "--port", "0"])  # refused before it listens
 
     # the override goes on, with a warning, on the base as it is now
     assert main([*gen, "--allow-changed-base"]) == 0
     captured = capsys.readouterr()
     assert "warning" in captured.err and captured.out != before
     assert main(["merge", str(out), str(tmp_path / "merged"), "--allow-changed-base"]) == 0
+    assert main(["card", str(out), "--output", str(tmp_path / "card.md"), "--allow-changed-base"]) == 0
     assert main([*resume, "--allow-changed-base"]) == 0
     assert any(r.get("event") == "base_changed" for r in read_log(out))
     assert json.loads((out / BASE_RECORD).read_text())["weights_sha256"] == weights_sha256(base)  # recorded anew

@@ -49,6 +49,7 @@ def serve_command(
     device: str = "auto",
     shutdown_timeout: float | None = None,
     max_request_bytes: int = 2**20,
+    allow_changed_base: bool = False,
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info",
 ) -> int:
     """Serve a model over HTTP with OpenAI's API (completions, chat completions, streaming).
@@ -69,6 +70,7 @@ def serve_command(
         device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.
         shutdown_timeout: on shutdown, seconds to wait for requests in flight before cancelling them (default: no limit).
         max_request_bytes: the largest request body accepted; a larger one gets HTTP 413 before it is read.
+        allow_changed_base: serve a LoRA run although its --init-from base's weights changed since training.
         log_level: uvicorn's log level (info logs every request).
     """
     require_server_packages()
@@ -85,7 +87,7 @@ def serve_command(
         raise WiolaError(f"--max-request-bytes must be positive, got {max_request_bytes}")
     sock = listen(host, port)
     dev = resolve_device(device)
-    model, tokenizer, model_dir = load_for_inference(checkpoint, dev)
+    model, tokenizer, model_dir = load_for_inference(checkpoint, dev, allow_changed_base=allow_changed_base)
     if ensure_chat_template(tokenizer):
         print(f"note: the tokenizer of {model_dir} has no chat template; /v1/chat/completions uses the default one (docs/finetune.md)",
               file=sys.stderr)
