@@ -7,6 +7,8 @@ Every MatMul of the exported float32 graph whose second input is a constant weig
 `ACCURACY_LEVEL` 4 lets onnxruntime quantize the activations to int8 per block too, so the product runs on the
 CPU's integer dot products (AVX2/AVX-VNNI/AVX-512); that is where the speed comes from. Smaller MatMuls (a head-sized
 gate, K < `BLOCK_SIZE`) and everything else (embedding table, norms, attention over the cache) stay float32.
+A tied LM head is exported as `MatMul(x, Transpose(embedding))`: its transposed copy becomes a constant first
+(`untie_head`), so the largest MatMul of a small model is quantized too and no step transposes the table.
 
 The quantized folder is the float32 export with its graph replaced and `"quantize": "int8"|"int4"` in
 `wiola_onnx.json`; `onnx_run` runs it unchanged (onnxruntime's CPU provider implements `MatMulNBits`).
@@ -36,6 +38,35 @@ def quantized_kind(folder: Path) -> str | None:
 
 def _weights(graph) -> dict:
     return {i.name: i for i in graph.initializer}
+
+
+def untie_head(model) -> int:
+    """Give every `MatMul(x, Transpose(W))` with W a 2-D initializer (a tied LM head) the constant W.T instead,
+    and drop the Transposes left unused. Returns the number of MatMuls rewired."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    weights = _weights(graph)
+    producers = {out: node for node in graph.node for out in node.output}
+    rewired = 0
+    for node in graph.node:
+        source = producers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if source is None or source.op_type != "Transpose" or source.input[0] not in weights:
+            continue
+        perm = [list(a.ints) for a in source.attribute if a.name == "perm"]
+        weight = weights[source.input[0]]
+        if len(weight.dims) != 2 or (perm and perm[0] != [1, 0]):
+            continue
+        name = source.input[0] + "_transposed"
+        if name not in weights:
+            weights[name] = numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), name)
+            graph.initializer.append(weights[name])
+        node.input[1] = name
+        rewired += 1
+    used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+    for node in [n for n in graph.node if n.op_type == "Transpose" and not any(o in used for o in n.output)]:
+        graph.node.remove(node)
+    return rewired
 
 
 def targets(model) -> list[str]:
@@ -77,6 +108,7 @@ def quantize_folder(source: Path, dest: Path, kind: str) -> int:
     if meta.get("quantize"):
         raise WiolaError(f"{source} is already quantized ({meta['quantize']}); quantize the float32 export")
     model = onnx.load(str(source / meta["graph"]))
+    untie_head(model)
     names = targets(model)
     if not names:
         raise WiolaError("the graph has no MatMul with a constant weight to quantize")
