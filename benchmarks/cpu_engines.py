@@ -10,6 +10,10 @@ prompt, greedy tokens/s of
   the steady state: after the one-off ONNX export (timed, reported) and one run that timed both
   engines, so the ledger decides (`wiola.onnx_decode`). The ONNX cache is a temporary folder for the
   script's run (shared by the batches of a shape);
+- the ONNX engine of `StaticDecoder` by name (`engine="onnx"`): float32, and int8 / int4 block-wise weights
+  (`quantize`, onnxruntime's MatMulNBits, `wiola.export.onnx_quant`; `wiola generate --quantize int8|int4`),
+  the state in IO-bound buffers; one decoder per row (session loaded once), its one-off export (and
+  quantization) in the untimed warm-up run and reported;
 - transformers' `generate()` of the same-shape `LlamaForCausalLM` (`wiola.bench.llama_twin`);
 - CTranslate2 fp32 and int8 of that LLaMA twin (converted here; skipped with a message without
   ctranslate2);
@@ -148,6 +152,24 @@ def measure_shape(name: str, config: WiolaConfig, batch: int, prompt_len: int, n
 
             seconds, out = timed(steady, rounds, warmup=False)
             add("wiola generate default (auto)", seconds, out[:, prompt_len:], path=last["decoder"].last_path, export_s=export_s)
+        for engine, quantize in (("wiola onnx", None), ("wiola onnx int8", "int8"), ("wiola onnx int4", "int4")):
+            if engine not in engines:
+                continue
+            try:
+                decoder = StaticDecoder(model, max_cache_len=slots, engine="onnx", quantize=quantize)
+            except Exception as exc:  # int4 without onnxruntime
+                add(engine, None, skipped=f"skipped: {exc}")
+                continue
+            if decoder.onnx is None:
+                add(engine, None, skipped="skipped: onnx/onnxruntime are not installed (pip install 'wiola[export]')")
+                continue
+            start = time.perf_counter()
+            decoder.generate(ids, max_new_tokens=new_tokens)  # warm-up: the export (once per shape) and quantization
+            warm = time.perf_counter() - start
+            seconds, out = timed(lambda: decoder.generate(ids, max_new_tokens=new_tokens), rounds, warmup=False)
+            add(engine, seconds, out[:, prompt_len:], path=decoder.last_path, warmup_s=warm,
+                export_s=decoder.onnx.export_s if decoder.onnx is not None else None)
+            del decoder
         torch.manual_seed(0)
         llama = LlamaForCausalLM(llama_twin(config)).eval()
         if "hf generate" in engines:
@@ -202,7 +224,7 @@ def report(rows: list[dict]) -> str:
             if r.get("compile_s") is not None:
                 notes.append(f"compile {r['compile_s']:.0f} s")
             if r.get("export_s") is not None:
-                notes.append(f"one-off ONNX export {r['export_s']:.0f} s")
+                notes.append(f"one-off ONNX export {r['export_s']:.0f} s" if r["export_s"] >= 1 else "one-off ONNX export under 1 s")
             if r.get("path"):
                 notes.append(f"ran {r['path']}")
             if fp32 is not None and r.get("tokens") is not None and r["engine"] != "wiola eager":
@@ -212,7 +234,8 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-ENGINES = ["wiola eager", "wiola compiled", "wiola int8 eager", "wiola int8 compiled", "wiola default", "hf generate",
+ENGINES = ["wiola eager", "wiola compiled", "wiola int8 eager", "wiola int8 compiled", "wiola default", "wiola onnx",
+           "wiola onnx int8", "wiola onnx int4", "hf generate",
            "ct2 float32", "ct2 int8", "onnxruntime"]
 
 

@@ -7,7 +7,8 @@ forward; every later token runs one step function that reads and writes only fix
 kernel launches of a small model's step are what limit batch-1 decoding); on CPU by inductor with
 freezing and the C++ wrapper (`wiola.cpu_decode`). `compile="auto"` compiles on CUDA, and on CPU only
 when the run is long enough to pay the compile time back (timed on the run's first steps). With
-`quantize="int8"` the decoder runs an int8 copy of the model (`wiola.quantize`). On CPU the decoder can
+`quantize="int8"` on the torch engine the decoder runs an int8 copy of the model (`wiola.quantize`); with
+`quantize="int8"|"int4"` on the ONNX engine, the export with block-wise weights (`wiola.export.onnx_quant`). On CPU the decoder can
 also run the model's ONNX export under onnxruntime (`engine`, `wiola.onnx_decode`): the same loop, with
 the step's logits coming from onnxruntime (`engine="auto"`, the default, picks it when it is faster and
 its one-off export pays back or is cached). Greedy and sampled
@@ -28,6 +29,7 @@ import torch
 
 from . import cpu_decode, onnx_decode
 from .cache_wiola import WiolaStaticCache
+from .errors import WiolaError
 from .quantize import check_quantize, quantize_int8, torchao_available
 
 
@@ -77,14 +79,17 @@ class StaticDecoder:
 
     `compile`: False (eager), True (compiled from the first step) or "auto" (default: compiled on CUDA;
     on CPU the first `cpu_decode.PROBE_STEPS` steps run eagerly and the rest compiled when that pays back —
-    `wiola.cpu_decode`). `backend`: the `torch.compile` backend. `quantize`: None or "int8" (`wiola.quantize`;
-    CPU only; eager steps on PyTorch's int8 kernels, compiled steps on torchao's when it is installed —
-    without it an int8 decoder stays eager). `engine`: "torch", "onnx" (CPU, float32, not quantized: the
+    `wiola.cpu_decode`). `backend`: the `torch.compile` backend. `quantize`: None, "int8" or "int4" (CPU only).
+    On the onnx engine both are the export with block-wise 8-/4-bit weights (`wiola.export.onnx_quant`, cached
+    beside the float32 export); on the torch engine int8 is PyTorch's dynamic quantization (`wiola.quantize`:
+    eager steps on PyTorch's int8 kernels, compiled steps on torchao's when it is installed — without it an int8
+    decoder stays eager), and int4 does not exist there. `engine`: "torch", "onnx" (CPU, float32 model: the
     model's ONNX export under onnxruntime, exported on first use and cached — `wiola.onnx_decode`) or "auto"
     (default: with `compile="auto"` on CPU, onnx when the ledger says it is faster and its export is cached
-    or pays back, else torch; with `compile` True or False, torch). Without onnxruntime, or when the export
-    fails, the decoder says so (`verbose`) and decodes on torch. `verbose`: say on stderr when and why the
-    step compiles, exports or changes engine.
+    or pays back, else torch — and with `quantize`, onnx whenever onnxruntime is installed; with `compile`
+    True or False, torch). Without onnxruntime, or when the export fails, the decoder says so (`verbose`) and
+    decodes on torch (int8: torch's int8); int4 then raises a one-line `WiolaError`. `verbose`: say on stderr
+    when and why the step compiles, exports or changes engine.
 
     Build it once and call `generate` as often as needed: the cache buffers and the compiled step are
     reused while the batch size stays the same (a new batch size reallocates and, compiled, recompiles).
@@ -102,8 +107,9 @@ class StaticDecoder:
         self.cache = WiolaStaticCache(model.config, max_cache_len=max_cache_len)
         self.device = next(model.parameters()).device
         self.backend, self.verbose = backend, verbose
+        self.engine = self._check_engine(engine, compile)
         # the model the eager steps (and the prompt) run on: PyTorch's int8 kernels trace in no compiler
-        self.eager_model = quantize_int8(model, "torch") if self.quantize else model
+        self.eager_model = quantize_int8(model, "torch") if self.quantize == "int8" else model
         compilable = not self.quantize or backend != "inductor" or torchao_available()
         if compile is True and not compilable:
             raise ValueError("a compiled int8 step needs torchao (pip install torchao); decode int8 eagerly (--compile off, compile=False)")
@@ -116,25 +122,30 @@ class StaticDecoder:
         self._compiled_batch: int | None = None
         self.last_path: str = "eager"  # what the last generate call ran: eager, compiled, eager+compiled, onnx or eager+onnx
         self.compile_s: float | None = None  # seconds the last compile took (CPU, inductor)
-        self.engine = self._check_engine(engine, compile)
         self.onnx: onnx_decode.OnnxEngine | None = None  # set while the ONNX engine may run
-        if self.engine == "onnx" or (self.engine == "auto" and compile == "auto" and self.device.type == "cpu" and not self.quantize
+        if self.engine == "onnx" or (self.engine == "auto" and compile == "auto" and self.device.type == "cpu"
                                      and next(model.parameters()).dtype == torch.float32):
             lacking = onnx_decode.missing(export=False)
             if not lacking:
-                self.onnx = onnx_decode.OnnxEngine(model)
-            elif self.engine == "onnx" or (self.verbose and onnx_decode.first_time("missing-onnxruntime")):  # the auto engine's hint: once per machine
-                self._note(f"note: {', '.join(lacking)} is not installed, so decoding runs on torch (pip install 'wiola[export]' for the faster ONNX engine on CPU)"
-                           + ("" if self.engine == "onnx" else "; shown once"), always=True)
+                self.onnx = onnx_decode.OnnxEngine(model, self.quantize)
+            elif self.quantize == "int4":
+                raise WiolaError(f"int4 weights run on the onnx engine, which needs {', '.join(lacking)}: pip install 'wiola[export]'")
+            elif self.engine == "onnx" or self.quantize or (self.verbose and onnx_decode.first_time("missing-onnxruntime")):  # the auto engine's hint: once per machine
+                self._note(f"note: {', '.join(lacking)} is not installed, so decoding runs on torch"
+                           + (" with torch's int8 weights" if self.quantize else "")
+                           + " (pip install 'wiola[export]' for the faster ONNX engine on CPU)"
+                           + ("" if self.engine == "onnx" or self.quantize else "; shown once"), always=True)
 
     def _check_engine(self, engine: str, compile) -> str:
         if engine not in ("auto", "torch", "onnx"):
             raise ValueError(f"engine must be 'auto', 'torch' or 'onnx', got {engine!r}")
+        if self.quantize == "int4":  # one engine has int4 weights: auto means it
+            if engine == "torch":
+                raise ValueError("int4 weights run on the onnx engine only (onnxruntime's MatMulNBits); use engine 'onnx' or 'auto'")
+            engine = "onnx"
         if engine == "onnx":
             if self.device.type != "cpu":
                 raise ValueError(f"the onnx engine runs on CPU only (the model is on {self.device.type}); use engine 'torch' or 'auto'")
-            if self.quantize:
-                raise ValueError("the onnx engine decodes the float32 model; int8 (quantize) runs on the torch engine")
             if compile is True:
                 raise ValueError("compile applies to the torch engine; the onnx engine takes compile 'auto' or off")
             if next(self.model.parameters()).dtype != torch.float32:
@@ -187,14 +198,19 @@ class StaticDecoder:
         return logits
 
     def _onnx_signature(self, batch: int) -> str:
-        return cpu_decode.signature(self.model, batch, self.cache.capacity, "engine", torch.get_num_threads())
+        tag = "engine" if self.quantize is None else f"engine/{self.quantize}"
+        return cpu_decode.signature(self.model, batch, self.cache.capacity, tag, torch.get_num_threads())
+
+    def _insisted(self) -> bool:
+        """Whether the onnx engine was asked for by name, or by quantized weights (on auto): its fallbacks are said."""
+        return self.engine == "onnx" or self.quantize is not None
 
     def _onnx_plan(self, batch: int, max_new_tokens: int) -> str | None:
         """Before a run (`wiola.onnx_decode`): "onnx" (from the prompt on), "probe" (decide after the timed
         eager steps) or None (torch)."""
         if self.onnx is None:
             return None
-        if self.engine == "onnx":
+        if self._insisted():  # by name, or quantized: from the prompt on, whatever the ledger
             return "onnx" if self._cached_export() or self._export(onnx_decode.expected_export_s(onnx_decode.ledger().read())) else None
         if max_new_tokens < cpu_decode.PROBE_STEPS + 3:  # too short to time, or to win back the session's start
             return None
@@ -241,23 +257,30 @@ class StaticDecoder:
     def _export(self, expected_s: float, announce: bool = True) -> bool:
         """Export for the onnx engine (once per set of weights); on failure say why in one line and drop the engine.
         `announce`: say (verbose) that it exports."""
-        forced = self.engine == "onnx"
+        forced = self._insisted()
         lacking = onnx_decode.missing(export=True)
         if lacking:
-            self._note(f"note: exporting for the onnx engine needs {', '.join(lacking)} (pip install 'wiola[export]'); decoding on torch", forced)
-            self.onnx = None
+            self._fall_back(f"exporting for the onnx engine needs {', '.join(lacking)} (pip install 'wiola[export]')", forced)
             return False
         if announce:
-            self._note(f"exporting the model to ONNX for the faster CPU engine (once for these weights, about {expected_s:.0f} s; "
+            kind = f" with {self.quantize} weights" if self.quantize else ""
+            self._note(f"exporting the model to ONNX{kind} for the faster CPU engine (once for these weights, about {expected_s:.0f} s; "
                        f"cached in {onnx_decode.onnx_cache_dir()})")
         try:
             self.onnx.export()
         except Exception as exc:
             reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:200]
-            self._note(f"note: the ONNX export failed ({type(exc).__name__}: {reason}); decoding on torch", forced)
-            self.onnx = None
+            self._fall_back(f"the ONNX export failed ({type(exc).__name__}: {reason})", forced)
             return False
         return True
+
+    def _fall_back(self, why: str, say: bool, after: str = "") -> None:
+        """Drop the onnx engine, saying why in one line (`say`, else only when verbose); int4 has no torch engine: raise."""
+        self.onnx = None
+        if self.quantize == "int4":
+            raise WiolaError(f"int4 weights need the onnx engine, and {why}")
+        torch_engine = "torch's int8" if self.quantize else "torch"
+        self._note(f"note: {why}; decoding on {torch_engine}{after}", say)
 
     def _start_onnx(self, batch: int) -> onnx_decode.OnnxRun | None:
         """The onnxruntime state of a run; None (with a one-line note, the engine dropped) when the cached export does not load."""
@@ -265,9 +288,8 @@ class StaticDecoder:
             return self.onnx.start(batch, self.cache.capacity)
         except Exception as exc:
             reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:200]
-            self._note(f"note: onnxruntime could not load {self.onnx.folder} ({type(exc).__name__}: {reason}); decoding on torch "
-                       "(delete that folder to export again)", self.engine == "onnx")
-            self.onnx = None
+            self._fall_back(f"onnxruntime could not load {self.onnx.folder} ({type(exc).__name__}: {reason})", self._insisted(),
+                            " (delete that folder to export again)")
             return None
 
     @torch.no_grad()

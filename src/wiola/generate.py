@@ -85,7 +85,7 @@ def generate_command(
     stream: bool = True,
     decoding: Literal["auto", "static", "generate"] = "auto",
     compile: Literal["auto", "on", "off"] = "auto",
-    quantize: Literal["none", "int8"] = "none",
+    quantize: Literal["none", "int8", "int4"] = "none",
     engine: Literal["auto", "torch", "onnx"] = "auto",
     allow_changed_base: bool = False,
 ) -> list[str]:
@@ -109,14 +109,17 @@ def generate_command(
             wrapper on CPU); auto = on CUDA, and on CPU when the run is long enough to pay the compile
             time back (decided after timing the first steps; compile costs are remembered in
             ~/.cache/wiola/compile); off = never.
-        quantize: int8 = decode with int8 weights and per-token int8 activations (CPU only; slightly
-            different tokens from fp32, see docs/benchmarks.md); none = the model's own weights.
+        quantize: int8 / int4 = decode with 8- / 4-bit weights and int8 activations (CPU only; slightly
+            different tokens from fp32, see docs/benchmarks.md). On the onnx engine (auto's choice when
+            onnxruntime is installed): block-wise weights, the class of llama.cpp's Q8_0 / Q4_0, made once from
+            the cached export; int8 on the torch engine (--engine torch, --compile on/off, or without
+            onnxruntime): PyTorch's int8. int4 runs on the onnx engine only. none = the model's own weights.
         engine: what runs the static decode step on CPU. onnx = the model's ONNX export under onnxruntime
             (the tokens of the torch path; exported on first use, about 10-20 s, and cached in
             ~/.cache/wiola/onnx per set of weights); torch = PyTorch (eager or compiled, see --compile);
             auto = onnx when a cached export is faster here (timed on earlier runs), or when this model's
             runs have lost more time on torch than exporting costs; else torch. Without onnxruntime or
-            when the export fails: torch, with a note. --compile on/off and --quantize int8 mean torch.
+            when the export fails: torch, with a note. --compile on/off mean torch (except with --quantize int4).
         allow_changed_base: LoRA runs: use the adapter even though its base model's weights changed since it was
             trained (normally refused: the outputs are then not the trained model's; a warning is printed).
     """
@@ -133,9 +136,11 @@ def generate_command(
     quantize = check_quantize(quantize)
     if engine not in ("auto", "torch", "onnx"):
         raise WiolaError(f"--engine must be one of auto, torch, onnx; got {engine!r}")
-    if engine == "onnx" and (quantize or compile == "on" or decoding == "generate"):
-        clash = "--quantize int8" if quantize else "--compile on" if compile == "on" else "--decoding generate"
-        raise WiolaError(f"--engine onnx does not combine with {clash} (that runs on the torch engine)")
+    if quantize == "int4" and engine == "torch":
+        raise WiolaError("--quantize int4 runs on the onnx engine only; it does not combine with --engine torch")
+    if (engine == "onnx" or quantize == "int4") and (compile == "on" or decoding == "generate"):
+        clash = "--compile on" if compile == "on" else "--decoding generate"
+        raise WiolaError(f"--{'engine onnx' if engine == 'onnx' else 'quantize int4'} does not combine with {clash} (that runs on the torch engine)")
     dev = resolve_device(device)
     if dev.type == "cpu":
         from wiola.cpu import cpu_threads

@@ -10,11 +10,21 @@ the decoding time forgone on torch; per decode signature (`cpu_decode.signature`
 cache size, threads) the eager and onnxruntime ms per step. The cache keeps the `KEEP_EXPORTS` most recently
 used exports; deleting it at any time only costs re-exports.
 
-**Verified before use.** Each export folder holds `RECORD` (`wiola_cache.json`): the key it was exported for
-and the sha256 of each of its files. A folder is used only when its record names this model's key and every
-file still has its hash (`mismatch`, checked once per engine); otherwise (another model's export copied
-under this key, an edited initializer, a file missing) the folder is removed and the model exported again,
-with a one-line note — never another model's text.
+**Quantized weights.** `OnnxEngine(model, quantize="int8"|"int4")` runs the float32 export with block-wise
+weights (`wiola.export.onnx_quant`: onnxruntime's MatMulNBits, the Q8_0 / Q4_0 class), cached beside it in
+`<key>-int8` / `<key>-int4`, quantized from the float32 folder (which is exported first when missing).
+
+**Verified before use.** Each export folder holds `RECORD` (`wiola_cache.json`): the key it was exported for,
+its quantization (null: float32) and the sha256 of each of its files. A folder is used only when its record
+names this model's key and the quantization asked for, every file still has its hash and the graph's metadata
+names the same quantization (`mismatch`, checked once per engine); otherwise (another model's export copied
+under this key, an int8 folder under the float32 name, an edited initializer, a file missing) the folder is
+removed and the model exported again, with a one-line note — never another model's text.
+
+**Per-step overhead.** `OnnxRun` keeps the state in two preallocated sets of buffers and binds them with
+onnxruntime's IO binding, the step reading one set and writing the other (ping-pong: the graph's outputs never
+alias its inputs), with the token, mask and logits in bound buffers too: a step allocates nothing and copies
+no state outside the graph.
 
 **When (`engine="auto"`, `StaticDecoder`).** The export pays once, each later run only loads the session
 (tens of ms at nano size). With a cached export, the run decodes on onnxruntime from the prompt on when the
@@ -40,6 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import cpu_decode
@@ -49,6 +60,7 @@ DEFAULT_SPEEDUP = {1: 2.0}  # eager ms ÷ onnxruntime ms before anything is reco
 DEFAULT_SPEEDUP_BATCHED = 1.0  # larger batches: 0.8–1.3× measured, so no export is paid for on a guess
 KEEP_EXPORTS = 8  # exports kept in the cache (the most recently used); the ledger keeps the losses of this many models
 KEEP_LOSSES = 256
+IO_BINDING = True  # `OnnxRun` binds preallocated buffers (False: plain `session.run`, a new state each step)
 
 
 def missing(export: bool) -> list[str]:
@@ -115,14 +127,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def seal(folder: Path, key: str) -> None:
-    """Write `RECORD` into an export folder: `key` and the sha256 of every other file in it."""
+def seal(folder: Path, key: str, quantize: str | None = None) -> None:
+    """Write `RECORD` into an export folder: `key`, its quantization and the sha256 of every other file in it."""
     hashes = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != RECORD}
-    (folder / RECORD).write_text(json.dumps({"key": key, "sha256": hashes}, indent=1, sort_keys=True) + "\n")
+    record = {"key": key, "quantize": quantize, "sha256": hashes}
+    (folder / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
-def mismatch(folder: Path, key: str) -> str | None:
-    """Why `folder` does not hold the export of the model keyed `key`, as it was written (None: it does)."""
+def _kind(quantize: str | None) -> str:
+    return quantize or "float32"
+
+
+def mismatch(folder: Path, key: str, quantize: str | None = None) -> str | None:
+    """Why `folder` does not hold the export of the model keyed `key` with `quantize` weights, as it was written
+    (None: it does)."""
     try:
         record = json.loads((folder / RECORD).read_text())
     except FileNotFoundError:
@@ -135,6 +153,8 @@ def mismatch(folder: Path, key: str) -> str | None:
         return f"{RECORD} is malformed"
     if record.get("key") != key:
         return f"it holds the export of other weights (key {str(record.get('key'))[:24]})"
+    if record.get("quantize") != quantize:
+        return f"it holds the {_kind(record.get('quantize'))} export, not the {_kind(quantize)} one"
     for name, digest in hashes.items():
         try:
             if _sha256(folder / name) != digest:
@@ -142,11 +162,14 @@ def mismatch(folder: Path, key: str) -> str | None:
         except OSError:
             return f"{name} is missing"
     try:
-        graph = json.loads((folder / "wiola_onnx.json").read_text()).get("graph")
+        meta = json.loads((folder / "wiola_onnx.json").read_text())
+        graph, kind = meta.get("graph"), meta.get("quantize")
     except (OSError, ValueError, AttributeError):
-        graph = None
+        graph = kind = None
     if graph not in hashes:
         return f"its graph {graph!r} is not among the exported files"
+    if kind != quantize:
+        return f"its graph is the {_kind(kind)} export, not the {_kind(quantize)} one"
     return None
 
 
@@ -192,29 +215,82 @@ def export_pays_back(forgone_s: float, export_s: float, saving_per_step_ms: floa
 
 
 class OnnxRun:
-    """One generate call on onnxruntime: `prefill(ids, mask)` (a chunk), then a call per token `[B, 1]`, each returning the last
-    position's logits `[B, V]` as a torch tensor (`pick_next` samples from them as from torch's)."""
+    """One generate call on onnxruntime: `prefill(ids, mask)` (a chunk, once), then a call per token `[B, 1]`, each
+    returning the last position's logits `[B, V]` as a torch tensor (`pick_next` samples from them as from torch's).
 
-    def __init__(self, session, batch: int, capacity: int):
+    With `bind` (default `IO_BINDING`) the state lives in two preallocated sets of buffers bound with onnxruntime's
+    IO binding: each step reads one set and writes the other (ping-pong), the token and mask are bound buffers
+    filled in place and the logits land in one of two bound buffers (valid until the next step but one)."""
+
+    def __init__(self, session, batch: int, capacity: int, bind: bool | None = None):
         self.session = session
+        self.bind = IO_BINDING if bind is None else bind
         self.state = session.empty_state(batch, capacity)
+        if self.bind:
+            self._bind(batch, capacity)
+
+    def _bind(self, batch: int, capacity: int) -> None:
+        from onnxruntime import OrtValue
+
+        session, run = self.session, self.session.session
+        sets = [self.state, session.empty_state(batch, capacity)]
+        self.token = np.zeros((batch, 1), dtype=np.int64)
+        ones = np.ones((batch, 1), dtype=np.int64)
+        self.logits = [np.empty((batch, 1, session.meta["vocab_size"]), dtype=np.float32) for _ in range(2)]
+        # OrtValues over the numpy buffers (no copy on CPU); kept here so that the memory outlives the bindings
+        self._values = [[OrtValue.ortvalue_from_numpy(a) for a in state] for state in sets]
+        self._io = [OrtValue.ortvalue_from_numpy(self.token), OrtValue.ortvalue_from_numpy(ones)]
+        self._out = [OrtValue.ortvalue_from_numpy(a) for a in self.logits]
+        self.bindings = []
+        for src in (0, 1):  # binding `src` reads state set src, writes set 1 - src and logits buffer 1 - src
+            binding = run.io_binding()
+            binding.bind_ortvalue_input("input_ids", self._io[0])
+            binding.bind_ortvalue_input("attention_mask", self._io[1])
+            for name, value in zip(session.inputs, self._values[src]):
+                binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output("logits", self._out[1 - src])
+            for name, value in zip(session.outputs[1:], self._values[1 - src]):
+                binding.bind_ortvalue_output(name, value)
+            self.bindings.append(binding)
+        self.current = 0  # the set holding the state
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        logits, self.state = self.session(ids.contiguous().numpy(), mask.contiguous().numpy(), self.state)
-        return torch.from_numpy(logits[:, -1])
+        ids, mask = ids.contiguous().numpy(), mask.contiguous().numpy()
+        if not self.bind:
+            logits, self.state = self.session(ids, mask, self.state)
+            return torch.from_numpy(logits[:, -1])
+        run = self.session.session
+        binding = run.io_binding()  # a chunk of any length: its logits in a buffer onnxruntime allocates
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
+        for name, value in zip(self.session.inputs, self._values[self.current]):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name, value in zip(self.session.outputs[1:], self._values[1 - self.current]):
+            binding.bind_ortvalue_output(name, value)
+        run.run_with_iobinding(binding)
+        self.current = 1 - self.current
+        return torch.from_numpy(binding.get_outputs()[0].numpy()[:, -1])
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
-        logits, self.state = self.session(token.numpy(), torch.ones_like(token).numpy(), self.state)
-        return torch.from_numpy(logits[:, -1])
+        if not self.bind:
+            logits, self.state = self.session(token.numpy(), torch.ones_like(token).numpy(), self.state)
+            return torch.from_numpy(logits[:, -1])
+        self.token[:] = token.numpy()
+        self.session.session.run_with_iobinding(self.bindings[self.current])
+        self.current = 1 - self.current
+        return torch.from_numpy(self.logits[self.current][:, -1])
 
 
 class OnnxEngine:
-    """The ONNX engine for one model: its cache key and folder, the export, the onnxruntime session.
+    """The ONNX engine for one model: its cache key and folder, the export, the onnxruntime session. `quantize`
+    ("int8", "int4" or None) picks the weights: the quantized folder `<key>-<quantize>` beside the float32 `<key>`.
 
     The key hashes the weights when first needed: rebuild the engine (the decoder) after changing them."""
 
-    def __init__(self, model):
+    def __init__(self, model, quantize: str | None = None):
         self.model = model
+        self.quantize = quantize
         self._key: str | None = None
         self._session = None
         self._verified = False  # the folder passed `mismatch` (or this engine wrote it)
@@ -228,8 +304,13 @@ class OnnxEngine:
         return self._key
 
     @property
+    def name(self) -> str:
+        """The cache folder's name and the ledger's key for this export: the model key, and the quantization."""
+        return self.key if self.quantize is None else f"{self.key}-{self.quantize}"
+
+    @property
     def folder(self) -> Path:
-        return onnx_cache_dir() / self.key
+        return onnx_cache_dir() / self.name
 
     def cached(self) -> bool:
         """Whether the cache holds this model's export as it was written (`mismatch`, checked once per engine).
@@ -238,7 +319,7 @@ class OnnxEngine:
             return True
         if not self.folder.exists():
             return False
-        reason = mismatch(self.folder, self.key)
+        reason = mismatch(self.folder, self.key, self.quantize)
         if reason is None:
             self._verified = True
             return True
@@ -248,17 +329,29 @@ class OnnxEngine:
 
     def export(self) -> float:
         """Export into the cache (atomically; a concurrent export of the same key wins harmlessly); returns the
-        seconds taken and records them. Raises on failure, recording it."""
+        seconds taken and records them. Raises on failure, recording it. A quantized engine quantizes the cached
+        float32 export, exporting that first when it is not cached."""
         from wiola.export.to_onnx import export_onnx
 
         root = onnx_cache_dir()
         start = time.perf_counter()
         try:
             root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{self.key}-{os.getpid()}-", dir=root))  # the PID: `cpu_decode.remove_leftovers`
+            plain = None
+            if self.quantize is not None:
+                plain = OnnxEngine(self.model)
+                plain._key = self.key
+                if not plain.cached():
+                    plain.export()
+            tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}-{os.getpid()}-", dir=root))  # the PID: `cpu_decode.remove_leftovers`
             try:
-                export_onnx(self.model, tmp / "no-tokenizer", tmp)
-                seal(tmp, self.key)
+                if plain is None:
+                    export_onnx(self.model, tmp / "no-tokenizer", tmp)
+                else:
+                    from wiola.export.onnx_quant import quantize_folder
+
+                    quantize_folder(plain.folder, tmp, self.quantize)
+                seal(tmp, self.key, self.quantize)
                 try:
                     os.replace(tmp, self.folder)
                     self._verified = True
@@ -268,10 +361,10 @@ class OnnxEngine:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         except Exception:
-            ledger().update(self.key, export_failed=1)
+            ledger().update(self.name, export_failed=1)
             raise
         self.export_s = time.perf_counter() - start
-        ledger().update(self.key, export_s=self.export_s)
+        ledger().update(self.name, export_s=self.export_s)
         self._prune(root)
         return self.export_s
 
@@ -284,7 +377,7 @@ class OnnxEngine:
         cpu_decode.remove_leftovers(root)
 
     def failed_before(self) -> bool:
-        return bool(ledger().get(self.key).get("export_failed"))
+        return bool(ledger().get(self.name).get("export_failed"))
 
     def start(self, batch: int, capacity: int) -> OnnxRun:
         if self._session is None:

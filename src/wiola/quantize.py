@@ -1,4 +1,6 @@
-"""Int8 quantization for CPU decoding: `quantize_int8(model, backend)` returns an int8 copy of a model.
+"""Int8 quantization for CPU decoding on the torch engine: `quantize_int8(model, backend)` returns an int8 copy of a
+model. (`check_quantize` names every `--quantize` choice: the ONNX engine's block-wise int8 and int4 weights are
+`wiola.export.onnx_quant`.)
 
 The scheme is the one CTranslate2 calls int8: every large `nn.Linear` (both dimensions ≥ `MIN_DIM`; the
 LM head included, the embedding table not) keeps int8 weights with one scale per output channel, and its
@@ -26,12 +28,12 @@ from torch import nn
 
 from .errors import WiolaError
 
-QUANTIZE_CHOICES = ("int8",)
+QUANTIZE_CHOICES = ("int8", "int4")  # int4: the ONNX engine only (wiola.export.onnx_quant)
 MIN_DIM = 32  # smaller linears stay fp32: no speed to gain and a large relative rounding error
 
 
 def check_quantize(quantize: str | None) -> str | None:
-    """None/"none"/"" → None; "int8" → "int8"; anything else: a one-line error."""
+    """None/"none"/"" → None; "int8" / "int4" → itself; anything else: a one-line error."""
     if quantize in (None, "", "none"):
         return None
     if quantize not in QUANTIZE_CHOICES:

@@ -193,8 +193,8 @@ def test_generate_command_engines_and_bad_choices(exports, capsys):
     sampled = generate_command(str(src), num_samples=2, engine="torch", **common)
     assert generate_command(str(src), num_samples=2, engine="onnx", **common) == sampled
     capsys.readouterr()
-    for extra, message in ((["--quantize", "int8"], "--engine onnx does not combine with --quantize int8 (that runs on the torch engine)"),
-                           (["--compile", "on"], "--engine onnx does not combine with --compile on (that runs on the torch engine)")):
+    for extra, message in ((["--compile", "on"], "--engine onnx does not combine with --compile on (that runs on the torch engine)"),
+                           (["--decoding", "generate"], "--engine onnx does not combine with --decoding generate (that runs on the torch engine)")):
         assert main(["generate", str(src), "hi", "--device", "cpu", "--engine", "onnx", *extra]) == 2
         assert capsys.readouterr().err.strip() == f"wiola generate: error: {message}"
     with pytest.raises(SystemExit):
@@ -205,8 +205,8 @@ def test_generate_command_engines_and_bad_choices(exports, capsys):
     model = WiolaForCausalLM.from_pretrained(src)
     with pytest.raises(ValueError, match="engine must be 'auto', 'torch' or 'onnx', got 'gpu'"):
         StaticDecoder(model, engine="gpu")
-    with pytest.raises(ValueError, match="int8 \\(quantize\\) runs on the torch engine"):
-        StaticDecoder(model, engine="onnx", quantize="int8")
+    with pytest.raises(ValueError, match="int4 weights run on the onnx engine only"):  # (int8 and int4 on onnx: test_onnx_quant.py)
+        StaticDecoder(model, engine="torch", quantize="int4")
 
 
 def test_the_cache_and_the_ledger_stay_bounded(private_cache, monkeypatch):

@@ -3,7 +3,8 @@
 * `--to llama` (`wiola.export.llama`): a model that is exactly LLaMA, saved as a plain `LlamaForCausalLM` folder
   (CTranslate2, llama.cpp's converter, vLLM); anything else is refused, naming the components in the way.
 * `--to onnx` (`wiola.export.to_onnx`): any model, every component included, as one ONNX graph of a step
-  function over explicit state (`wiola.export.onnx_step`), run with onnxruntime by `wiola.export.onnx_run`.
+  function over explicit state (`wiola.export.onnx_step`), run with onnxruntime by `wiola.export.onnx_run`;
+  `--quantize int8|int4` gives its large MatMuls block-wise weights (`wiola.export.onnx_quant`).
 
 Both write into a temporary folder next to OUT first (as `wiola convert` does), so a failure leaves OUT as it was.
 See docs/export.md.
@@ -17,8 +18,10 @@ from typing import Literal
 from wiola.errors import WiolaError
 
 
-def export_model(model_dir: str | Path, out: str | Path, to: str, force: bool = False, quiet: bool = False) -> list[str]:
-    """Export the model in `model_dir` to `out` in format `to` ("llama" or "onnx"); returns the files written."""
+def export_model(model_dir: str | Path, out: str | Path, to: str, force: bool = False, quiet: bool = False,
+                 quantize: str | None = None) -> list[str]:
+    """Export the model in `model_dir` to `out` in format `to` ("llama" or "onnx"; `quantize` "int8" or "int4":
+    block-wise weights in the ONNX graph, `wiola.export.onnx_quant`); returns the files written."""
     import torch
 
     from wiola.convert import _check_destination, write_destination
@@ -27,6 +30,11 @@ def export_model(model_dir: str | Path, out: str | Path, to: str, force: bool = 
 
     if to not in ("llama", "onnx"):
         raise WiolaError(f"unknown export target {to!r}; choose llama or onnx")
+    quantize = None if quantize in (None, "", "none") else quantize
+    if quantize not in (None, "int8", "int4"):
+        raise WiolaError(f"--quantize must be one of none, int8, int4; got {quantize!r}")
+    if quantize and to != "onnx":
+        raise WiolaError(f"--quantize {quantize} applies to --to onnx (a --to llama folder keeps the model's float weights)")
     if to == "onnx":
         from wiola.export.to_onnx import require_onnx
 
@@ -43,7 +51,10 @@ def export_model(model_dir: str | Path, out: str | Path, to: str, force: bool = 
         if blockers:  # before any work: the one line that says why
             raise WiolaError(f"not a LLaMA model: {'; '.join(blockers)} (only a model that is exactly LLaMA exports --to llama; --to onnx takes any model)")
     else:
-        from wiola.export.to_onnx import export_onnx as write_to
+        from wiola.export.to_onnx import export_onnx
+
+        def write_to(model, src, folder):
+            return export_onnx(model, src, folder, quantize=quantize)
     notes: list[str] = []
 
     def write(folder: Path) -> None:
@@ -58,7 +69,8 @@ def export_model(model_dir: str | Path, out: str | Path, to: str, force: bool = 
     return written
 
 
-def export_command(checkpoint: str, out: str, to: Literal["llama", "onnx"] | None = None, force: bool = False) -> None:
+def export_command(checkpoint: str, out: str, to: Literal["llama", "onnx"] | None = None, force: bool = False,
+                   quantize: Literal["none", "int8", "int4"] = "none") -> None:
     """Export a Wiola model for other inference engines: a plain LLaMA folder, or an ONNX graph with its state.
 
     --to llama saves a model that is exactly LLaMA (every component off, or equal to LLaMA by value) as a
@@ -66,7 +78,9 @@ def export_command(checkpoint: str, out: str, to: Literal["llama", "onnx"] | Non
     ct2-transformers-converter, llama.cpp's converter, vLLM); other models are refused, naming the components
     that prevent it. --to onnx saves any model as one ONNX graph of a step function (prompt chunk or decode
     step) whose attention mask and whole state (keys/values, GSA and GCLA running sums, ATM groups) are inputs
-    and outputs, checked against PyTorch with onnxruntime; run it with wiola.export.onnx_run. See docs/export.md.
+    and outputs, checked against PyTorch with onnxruntime; run it with wiola.export.onnx_run. --to onnx --quantize
+    int8|int4 stores the large MatMuls' weights block-wise in 8 or 4 bits (onnxruntime's MatMulNBits, blocks of 32,
+    int8 activations: the class of llama.cpp's Q8_0/Q4_0). See docs/export.md.
 
     Args:
         checkpoint: a model directory (a training out/, one of its checkpoints/..., or any saved Wiola model).
@@ -74,10 +88,13 @@ def export_command(checkpoint: str, out: str, to: Literal["llama", "onnx"] | Non
         to: llama or onnx (required).
         force: write into a non-empty OUT: the new files replace files of the same names, files an earlier
             export wrote are removed, every other file stays.
+        quantize: none, int8 or int4 (--to onnx only): block-wise 8- or 4-bit weights for the attention
+            projections, MLPs and LM head (onnxruntime's MatMulNBits); the logits' distance from float32 is
+            reported.
     """
     if to is None:
         raise WiolaError("say what to export to: --to llama or --to onnx")
-    export_model(checkpoint, out, to, force=force)
+    export_model(checkpoint, out, to, force=force, quantize=quantize)
 
 
 def __getattr__(name: str):

@@ -97,9 +97,9 @@ def export_program(model):
         onnx_log.setLevel(level)
 
 
-def check_against_torch(model, folder: Path) -> float:
+def check_against_torch(model, folder: Path, relative: bool = False) -> float:
     """Largest |logit difference| between onnxruntime (the saved graph) and PyTorch's step, over a left-padded
-    prompt chunk and then two single-token steps."""
+    prompt chunk and then two single-token steps (`relative`: divided by the largest |PyTorch logit|)."""
     from wiola.export.onnx_run import OnnxStepSession
 
     session = OnnxStepSession(folder)
@@ -111,20 +111,22 @@ def check_against_torch(model, folder: Path) -> float:
     mask[1, : length // 2] = 0
     state = empty_state(model.config, 2, length + 2, dtype=next(model.parameters()).dtype)
     ort_state = [t.numpy() for t in state]
-    worst = 0.0
+    worst, scale = 0.0, 0.0
     with torch.no_grad():
         for _ in range(3):
             out = step(ids, mask, *state)
             logits, ort_state = session(ids.numpy(), mask.numpy(), ort_state)
             worst = max(worst, float(abs(torch.from_numpy(logits).float() - out[0].float())[mask.bool()].max()))
+            scale = max(scale, float(out[0].float()[mask.bool()].abs().max()))
             state = list(out[1:])
             ids = out[0][:, -1].argmax(-1, keepdim=True)
             mask = torch.ones_like(ids)
-    return worst
+    return worst / scale if relative else worst
 
 
-def export_onnx(model, model_dir: Path, folder: Path) -> list[str]:
-    """Write the ONNX step graph of `model` (loaded from `model_dir`) with its metadata into `folder`."""
+def export_onnx(model, model_dir: Path, folder: Path, quantize: str | None = None) -> list[str]:
+    """Write the ONNX step graph of `model` (loaded from `model_dir`) with its metadata into `folder`; with
+    `quantize` ("int8" or "int4") its large MatMuls then get block-wise weights (`wiola.export.onnx_quant`)."""
     from wiola.convert import TOKENIZER_FILES
 
     require_onnx()
@@ -138,6 +140,14 @@ def export_onnx(model, model_dir: Path, folder: Path) -> list[str]:
     for name in copied:
         shutil.copyfile(model_dir / name, folder / name)
     state = state_spec(model.config)
+    notes = []
+    if quantize:
+        from wiola.export.onnx_quant import BLOCK_SIZE, quantize_folder
+
+        count = quantize_folder(folder, folder, quantize)
+        error = check_against_torch(model, folder, relative=True)
+        notes.append(f"{quantize} weights (MatMulNBits, blocks of {BLOCK_SIZE}) in {count} MatMuls; "
+                     f"logits within {error:.1%} of PyTorch's float32 (largest difference over the largest logit) on the export check")
     return [f"{GRAPH}: one step graph (prompt chunk or decode step), {len(state)} state tensors in and out; "
-            f"onnxruntime agrees with PyTorch to {diff:.1e} on the export check",
+            f"onnxruntime agrees with PyTorch to {diff:.1e} on the export check", *notes,
             f"tokenizer files: {', '.join(copied)}" if copied else "no tokenizer files found to copy"]

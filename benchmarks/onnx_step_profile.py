@@ -1,0 +1,67 @@
+"""Where one decode step's time goes on the ONNX engine (docs/benchmarks.md, "One ONNX step, profiled"):
+llama-nano preset, random weights, batch 1, a 32-token prompt then 128 steps, 1 thread, for fp32, int8 and int4
+weights, with and without IO binding: the step's wall time, the time inside onnxruntime's run and the Python
+around it; then onnxruntime's own profile (kernel time per operator type per step).
+
+    OMP_NUM_THREADS=1 python benchmarks/onnx_step_profile.py
+"""
+import json, os, sys, time, tempfile, collections
+import torch
+os.environ["WIOLA_ONNX_CACHE"] = tempfile.mkdtemp()
+from wiola.configuration_wiola import WiolaConfig
+from wiola.modeling_wiola import WiolaForCausalLM
+from wiola import onnx_decode
+from wiola.fast_decode import pick_next
+torch.set_num_threads(1)
+config = WiolaConfig.from_preset("llama-nano")
+torch.manual_seed(0)
+model = WiolaForCausalLM(config).eval()
+ids = torch.randint(3, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
+STEPS = 128
+for quantize in (None, "int8", "int4"):
+    engine = onnx_decode.OnnxEngine(model, quantize)
+    engine.export()
+    for bind in (True, False):
+        onnx_decode.IO_BINDING = bind
+        run = engine.start(1, 32 + STEPS + 1)
+        logits = run.prefill(ids, torch.ones_like(ids))
+        inner = 0.0
+        sess = engine._session.session
+        real_run, real_bound = sess.run, sess.run_with_iobinding
+        def timed_run(*a, **k):
+            global inner
+            t = time.perf_counter(); r = real_run(*a, **k); inner += time.perf_counter() - t; return r
+        def timed_bound(*a, **k):
+            global inner
+            t = time.perf_counter(); r = real_bound(*a, **k); inner += time.perf_counter() - t; return r
+        sess.run, sess.run_with_iobinding = timed_run, timed_bound
+        start = time.perf_counter()
+        for _ in range(STEPS):
+            token = pick_next(logits, False)
+            logits = run(token[:, None])
+        total = time.perf_counter() - start
+        del sess.run, sess.run_with_iobinding
+        print(json.dumps(dict(quantize=quantize or "fp32", io_binding=bind, step_ms=round(total / STEPS * 1000, 3),
+                              session_ms=round(inner / STEPS * 1000, 3), python_ms=round((total - inner) / STEPS * 1000, 3))), flush=True)
+    # onnxruntime's own profile of the steps: time by operator type
+    import onnxruntime as ort
+    options = ort.SessionOptions(); options.intra_op_num_threads = 1; options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "p")
+    meta = json.loads((engine.folder / "wiola_onnx.json").read_text())
+    from wiola.export.onnx_run import OnnxStepSession
+    s = OnnxStepSession(engine.folder, threads=1); s.session = ort.InferenceSession(str(engine.folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    state = s.empty_state(1, 32 + STEPS + 1)
+    out, state = s(ids.numpy(), torch.ones_like(ids).numpy(), state)
+    for _ in range(STEPS):
+        out, state = s(out[:, -1:].argmax(-1), [[1]], state)
+    path = s.session.end_profiling()
+    events = json.load(open(path))
+    by = collections.Counter()
+    runs = 0
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            by[e["args"]["op_name"]] += e["dur"]
+        if e.get("cat") == "Session" and e["name"] == "model_run":
+            runs += 1
+    total = sum(by.values())
+    print(quantize or "fp32", "ops per step (us):", {k: round(v / runs) for k, v in by.most_common(8)}, "all ops", round(total / runs), flush=True)
