@@ -116,7 +116,7 @@ TINY = {  # option -> what its number becomes
     "--max-new-tokens": lambda n: min(n, 8), "--new-tokens": lambda n: min(n, 8), "--max-tokens": lambda n: min(n, 8),
     "--rounds": lambda n: 1, "--decode-repeats": lambda n: 1, "--requests": lambda n: min(n, 4),
     "--windows": lambda n: min(n, 2), "--prompts": lambda n: min(n, 2), "--check-exact": lambda n: min(n, 2),
-    "--limit": lambda n: min(n, 4),
+    "--limit": lambda n: min(n, 4), "--train-batch": lambda n: min(n, 2), "--warmup": lambda n: min(n, 1),
 }
 TINY_KEYS = {  # key=value settings (wiola compare --train ...)
     "max_steps": _steps, "batch_size": lambda n: min(n, 2), "eval_batches": lambda n: min(n, 2),
@@ -342,14 +342,14 @@ def test_doc_walk(doc, walk, tmp_path):
 COMMAND_START = re.compile(r"^\s*(wiola|python3?|bash|pip|OMP_NUM_THREADS=\S*|torchrun|lm_eval|hf|curl)\s")
 
 
-@pytest.mark.parametrize("doc", DOCS)
+@pytest.mark.parametrize("doc", [d for d in DOCS if d not in NOT_WALKED])
 def test_command_blocks_are_tagged(doc):
     """A block that starts with a command is tagged bash (so the walk runs it, or its marker says why not)."""
     untagged = [b.where() for b in blocks(doc) if b.lang not in WALKED and COMMAND_START.match(b.text)]
     assert not untagged, f"commands in blocks not tagged ```bash: {untagged}"
 
 
-@pytest.mark.parametrize("doc", DOCS)
+@pytest.mark.parametrize("doc", [d for d in DOCS if d not in NOT_WALKED])
 def test_skip_markers_give_a_reason(doc):
     for b in blocks(doc):
         if b.lang in WALKED and "not run by tests/test_docs_walk.py" in b.text:
