@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -58,8 +59,8 @@ MARKER = "# not run by tests/test_docs_walk.py:"
 WALKED = ("bash", "python")
 # docs that other parts of the project own and that run nothing this walk can run, with the reason
 NOT_WALKED = {
-    "docs/compat.md": "its commands build throwaway virtual environments from PyPI, minutes each "
-                      "(scripts/compat.sh, lock.sh, lowest.sh; tests/test_compat_scripts.py and CI's own runs check them)",
+    "docs/compat.md": "its commands (scripts/compat.sh, lock.sh, lowest.sh) build throwaway virtual environments "
+                      "from PyPI, minutes each; its blocks are their recorded output",
 }
 NO_START_HERE = {
     "docs/compat.md": "a record of tested versions and how they are checked",
@@ -212,6 +213,11 @@ def _wrappers(bin_dir: Path, venv: Path | None = None) -> None:
             (bin_dir / name).chmod(0o755)
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -233,7 +239,8 @@ class Walk:
         self.bin = base / "bin"
         _wrappers(self.bin)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VIRTUAL_ENV", "WIOLA_"))}
-        env.update(PATH=f"{self.bin}:{env.get('PATH', '/usr/bin:/bin')}", PYTHONPATH=str(self.clone / "src"),
+        # PATH: the wrappers, then the environment's own scripts (lm_eval, hf, ct2-transformers-converter, ...)
+        env.update(PATH=f"{self.bin}:{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}", PYTHONPATH=str(self.clone / "src"),
                    WIOLA_CACHE=str(base / "cache"), WIOLA_ONNX_CACHE=str(base / "onnx"), OMP_NUM_THREADS="1",
                    MPLBACKEND="Agg", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
         self.env = env
@@ -274,9 +281,9 @@ class Walk:
                 if first:
                     self.fresh_copy()
                 first = False
-                start = time.time()
+                start, cpu = time.time(), _children_cpu()
                 self._run(block, script, tmp, state, i)
-                report.append(f"{block.where()}  ok in {time.time() - start:.1f} s")
+                report.append(f"{block.where()}  ok in {time.time() - start:.1f} s ({_children_cpu() - cpu:.1f} s CPU)")
                 if key:
                     snapshot = self.base / "memo" / hashlib.sha256(key.encode()).hexdigest()[:16]
                     shutil.copytree(self.clone, snapshot, symlinks=True)
