@@ -13,7 +13,9 @@ a larger program). Every other block runs. Each doc is walked on its own, in a f
 would: its `bash` blocks run in one bash session per block with `set -eo pipefail` (exported variables and
 the working directory carry over to the next block), its `python` blocks with the environment's interpreter
 in the same directory. `wiola`, `python` and `python3` are on PATH, with the copy's `src/` on PYTHONPATH, and
-the copy's `.venv/bin/activate` puts the same on PATH.
+the copy's `.venv/bin/activate` puts the same on PATH. That `wiola` runs `wiola.cli.main`, as the console
+script does, in a process forked from one that imported wiola once (`tests/walk_forkserver.py`: seconds of
+imports saved per command; `WIOLA_WALK_FORKSERVER=0` runs each command as a process of its own instead).
 
 The rewrite layer: the tiny scale. Before a block runs, `rewrite()` changes it as follows, and only so
 (`test_rewrite_layer` pins each rule; a failure message shows the block as run):
@@ -47,6 +49,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,10 +200,12 @@ sys.exit(f"no answer from {url} in 240 s:\\n" + open(log).read()[-3000:])
 '''
 
 
-def _wrappers(bin_dir: Path, venv: Path | None = None) -> None:
+FORKSERVER = Path(__file__).with_name("walk_forkserver.py")
+
+
+def _wrappers(bin_dir: Path, wiola: str, venv: Path | None = None) -> None:
     bin_dir.mkdir(parents=True, exist_ok=True)
-    scripts = {"python": f'exec "{sys.executable}" "$@"', "python3": f'exec "{sys.executable}" "$@"',
-               "wiola": f'exec "{sys.executable}" -m wiola "$@"',
+    scripts = {"python": f'exec "{sys.executable}" "$@"', "python3": f'exec "{sys.executable}" "$@"', "wiola": wiola,
                "walk-wait-http": f'exec "{sys.executable}" "{bin_dir / "wait_http.py"}" "$@"'}
     (bin_dir / "wait_http.py").write_text(WAIT_HTTP)
     if venv is not None:
@@ -213,9 +218,11 @@ def _wrappers(bin_dir: Path, venv: Path | None = None) -> None:
             (bin_dir / name).chmod(0o755)
 
 
-def _children_cpu() -> float:
+def _children_cpu(server_log: Path | None = None) -> float:
+    """CPU seconds of every process the walk ran, those forked by the fork server included."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    forked = sum(map(float, server_log.read_text().split())) if server_log and server_log.exists() else 0.0
+    return usage.ru_utime + usage.ru_stime + forked
 
 
 def _free_port() -> int:
@@ -237,20 +244,37 @@ class Walk:
             (cache / f"{i:02d}_{Path(doc).stem.lower()}_gut.txt").write_text((ROOT / doc).read_text()[:12000])
         (cache / "SOURCE.json").write_text('{"stand-in": "tests/test_docs_walk.py"}\n')
         self.bin = base / "bin"
-        _wrappers(self.bin)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VIRTUAL_ENV", "WIOLA_"))}
         # PATH: the wrappers, then the environment's own scripts (lm_eval, hf, ct2-transformers-converter, ...)
         env.update(PATH=f"{self.bin}:{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}", PYTHONPATH=str(self.clone / "src"),
                    WIOLA_CACHE=str(base / "cache"), WIOLA_ONNX_CACHE=str(base / "onnx"), OMP_NUM_THREADS="1",
                    MPLBACKEND="Agg", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
         self.env = env
+        self.server = self.cpu_log = None
+        self.wiola = f'exec "{sys.executable}" -m wiola "$@"'
+        if os.environ.get("WIOLA_WALK_FORKSERVER", "1") != "0":  # 0: every `wiola` a process of its own
+            self.sock_dir = Path(tempfile.mkdtemp(prefix="wiola-walk-"))  # short: a socket's path has ~100 bytes at most
+            sock = self.sock_dir / "wiola.sock"
+            self.cpu_log = self.sock_dir / "wiola.sock.cpu"
+            server_env = dict(env, PYTHONPATH=str(ROOT / "src"))
+            self.server = subprocess.Popen([sys.executable, str(FORKSERVER), "serve", str(sock)], env=server_env,
+                                           stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+            assert self.server.stdout.readline().strip() == "ready", "the walk's fork server did not start"
+            self.wiola = f'exec "{sys.executable}" -S "{FORKSERVER}" "{sock}" "$@"'
+        _wrappers(self.bin, self.wiola)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.kill()
+            self.server.wait()
+            shutil.rmtree(self.sock_dir, ignore_errors=True)
 
     def fresh_copy(self, source: Path | None = None) -> None:
         if self.clone.exists():
             shutil.rmtree(self.clone)
         if source is None:
             shutil.copytree(ROOT, self.clone, ignore=COPY_IGNORE, symlinks=True)
-            _wrappers(self.clone / ".venv" / "bin", venv=self.clone / ".venv")
+            _wrappers(self.clone / ".venv" / "bin", self.wiola, venv=self.clone / ".venv")
         else:
             shutil.copytree(source, self.clone, symlinks=True)
 
@@ -281,9 +305,9 @@ class Walk:
                 if first:
                     self.fresh_copy()
                 first = False
-                start, cpu = time.time(), _children_cpu()
+                start, cpu = time.time(), _children_cpu(self.cpu_log)
                 self._run(block, script, tmp, state, i)
-                report.append(f"{block.where()}  ok in {time.time() - start:.1f} s ({_children_cpu() - cpu:.1f} s CPU)")
+                report.append(f"{block.where()}  ok in {time.time() - start:.1f} s ({_children_cpu(self.cpu_log) - cpu:.1f} s CPU)")
                 if key:
                     snapshot = self.base / "memo" / hashlib.sha256(key.encode()).hexdigest()[:16]
                     shutil.copytree(self.clone, snapshot, symlinks=True)
@@ -334,7 +358,11 @@ class Walk:
 
 @pytest.fixture(scope="module")
 def walk(tmp_path_factory):
-    return Walk(tmp_path_factory.mktemp("docs-walk"))
+    walk = Walk(tmp_path_factory.mktemp("docs-walk"))
+    start, cpu = time.time(), _children_cpu(walk.cpu_log)
+    yield walk
+    print(f"\ndocs walk: {time.time() - start:.0f} s, {_children_cpu(walk.cpu_log) - cpu:.0f} s CPU in all")
+    walk.close()
 
 
 @pytest.mark.slow
