@@ -17,7 +17,7 @@ the copy's `.venv/bin/activate` puts the same on PATH. That `wiola` runs `wiola.
 script does, in a process forked from one that imported wiola once (`tests/walk_forkserver.py`: seconds of
 imports saved per command; `WIOLA_WALK_FORKSERVER=0` runs each command as a process of its own instead).
 
-The rewrite layer: the tiny scale. Before a block runs, `rewrite()` changes it as follows, and only so
+The rewrite layer: the tiny scale. Before a block runs, `rewrite_bash()` (`rewrite_python()`: only the last rule) changes it as follows, and only so
 (`test_rewrite_layer` pins each rule; a failure message shows the block as run):
 
 - `bash scripts/main_job.sh` runs with `WIOLA_SETUP=0 STEPS=2 BATCH=2 SEQ=32` (its own knobs);
@@ -26,7 +26,7 @@ The rewrite layer: the tiny scale. Before a block runs, `rewrite()` changes it a
 - numbers of steps, batches, tokens and rounds shrink (`TINY`): `--max-steps N` and `max_steps=N` become
   max(2, N // 100) (at most N, so an order between runs, as for a resume, is kept), `--batch-size` at most 2,
   `--seq-len` at most 32, `--max-new-tokens`/`--new-tokens`/`--max-tokens` at most 8, `--rounds` 1, ...;
-- `wiola eval ... --tasks` and `lm_eval` get `--limit 4` (examples per task) unless they give one;
+- `wiola eval ... --tasks` and `lm_eval` get `--limit 4` (examples per task; a `--limit` given is capped at 4);
 - `wiola serve ...` starts in the background and the block goes on once the server answers `/health`;
   it is stopped when the doc ends;
 - `wiola chat ...` reads one question and `/exit` from its standard input;
