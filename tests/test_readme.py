@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from wiola import list_presets
@@ -24,6 +26,24 @@ def test_preset_table_matches_code():
 
     rows = {name: (count, flops) for name, count, flops in re.findall(r"^\| `([\w.-]+)` \| ([\d,]+) \| ([\d.]+) \|", README.read_text(), re.M)}
     assert rows == {name: (f"{count:,}", f"{flops_per_token(WiolaConfig.from_preset(name)) / 1e9:.3f}") for name, count in list_presets().items()}
+
+
+def test_readme_preset_table_is_what_wiola_presets_prints():
+    """README's table, line for line, is the Markdown table `wiola presets` prints (run as a user runs it)."""
+    res = subprocess.run([sys.executable, "-m", "wiola", "presets"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    printed = [line for line in res.stdout.splitlines() if line.startswith("|")]
+    assert len(printed) == 2 + len(list_presets())
+    readme = README.read_text().splitlines()
+    start = readme.index(printed[0])
+    assert readme[start:start + len(printed) + 1] == printed + [""], "README's preset table differs from `wiola presets`"
+
+
+def test_readme_says_how_to_run_wiola():
+    """After the setup commands, README puts `wiola` on PATH (activating .venv) before its first `wiola` command."""
+    text = README.read_text()
+    assert "source .venv/bin/activate" in text and ".venv/bin/wiola" in text
+    assert text.index("source .venv/bin/activate") < text.index("\nwiola ")
 
 
 def test_command_table_names_every_command_with_its_positional_arguments():

@@ -312,22 +312,40 @@ def list_presets() -> dict[str, int]:
     return {name: count_parameters(WiolaConfig.from_preset(name)) for name in PRESETS}
 
 
+def components_summary(config: WiolaConfig) -> str:
+    """The preset table's components column: every switch not at `none`, the MLP with its width(s)."""
+    mlp = f"{config.mlp} {config.intermediate_size}"
+    if config.mlp == "dsff":
+        mlp += f"/{config.dsff_wide_size}"
+    elif config.mlp == "f3n":
+        mlp += f" ({config.f3n_gate} gate, {config.f3n_levels} levels)"
+    parts = [config.position_encoding, config.attention_gate, config.cross_layer_context, config.token_merging, mlp, config.norm]
+    return " + ".join(part for part in parts if part != "none")
+
+
+def presets_table(context: int | None = None, sparsity: float = 0.0) -> list[str]:
+    """The Markdown table of the named presets that `wiola presets` prints and README.md shows, one line a row."""
+    lines = ["| preset | params | GFLOPs/token | d | L | H / H_kv | context | components |",
+             "|---|---:|---:|---|---|---|---:|---|"]
+    for name, params in list_presets().items():
+        c = WiolaConfig.from_preset(name)
+        flops = flops_per_token(c, context, sparsity) / 1e9
+        lines.append(f"| `{name}` | {params:,} | {flops:.3f} | {c.hidden_size} | {c.num_hidden_layers} | "
+                     f"{c.num_attention_heads} / {c.num_key_value_heads} | {c.max_position_embeddings:,} | {components_summary(c)} |")
+    return lines
+
+
 def presets_command(context: int | None = None, sparsity: float = 0.0) -> None:
     """List the named presets with their components, real parameter counts and inference FLOPs per token.
+
+    Prints a Markdown table, the one in README.md (tests/test_readme.py holds them equal).
 
     Args:
         context: context length T of the attention term of the FLOPs (default: each preset's own context).
         sparsity: share of zero AGU units assumed for the FLOPs of AGU models (default 0: dense).
     """
-    print(f"{'preset':<19} {'params':>15} {'GFLOPs/token':>12}  d     L   H/Hkv  ctx   components")
-    for name, params in list_presets().items():
-        c = WiolaConfig.from_preset(name)
-        comps = f"{c.position_encoding} + {c.attention_gate} + {c.cross_layer_context} + {c.token_merging} + {c.mlp} {c.intermediate_size} + {c.norm}"
-        if c.mlp == "f3n":
-            comps += f" (f3n gate {c.f3n_gate}, {c.f3n_levels} levels)"
-        flops = flops_per_token(c, context, sparsity) / 1e9
-        print(f"{name:<19} {params:>15,} {flops:>12.2f}  {c.hidden_size:<5} {c.num_hidden_layers:<3} {c.num_attention_heads}/{c.num_key_value_heads:<4} {c.max_position_embeddings:<5} {comps}")
-    print("FLOPs/token = 2 × weights multiplied per token (LM head included) + 2·L·T·H·d_h, T = context"
+    print("\n".join(presets_table(context, sparsity)))
+    print("\nFLOPs/token = 2 × weights multiplied per token (LM head included) + 2·L·T·H·d_h, T = context"
           + (f" {context}" if context else " of each preset") + (f"; AGU sparsity {sparsity:g}" if sparsity else "") + " (Kaplan et al. 2020).")
 
 
