@@ -490,3 +490,16 @@ def test_the_paired_test_stated_in_docs_results_is_recomputed_by_the_script(caps
     issue28 = text.split("## Issue 28")[1]
     assert f"paired p = {want.pvalue:.3f}" in issue28
     assert "python scripts/paired_test.py docs/results.md paper:mlp=swiglu llama@paper" in issue28
+
+
+def test_a_seed_table_is_found_under_its_heading_past_code_blocks():
+    """A shell comment in a fenced block ('# not run by ...') is no heading: the table after it still belongs to
+    the section above (docs/results.md has such a block between its heading and its seed table)."""
+    from wiola.compare.same_budget import seed_table_rows
+
+    md = ("### Result: three seeds\n\ntext\n\n```bash\n# a comment, not a heading\nwiola compare x y\n```\n\n"
+          "| entrant | per seed |\n|---|---|\n| a | 1.0 / 2.0 / 3.0 |\n| b | 1.5 / 2.5 / 3.0 |\n\n## Other\n")
+    rows = seed_table_rows(md, "three seeds")
+    assert set(rows) == {"a", "b"}
+    with pytest.raises(Exception, match="found 0"):
+        seed_table_rows(md, "a comment")

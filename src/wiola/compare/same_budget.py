@@ -117,9 +117,13 @@ def seed_table_rows(markdown: str, section: str | None = None) -> dict[str, dict
     run); a row that lost seeds (marked "non-finite") has no position to pair on and is refused.
     """
     tables: list[tuple[str, list[list[str]]]] = []
-    heading, current = "", None
+    heading, current, fenced = "", None, False
     for line in markdown.splitlines():
-        if line.startswith("#"):
+        if line.startswith("```"):  # a code block's lines (a shell comment starts with '#') are no headings
+            fenced, current = not fenced, None
+        elif fenced:
+            continue
+        elif re.match(r"#{1,6} ", line):
             heading, current = line.lstrip("#").strip(), None
         elif line.startswith("|") and current is None and "per seed" in line:
             current = [[c.strip() for c in line.strip().strip("|").split("|")]]
