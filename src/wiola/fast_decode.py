@@ -1,20 +1,22 @@
-"""Fast decoding: a preallocated cache and a compiled single-token step driven by a plain loop.
+"""Fast decoding: a preallocated cache and a single-token step driven by a plain loop.
 
 `StaticDecoder` serves `wiola generate` and `wiola bench`. The prompt runs once through the ordinary
 forward; every later token runs one step function that reads and writes only fixed buffers of a
 `WiolaStaticCache`. Compiled, that step is `torch.compile`d with `fullgraph=True` — on CUDA in mode
 "reduce-overhead", which captures it as a CUDA graph and replays it each token (the Python overhead and
 kernel launches of a small model's step are what limit batch-1 decoding); on CPU by inductor with
-freezing and the C++ wrapper (`wiola.cpu_decode`). `compile="auto"` compiles on CUDA, and on CPU only
-when the run is long enough to pay the compile time back (timed on the run's first steps). With
-`quantize="int8"` on the torch engine the decoder runs an int8 copy of the model (`wiola.quantize`); with
-`quantize="int8"|"int4"` on the ONNX engine, the export with block-wise weights (`wiola.export.onnx_quant`). On CPU the decoder can
-also run the model's ONNX export under onnxruntime (`engine`, `wiola.onnx_decode`): the same loop, with
-the step's logits coming from onnxruntime (`engine="auto"`, the default, picks it when it is faster and
-its one-off export pays back or is cached). Greedy and sampled
-decoding (temperature, top-k, top-p, seeded), batch 1 or batched, with an optional end-of-sequence stop
-and a transformers streamer. `model.generate(..., cache_implementation="static")` runs the same cache
-and step under transformers' own loop.
+freezing and the C++ wrapper (`wiola.cpu_decode`). `compile="auto"` compiles on CUDA only; on CPU compiling
+is opt-in (`compile=True`, `--compile on`). With `quantize="int8"` on the torch engine the decoder runs an
+int8 copy of the model (`wiola.quantize`); with `quantize="int8"|"int4"` on the ONNX engine, the export with
+block-wise weights (`wiola.export.onnx_quant`).
+
+On CPU the step can also run the model's ONNX export under onnxruntime (`wiola.onnx_decode`), by one rule:
+`engine="auto"` (the default) uses onnxruntime when this model's export is in the engine cache and
+onnxruntime is installed, else torch eager; `engine="onnx"` (and `quantize`) export into the cache when
+the export is missing. `wiola export --to onnx` fills the same cache, so the `wiola generate` after it is fast.
+Greedy and sampled decoding (temperature, top-k, top-p, seeded), batch 1 or batched, with an optional
+end-of-sequence stop and a transformers streamer. `model.generate(..., cache_implementation="static")` runs
+the same cache and step under transformers' own loop.
 
 `CompiledStep` and `pick_next` are shared with the LLaMA reference loop of `wiola bench`.
 """
@@ -77,19 +79,21 @@ def pick_next(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0, t
 class StaticDecoder:
     """Decode from a `WiolaForCausalLM` on a preallocated cache of `max_cache_len` slots.
 
-    `compile`: False (eager), True (compiled from the first step) or "auto" (default: compiled on CUDA;
-    on CPU the first `cpu_decode.PROBE_STEPS` steps run eagerly and the rest compiled when that pays back —
-    `wiola.cpu_decode`). `backend`: the `torch.compile` backend. `quantize`: None, "int8" or "int4" (CPU only).
-    On the onnx engine both are the export with block-wise 8-/4-bit weights (`wiola.export.onnx_quant`, cached
-    beside the float32 export); on the torch engine int8 is PyTorch's dynamic quantization (`wiola.quantize`:
-    eager steps on PyTorch's int8 kernels, compiled steps on torchao's when it is installed — without it an int8
-    decoder stays eager), and int4 does not exist there. `engine`: "torch", "onnx" (CPU, float32 model: the
-    model's ONNX export under onnxruntime, exported on first use and cached — `wiola.onnx_decode`) or "auto"
-    (default: with `compile="auto"` on CPU, onnx when the ledger says it is faster and its export is cached
-    or pays back, else torch — and with `quantize`, onnx whenever onnxruntime is installed; with `compile`
-    True or False, torch). Without onnxruntime, or when the export fails, the decoder says so (`verbose`) and
-    decodes on torch (int8: torch's int8); int4 then raises a one-line `WiolaError`. `verbose`: say on stderr
-    when and why the step compiles, exports or changes engine.
+    The engine, by one rule: on CPU, `engine="auto"` decodes on onnxruntime when this model's export is in the
+    engine cache (`wiola.onnx_decode`: made by `wiola export --to onnx`, or by an earlier `engine="onnx"` or
+    `quantize` run) and onnxruntime is installed; otherwise on torch eager. `auto` itself never times, never
+    compiles on CPU and never exports. `engine="onnx"` (CPU, float32 model) exports the model into the cache
+    when its export is missing; so does `quantize` ("int8" / "int4": the export with block-wise 8-/4-bit
+    weights, `wiola.export.onnx_quant`, cached beside the float32 one) on `auto`. `engine="torch"`, or
+    `compile` True or False, decodes on torch (int8 there: PyTorch's dynamic quantization, `wiola.quantize` —
+    eager steps on PyTorch's int8 kernels, compiled steps on torchao's when it is installed, else eager; int4
+    does not exist there). Without onnxruntime, or when the export fails, the decoder says so in one line
+    (`verbose`, or always when the onnx engine was asked for) and decodes on torch; int4 then raises a
+    one-line `WiolaError`.
+
+    `compile`: True (compiled), False (eager) or "auto" (default: compiled on CUDA — a CUDA graph —, eager on
+    CPU: compiling on CPU is opt-in). `backend`: the `torch.compile` backend. `verbose`: say on stderr when the
+    step compiles or the model exports.
 
     Build it once and call `generate` as often as needed: the cache buffers and the compiled step are
     reused while the batch size stays the same (a new batch size reallocates and, compiled, recompiles).
@@ -113,15 +117,12 @@ class StaticDecoder:
         compilable = not self.quantize or backend != "inductor" or torchao_available()
         if compile is True and not compilable:
             raise ValueError("a compiled int8 step needs torchao (pip install torchao); decode int8 eagerly (--compile off, compile=False)")
-        if compile == "auto":
-            self.mode = "on" if self.device.type == "cuda" and not self.quantize else "auto" if self.device.type == "cpu" and compilable else "off"
-        else:
-            self.mode = "on" if compile else "off"
+        self.mode = "on" if (compile is True or (compile == "auto" and self.device.type == "cuda" and not self.quantize)) else "off"
         self.eager_step = CompiledStep(self._step_fn(self.eager_model), False, self.device)
         self._compiled: CompiledStep | None = None
         self._compiled_batch: int | None = None
-        self.last_path: str = "eager"  # what the last generate call ran: eager, compiled, eager+compiled, onnx or eager+onnx
-        self.compile_s: float | None = None  # seconds the last compile took (CPU, inductor)
+        self.last_path: str = "eager"  # what the last generate call ran: eager, compiled or onnx
+        self.compile_s: float | None = None  # seconds the last compile took
         self.onnx: onnx_decode.OnnxEngine | None = None  # set while the ONNX engine may run
         if self.engine == "onnx" or (self.engine == "auto" and compile == "auto" and self.device.type == "cpu"
                                      and next(model.parameters()).dtype == torch.float32):
@@ -130,11 +131,11 @@ class StaticDecoder:
                 self.onnx = onnx_decode.OnnxEngine(model, self.quantize)
             elif self.quantize == "int4":
                 raise WiolaError(f"int4 weights run on the onnx engine, which needs {', '.join(lacking)}: pip install 'wiola[export]'")
-            elif self.engine == "onnx" or self.quantize or (self.verbose and onnx_decode.first_time("missing-onnxruntime")):  # the auto engine's hint: once per machine
+            elif self._insisted() or (self.verbose and onnx_decode.first_time("missing-onnxruntime")):  # the auto engine's hint: once per machine
                 self._note(f"note: {', '.join(lacking)} is not installed, so decoding runs on torch"
                            + (" with torch's int8 weights" if self.quantize else "")
                            + " (pip install 'wiola[export]' for the faster ONNX engine on CPU)"
-                           + ("" if self.engine == "onnx" or self.quantize else "; shown once"), always=True)
+                           + ("" if self._insisted() else "; shown once"), always=True)
 
     def _check_engine(self, engine: str, compile) -> str:
         if engine not in ("auto", "torch", "onnx"):
@@ -152,7 +153,7 @@ class StaticDecoder:
                 raise ValueError(f"the onnx engine needs a float32 model, this one is {next(self.model.parameters()).dtype}")
         return engine
 
-    # kept for callers of the earlier API: the step the decoder starts with
+    # kept for callers of the earlier API: the step the decoder runs on torch
     @property
     def step(self) -> CompiledStep:
         return self._compiled_step() if self.mode == "on" else self.eager_step
@@ -182,105 +183,67 @@ class StaticDecoder:
         if self.verbose or always:
             print(f"wiola: {text}", file=sys.stderr, flush=True)
 
-    def _timed_compile(self, token: torch.Tensor, sig: str | None) -> torch.Tensor:
-        """First call of the compiled step (compiles; on CPU with inductor also times it, records it and
-        saves torch's cache artifacts)."""
-        persist = sig is not None and self.backend == "inductor"  # torch's artifacts: inductor's caches
-        if persist:
+    def _timed_compile(self, token: torch.Tensor) -> torch.Tensor:
+        """First call of the compiled step: compiles (timed, `compile_s`). On CPU with inductor, torch's cache
+        artifacts saved for this signature are loaded first and saved after (`wiola.cpu_decode`)."""
+        sig = self._signature(token.shape[0]) if self.device.type == "cpu" and self.backend == "inductor" else None
+        if sig is not None:
             cpu_decode.load_artifacts(sig)
+        self._note("compiling the decode step (the first time here: up to a minute; then cached)")
         start = time.perf_counter()
         logits = self._compiled_step()(token)
         self.compile_s = time.perf_counter() - start
         if sig is not None:
-            cpu_decode.Ledger().update(sig, compile_s=self.compile_s)
-        if persist:
             cpu_decode.save_artifacts(sig)
         return logits
 
-    def _onnx_signature(self, batch: int) -> str:
-        tag = "engine" if self.quantize is None else f"engine/{self.quantize}"
-        return cpu_decode.signature(self.model, batch, self.cache.capacity, tag, torch.get_num_threads())
-
     def _insisted(self) -> bool:
-        """Whether the onnx engine was asked for by name, or by quantized weights (on auto): its fallbacks are said."""
+        """Whether the onnx engine was asked for by name, or by quantized weights (on auto): it exports when the
+        export is missing, and its fallbacks are said."""
         return self.engine == "onnx" or self.quantize is not None
 
-    def _onnx_plan(self, batch: int, max_new_tokens: int) -> str | None:
-        """Before a run (`wiola.onnx_decode`): "onnx" (from the prompt on), "probe" (decide after the timed
-        eager steps) or None (torch)."""
+    def _onnx_ready(self) -> bool:
+        """Whether this run decodes on onnxruntime (the rule in the class docstring): the export is cached, or —
+        the engine asked for — made now."""
         if self.onnx is None:
-            return None
-        if self._insisted():  # by name, or quantized: from the prompt on, whatever the ledger
-            return "onnx" if self._cached_export() or self._export(onnx_decode.expected_export_s(onnx_decode.ledger().read())) else None
-        if max_new_tokens < cpu_decode.PROBE_STEPS + 3:  # too short to time, or to win back the session's start
-            return None
-        cached = self._cached_export()
-        if self.onnx is None:  # a wrong cached folder whose export failed again
-            return None
-        record = onnx_decode.ledger().get(self._onnx_signature(batch))
-        if cached:
-            if record.get("eager_ms") and record.get("onnx_ms"):
-                return "onnx" if record["onnx_ms"] < record["eager_ms"] else None
-        elif onnx_decode.missing(export=True) or self.onnx.failed_before():
-            return None
-        return "probe"
-
-    def _cached_export(self) -> bool:
-        """Whether this model's export is cached. A cached folder that is not (`OnnxEngine.cached`: another model's
-        export under this key, or edited since) has been removed: say so in one line and export again."""
-        if self.onnx.cached():
-            return True
-        if self.onnx.stale is None:
             return False
-        reason, self.onnx.stale = self.onnx.stale, None
-        expected_s = onnx_decode.expected_export_s(onnx_decode.ledger().read())
-        self._note(f"note: the cached ONNX export {self.onnx.folder} is not this model's ({reason}); exporting it again "
-                   f"(about {expected_s:.0f} s)", always=True)
-        return self._export(expected_s, announce=False)
-
-    def _switch_to_onnx(self, batch: int, eager_ms: float, steps: int) -> bool:
-        """After the probe: onnxruntime for the rest of the run? (A cached export: yes, to time it; else export
-        when that pays back — rent or buy, `onnx_decode.export_pays_back`.)"""
         if self.onnx.cached():
             return True
-        records = onnx_decode.ledger().read()
-        mine = records.get(self.onnx.key, {})
-        saving = onnx_decode.saving_ms(records.get(self._onnx_signature(batch), {}), batch, eager_ms)
-        export_s = mine.get("export_s") or onnx_decode.expected_export_s(records)
-        forgone = mine.get("forgone_s", 0.0)
-        if onnx_decode.export_pays_back(forgone, export_s, saving, steps):
-            return self._export(export_s)
-        if saving > 0:
-            onnx_decode.add_forgone(self.onnx.key, steps * saving / 1000.0)
-        return False
+        if self.onnx.stale is not None:  # a cached folder that was not this model's export (`OnnxEngine.cached`): removed
+            reason, self.onnx.stale = self.onnx.stale, None
+            then = f"exporting it again (about {onnx_decode.COLD_EXPORT_S:.0f} s)" if self._insisted() else \
+                "decoding on torch (wiola export --to onnx, or --engine onnx, makes it again)"
+            self._note(f"note: the cached ONNX export {self.onnx.folder} is not this model's ({reason}); {then}", always=True)
+            return self._insisted() and self._export(announce=False)
+        return self._insisted() and self._export()
 
-    def _export(self, expected_s: float, announce: bool = True) -> bool:
+    def _export(self, announce: bool = True) -> bool:
         """Export for the onnx engine (once per set of weights); on failure say why in one line and drop the engine.
         `announce`: say (verbose) that it exports."""
-        forced = self._insisted()
         lacking = onnx_decode.missing(export=True)
         if lacking:
-            self._fall_back(f"exporting for the onnx engine needs {', '.join(lacking)} (pip install 'wiola[export]')", forced)
+            self._fall_back(f"exporting for the onnx engine needs {', '.join(lacking)} (pip install 'wiola[export]')")
             return False
         if announce:
             kind = f" with {self.quantize} weights" if self.quantize else ""
-            self._note(f"exporting the model to ONNX{kind} for the faster CPU engine (once for these weights, about {expected_s:.0f} s; "
-                       f"cached in {onnx_decode.onnx_cache_dir()})")
+            self._note(f"exporting the model to ONNX{kind} for the faster CPU engine (once for these weights, about "
+                       f"{onnx_decode.COLD_EXPORT_S:.0f} s; cached in {onnx_decode.onnx_cache_dir()})")
         try:
             self.onnx.export()
         except Exception as exc:
             reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:200]
-            self._fall_back(f"the ONNX export failed ({type(exc).__name__}: {reason})", forced)
+            self._fall_back(f"the ONNX export failed ({type(exc).__name__}: {reason})")
             return False
         return True
 
-    def _fall_back(self, why: str, say: bool, after: str = "") -> None:
-        """Drop the onnx engine, saying why in one line (`say`, else only when verbose); int4 has no torch engine: raise."""
+    def _fall_back(self, why: str, after: str = "") -> None:
+        """Drop the onnx engine, saying why in one line (always when it was asked for, else only when verbose);
+        int4 has no torch engine: raise."""
         self.onnx = None
         if self.quantize == "int4":
             raise WiolaError(f"int4 weights need the onnx engine, and {why}")
         torch_engine = "torch's int8" if self.quantize else "torch"
-        self._note(f"note: {why}; decoding on {torch_engine}{after}", say)
+        self._note(f"note: {why}; decoding on {torch_engine}{after}", self._insisted())
 
     def _start_onnx(self, batch: int) -> onnx_decode.OnnxRun | None:
         """The onnxruntime state of a run; None (with a one-line note, the engine dropped) when the cached export does not load."""
@@ -288,7 +251,7 @@ class StaticDecoder:
             return self.onnx.start(batch, self.cache.capacity)
         except Exception as exc:
             reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:200]
-            self._fall_back(f"onnxruntime could not load {self.onnx.folder} ({type(exc).__name__}: {reason})", self._insisted(),
+            self._fall_back(f"onnxruntime could not load {self.onnx.folder} ({type(exc).__name__}: {reason})",
                             " (delete that folder to export again)")
             return None
 
@@ -323,30 +286,22 @@ class StaticDecoder:
             generator.manual_seed(seed if seed is not None else torch.seed())
         input_ids = input_ids.to(self.device)
         batch = input_ids.shape[0]
-        sig = self._signature(batch) if self.device.type == "cpu" and self.mode != "off" else None
-        mode = self.mode
-        if mode == "auto" and self._compiled is not None and self._compiled_batch == batch:
-            mode = "on"  # compiled by an earlier call for this batch: nothing left to pay
-        plan = self._onnx_plan(batch, max_new_tokens) if mode != "on" else None
-        ort, ort_calls, ort_start = None, 0, None
-        if plan == "onnx":  # the prompt too
-            ort = self._start_onnx(batch)
-            plan = plan if ort is not None else None
+        ort = self._start_onnx(batch) if self._onnx_ready() else None
         if ort is not None:
             mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
             logits = ort.prefill(input_ids, mask)
+            step = ort
         else:
             self.cache.reset()
             logits = self.eager_model(input_ids=input_ids, attention_mask=attention_mask, cache=self.cache, use_cache=True).logits[:, -1]
+            step = self.eager_step
+            if self.mode == "on":
+                step = self._compiled_step() if self._compiled_batch == batch else None  # None: compile at the first step
         if streamer is not None:
             streamer.put(input_ids.cpu())
         pad = pad_token_id if pad_token_id is not None else eos_token_id
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         out = [input_ids]
-        compiled_from = 0 if mode == "on" else None  # the step index from which the compiled step runs
-        onnx_from = 0 if ort is not None else None  # ... and the onnxruntime step
-        deciding = ort is None and (mode == "auto" or plan == "probe")
-        probe_start = timed_from = steps_start = eager_ms = None
         for i in range(max_new_tokens):
             token = pick_next(logits, do_sample, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
@@ -357,57 +312,12 @@ class StaticDecoder:
                 streamer.put(token.cpu())
             if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
                 break
-            if deciding:  # time PROBE_STEPS eager steps (after one warm-up step), then decide once
-                if i == 1:
-                    probe_start = time.perf_counter()
-                elif i == 1 + cpu_decode.PROBE_STEPS:
-                    deciding = False
-                    eager_ms = (time.perf_counter() - probe_start) * 1000 / cpu_decode.PROBE_STEPS
-                    remaining = max_new_tokens - 1 - i
-                    if plan == "probe" and self._switch_to_onnx(batch, eager_ms, max_new_tokens) and (ort := self._start_onnx(batch)):
-                        self._note(f"decoding the remaining {remaining} tokens with onnxruntime")
-                        onnx_from = i
-                        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-                        logits = ort.prefill(torch.cat(out, dim=1), torch.cat([mask, mask.new_ones(batch, i + 1)], dim=1))
-                        continue
-                    if mode == "auto":
-                        record = cpu_decode.Ledger().get(sig)
-                        mode = "on" if cpu_decode.compile_pays_back(record, eager_ms, remaining) else "off"
-                        if mode == "on":
-                            compiled_from = i
-                            cost = f"about {record['compile_s']:.0f} s, cached" if "compile_s" in record else "the first time here: up to a minute"
-                            self._note(f"compiling the decode step for the remaining {remaining} tokens ({cost})")
-            if ort is not None:
-                if ort_calls == 1:  # the first call of a one-token step warms onnxruntime up: not timed
-                    ort_start = time.perf_counter()
-                logits = ort(token[:, None])
-                ort_calls += 1
+            if step is None:
+                logits = self._timed_compile(token[:, None])
+                self._compiled_batch, step = batch, self._compiled
                 continue
-            if compiled_from is not None and i == compiled_from and self._compiled_batch != batch:
-                logits = self._timed_compile(token[:, None], sig)
-                self._compiled_batch = batch
-                timed_from, steps_start = i + 1, time.perf_counter()
-                continue
-            if compiled_from is not None and i == compiled_from:
-                timed_from, steps_start = i, time.perf_counter()
-            logits = (self._compiled if compiled_from is not None else self.eager_step)(token[:, None])
-        if sig is not None and timed_from is not None and self.compile_s is not None:
-            steps = len(out) - 2 - timed_from  # compiled steps timed (the compiling call excluded)
-            if steps >= cpu_decode.PROBE_STEPS:
-                fields = dict(compiled_ms=(time.perf_counter() - steps_start) * 1000 / steps)
-                if eager_ms is not None:
-                    fields["eager_ms"] = eager_ms
-                cpu_decode.Ledger().update(sig, **fields)
-        if plan is not None:  # the engines' step times, for the next run's choice
-            fields = dict(eager_ms=eager_ms) if eager_ms is not None else {}
-            if ort_calls - 1 >= cpu_decode.PROBE_STEPS:
-                fields["onnx_ms"] = (time.perf_counter() - ort_start) * 1000 / (ort_calls - 1)
-            if fields:
-                onnx_decode.ledger().update(self._onnx_signature(batch), **fields)
-        if onnx_from is not None:
-            self.last_path = "onnx" if onnx_from == 0 and plan == "onnx" else "eager+onnx"
-        else:
-            self.last_path = "eager" if compiled_from is None else "compiled" if compiled_from == 0 else "eager+compiled"
+            logits = step(token[:, None])
+        self.last_path = "onnx" if ort is not None else "compiled" if self.mode == "on" else "eager"
         if streamer is not None:
             streamer.end()
         return torch.cat(out, dim=1)

@@ -178,9 +178,10 @@ def test_bad_quantize_combinations_fail_in_one_line(exports, capsys, monkeypatch
         StaticDecoder(model, quantize="int4")
 
 
-def test_export_command_writes_a_quantized_folder(char_tokenizer, tmp_path, capsys):
+def test_export_command_writes_a_quantized_folder(char_tokenizer, tmp_path, capsys, monkeypatch):
     """`wiola export --to onnx --quantize int4` on a model at its ordinary initialisation (not the fixtures'
-    scaled-up weights): the folder decodes with `onnx_run` alone, its logits within a few percent of PyTorch's."""
+    scaled-up weights): the folder decodes with `onnx_run` alone, its logits within a few percent of PyTorch's;
+    it is placed in the engine cache, where the next `wiola generate --quantize int4` finds it (no export)."""
     import onnx
 
     from tests.export.conftest import CONTEXT, VOCAB
@@ -208,3 +209,11 @@ def test_export_command_writes_a_quantized_folder(char_tokenizer, tmp_path, caps
     rel = np.linalg.norm(logits - reference, axis=-1) / np.linalg.norm(reference, axis=-1)
     print(f"int4 export, ordinary initialisation: relative logit error mean {rel.mean():.3f}, worst {rel.max():.3f}")
     assert rel.max() < 0.15
+    engine = onnx_decode.OnnxEngine(model, "int4")
+    assert onnx_decode.mismatch(engine.folder, engine.key, "int4") is None and not onnx_decode.OnnxEngine(model).cached()
+    no_export(monkeypatch)
+    starts, real_start = [], onnx_decode.OnnxEngine.start
+    monkeypatch.setattr(onnx_decode.OnnxEngine, "start", lambda self, *a: starts.append(self.name) or real_start(self, *a))
+    assert main(["generate", str(tmp_path / "model"), "the king", "--greedy", "--max-new-tokens", "8", "--device", "cpu",
+                 "--quantize", "int4"]) == 0
+    assert starts == [engine.name]
