@@ -42,7 +42,7 @@ DEAD_WRITER_S = 600  # ... and one whose writer's PID is gone, once this old (a 
 
 
 def compile_cache_dir() -> Path:
-    """Where the compile ledger and torch's cache artifacts live (see the module docstring)."""
+    """Where torch's saved compile artifacts live (see the module docstring)."""
     root = os.environ.get("WIOLA_COMPILE_CACHE")
     if root:
         return Path(root).expanduser()
