@@ -8,7 +8,7 @@ prompt, greedy tokens/s of
   a fresh decoder per run (weights hashed, onnxruntime session loaded), nothing else carried over:
   "first run" with nothing cached (torch eager, by the rule of `StaticDecoder`), and "default (auto)" after
   the one-off ONNX export that `wiola export --to onnx` or a first `--engine onnx` run makes (timed,
-  reported): then auto runs onnxruntime (`wiola.onnx_decode`). The ONNX cache is a temporary folder for the
+  reported): then auto runs onnxruntime (`wiola.decode.onnx_backend`). The ONNX cache is a temporary folder for the
   script's run (shared by the batches of a shape);
 - the ONNX engine of `StaticDecoder` by name (`engine="onnx"`): float32, and int8 / int4 block-wise weights
   (`quantize`, onnxruntime's MatMulNBits, `wiola.export.onnx_quant`; `wiola generate --quantize int8|int4`),
@@ -46,7 +46,7 @@ import torch
 
 from wiola.bench import llama_twin
 from wiola.configuration_wiola import WiolaConfig
-from wiola.fast_decode import StaticDecoder
+from wiola.decode import StaticDecoder
 from wiola.generate import cache_slots
 from wiola.quantize import torchao_available
 from wiola.train.config import parse_overrides

@@ -1,4 +1,4 @@
-"""CPU fast paths of `StaticDecoder` and `wiola generate` (`wiola.cpu_decode`, `wiola.quantize`).
+"""CPU fast paths of `StaticDecoder` and `wiola generate` (`wiola.decode.caches`, `wiola.quantize`).
 
 Every fp32 path gives exactly the tokens of `model.generate` (greedy, the growing `WiolaCache`) for the
 three model families: eager, compiled (traced with `aot_eager`: what inductor would compile, without code
@@ -19,9 +19,10 @@ from torch import nn
 
 from tests.train.tinyrun import FAMILIES
 from wiola import WiolaConfig, WiolaForCausalLM
-from wiola import cpu, cpu_decode
+from wiola import cpu
+from wiola.decode import caches
 from wiola.errors import WiolaError
-from wiola.fast_decode import StaticDecoder
+from wiola.decode import StaticDecoder
 from wiola.generate import cache_slots
 from wiola.quantize import check_quantize, quantize_int8
 
@@ -184,15 +185,15 @@ def test_cpu_engines_benchmark_runs_and_reports_ratios(capsys):
 
 def test_compile_cache_follows_the_wiola_cache(monkeypatch, tmp_path):
     """The compile artifacts live in the same cache as the corpora and ONNX exports unless told otherwise."""
-    from wiola.onnx_decode import onnx_cache_dir
+    from wiola.decode.onnx_backend import onnx_cache_dir
 
     monkeypatch.delenv("WIOLA_COMPILE_CACHE", raising=False)
     monkeypatch.delenv("WIOLA_ONNX_CACHE", raising=False)
     monkeypatch.setenv("WIOLA_CACHE", str(tmp_path / "wc"))
-    assert cpu_decode.compile_cache_dir() == tmp_path / "wc" / "compile"
-    assert onnx_cache_dir().parent == cpu_decode.compile_cache_dir().parent
+    assert caches.compile_cache_dir() == tmp_path / "wc" / "compile"
+    assert onnx_cache_dir().parent == caches.compile_cache_dir().parent
     monkeypatch.delenv("WIOLA_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cpu_decode.compile_cache_dir() == tmp_path / "xdg" / "wiola" / "compile"
+    assert caches.compile_cache_dir() == tmp_path / "xdg" / "wiola" / "compile"
     monkeypatch.setenv("WIOLA_COMPILE_CACHE", str(tmp_path / "own"))
-    assert cpu_decode.compile_cache_dir() == tmp_path / "own"
+    assert caches.compile_cache_dir() == tmp_path / "own"

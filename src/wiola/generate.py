@@ -2,12 +2,12 @@
 
 The model and tokenizer load through the Auto classes (`import wiola` registers the wiola
 model type, so LLaMA-style and Wiola checkpoints both work). Wiola models decode on the fast path
-(`wiola.fast_decode.StaticDecoder`: preallocated cache; the step compiled with CUDA graphs on CUDA, on CPU only
+(`wiola.decode.StaticDecoder`: preallocated cache; the step compiled with CUDA graphs on CUDA, on CPU only
 with `--compile on`; `--quantize int8|int4` for quantized CPU decoding; on CPU `--engine auto` runs the model's
 ONNX export under onnxruntime when it is in the engine cache — made by `wiola export --to onnx` or an earlier
-`--engine onnx` / `--quantize` run —, else torch eager, `wiola.onnx_decode`); other
+`--engine onnx` / `--quantize` run —, else torch eager, `wiola.decode.onnx_backend`); other
 models, or `--decoding generate`, go through transformers' `generate()`. On CPU the thread count is set to
-the physical cores unless OMP_NUM_THREADS says otherwise (`wiola.cpu_decode`). A single sample streams to the
+the physical cores unless OMP_NUM_THREADS says otherwise (`wiola.decode.caches`). A single sample streams to the
 terminal token by token through transformers' `TextStreamer`; several samples are drawn
 in batches of at most `SAMPLE_BATCH_BYTES` of estimated decoding memory (`samples_per_batch`: one batch for
 a few hundred samples of a small model) and printed one after another as each batch ends, so any
@@ -176,7 +176,7 @@ def generate_command(
     batch = samples_per_batch(model.config, cache_len, num_samples)  # bounded memory for any --num-samples
     texts: list[str] = []
     if static:
-        from wiola.fast_decode import StaticDecoder
+        from wiola.decode import StaticDecoder
 
         decoder = StaticDecoder(model, max_cache_len=cache_len,
                                 compile={"on": True, "off": False}.get(compile, "auto"), quantize=quantize, verbose=True,

@@ -1,4 +1,4 @@
-"""The ONNX engine of `StaticDecoder` and `wiola generate` (`wiola.onnx_decode`): the cached export under
+"""The ONNX engine of `StaticDecoder` and `wiola generate` (`wiola.decode.onnx_backend`): the cached export under
 onnxruntime decodes the tokens of the torch path — greedy, seeded sampling, left padding, end-of-sequence and
 streaming — for the seed, paper (ATM forced on), all-off and article families; `engine="auto"` follows one rule
 (the cached export and onnxruntime: onnx from the prompt on; else torch eager, nothing exported), `engine="onnx"`
@@ -16,10 +16,11 @@ import torch
 
 from tests.export.test_onnx import prompts
 from tests.train.tinyrun import FAMILIES
-from wiola import WiolaForCausalLM, onnx_decode
+from wiola import WiolaForCausalLM
+from wiola.decode import onnx_backend
 from wiola.cli import main
 from wiola.errors import WiolaError
-from wiola.fast_decode import StaticDecoder
+from wiola.decode import StaticDecoder
 from wiola.generate import generate_command
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (wiola[export]): the ONNX engine is not tested")
@@ -39,9 +40,9 @@ def cached(exports, family: str):
     """The family's saved model, with its export placed in the engine's cache (as a first run would leave it)."""
     src, folder = exports(family)
     model = WiolaForCausalLM.from_pretrained(src).eval()
-    key = onnx_decode.model_key(model)
-    shutil.copytree(folder, onnx_decode.onnx_cache_dir() / key)
-    onnx_decode.seal(onnx_decode.onnx_cache_dir() / key, key)  # the record of what the folder holds, as `OnnxEngine.export` writes it
+    key = onnx_backend.model_key(model)
+    shutil.copytree(folder, onnx_backend.onnx_cache_dir() / key)
+    onnx_backend.seal(onnx_backend.onnx_cache_dir() / key, key)  # the record of what the folder holds, as `OnnxEngine.export` writes it
     return src, model
 
 
@@ -62,7 +63,7 @@ def no_export(monkeypatch):
     def refuse(self):
         raise AssertionError("exported again although the export is cached")
 
-    monkeypatch.setattr(onnx_decode.OnnxEngine, "export", refuse)
+    monkeypatch.setattr(onnx_backend.OnnxEngine, "export", refuse)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -91,13 +92,13 @@ def test_onnx_engine_decodes_the_torch_tokens(exports, family, monkeypatch):
 
 def counting_exports(monkeypatch) -> list:
     """Record every `OnnxEngine.export` call (and let it run)."""
-    calls, real = [], onnx_decode.OnnxEngine.export
+    calls, real = [], onnx_backend.OnnxEngine.export
 
     def export(self):
         calls.append(self.name)
         return real(self)
 
-    monkeypatch.setattr(onnx_decode.OnnxEngine, "export", export)
+    monkeypatch.setattr(onnx_backend.OnnxEngine, "export", export)
     return calls
 
 
@@ -112,11 +113,11 @@ def test_auto_runs_onnx_exactly_when_the_export_is_cached(exports, monkeypatch, 
     expected = StaticDecoder(model, max_cache_len=CAPACITY, engine="torch").generate(ids, max_new_tokens=NEW)
     calls = counting_exports(monkeypatch)
     private_cache.mkdir(parents=True)  # an earlier version's ledger: "this model lost hours on torch, export it"
-    (private_cache / "records.json").write_text(json.dumps({onnx_decode.model_key(model): {"forgone_s": 1e9}}))
+    (private_cache / "records.json").write_text(json.dumps({onnx_backend.model_key(model): {"forgone_s": 1e9}}))
     for _ in range(2):
         decoder = StaticDecoder(model, max_cache_len=CAPACITY)
         assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "eager"
-    assert calls == [] and not onnx_decode.OnnxEngine(model).cached()
+    assert calls == [] and not onnx_backend.OnnxEngine(model).cached()
     cached(exports, "all-off")
     decoder = StaticDecoder(model, max_cache_len=CAPACITY)
     assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "onnx"
@@ -139,7 +140,7 @@ def test_engine_onnx_exports_once_and_auto_then_uses_it(exports, monkeypatch, pr
     calls = counting_exports(monkeypatch)
     decoder = StaticDecoder(model, max_cache_len=CAPACITY, engine="onnx")
     assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "onnx"
-    engine = onnx_decode.OnnxEngine(model)
+    engine = onnx_backend.OnnxEngine(model)
     assert calls == [engine.key] and engine.cached()
     assert [p.name for p in private_cache.iterdir() if p.name.startswith(".")] == []  # no half-written export left
     # the next runs (new decoders, as new processes would build): auto and onnx find the export, from the prompt on
@@ -159,12 +160,12 @@ def test_export_command_fills_the_cache_for_the_next_generate(exports, monkeypat
     assert main(["export", str(src), str(tmp_path / "plain"), "--to", "onnx", "--no-engine-cache"]) == 0
     assert not private_cache.exists() or not any(private_cache.iterdir())
     assert main(["export", str(src), str(tmp_path / "onnx"), "--to", "onnx"]) == 0
-    engine = onnx_decode.OnnxEngine(WiolaForCausalLM.from_pretrained(src).eval())
+    engine = onnx_backend.OnnxEngine(WiolaForCausalLM.from_pretrained(src).eval())
     assert f"placed in the ONNX engine's cache ({engine.folder})" in capsys.readouterr().out
-    assert onnx_decode.mismatch(engine.folder, engine.key) is None
+    assert onnx_backend.mismatch(engine.folder, engine.key) is None
     calls, starts = counting_exports(monkeypatch), []
-    real_start = onnx_decode.OnnxEngine.start
-    monkeypatch.setattr(onnx_decode.OnnxEngine, "start", lambda self, *a: starts.append(self.name) or real_start(self, *a))
+    real_start = onnx_backend.OnnxEngine.start
+    monkeypatch.setattr(onnx_backend.OnnxEngine, "start", lambda self, *a: starts.append(self.name) or real_start(self, *a))
     assert main(args) == 0
     assert capsys.readouterr().out == torch_text and starts == [engine.key] and calls == []
 
@@ -202,13 +203,13 @@ def test_missing_onnxruntime_or_failed_export_falls_back_to_torch(exports, monke
     decoder = StaticDecoder(model, max_cache_len=CAPACITY, engine="onnx")
     assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "eager"
     assert capsys.readouterr().err.strip() == "wiola: note: the ONNX export failed (RuntimeError: no ONNX op for this); decoding on torch"
-    engine = onnx_decode.OnnxEngine(model)
+    engine = onnx_backend.OnnxEngine(model)
     assert not engine.cached()
     # a cached export that onnxruntime cannot load (its record vouches for it, as for an export an older
     # onnxruntime made): one line, torch
     cached(exports, "all-off")
     (engine.folder / "model.onnx").write_bytes(b"not a graph")
-    onnx_decode.seal(engine.folder, engine.key)
+    onnx_backend.seal(engine.folder, engine.key)
     decoder = StaticDecoder(model, max_cache_len=CAPACITY, engine="onnx")
     assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "eager"
     err = capsys.readouterr().err.strip().splitlines()
@@ -244,12 +245,12 @@ def test_the_cache_stays_bounded(private_cache, monkeypatch):
 
     private_cache.mkdir(parents=True)
 
-    monkeypatch.setattr(onnx_decode, "KEEP_EXPORTS", 2)
+    monkeypatch.setattr(onnx_backend, "KEEP_EXPORTS", 2)
     for i in range(4):
         (private_cache / f"key{i}").mkdir()
         os.utime(private_cache / f"key{i}", (1000 + i, 1000 + i))
     os.utime(private_cache / "key0", (5000, 5000))  # the oldest export, used last
-    onnx_decode.OnnxEngine(None)._prune(private_cache)
+    onnx_backend.OnnxEngine(None)._prune(private_cache)
     assert sorted(p.name for p in private_cache.iterdir() if p.is_dir()) == ["key0", "key3"]
 
 
@@ -271,7 +272,7 @@ def test_an_edited_cached_graph_is_exported_again(exports, capsys):
     """Issue 26, item 1: an initializer edited in the cached graph gives the torch engine's tokens with one note
     (and a fresh export), never the edited graph's."""
     _, model = cached(exports, "all-off")
-    engine = onnx_decode.OnnxEngine(model)
+    engine = onnx_backend.OnnxEngine(model)
     negate_lm_head(engine.folder, model)
     ids = prompts()[0]
     expected = StaticDecoder(model, max_cache_len=CAPACITY, engine="torch").generate(ids, max_new_tokens=NEW)
@@ -281,7 +282,7 @@ def test_an_edited_cached_graph_is_exported_again(exports, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"wiola: note: the cached ONNX export {engine.folder} is not this model's "
                                                "(model.onnx changed after the export); exporting it again (about "), err
-    assert onnx_decode.mismatch(engine.folder, engine.key) is None  # exported afresh
+    assert onnx_backend.mismatch(engine.folder, engine.key) is None  # exported afresh
 
 
 def test_another_models_cached_export_is_exported_again(exports, char_tokenizer, tmp_path, capsys):
@@ -291,9 +292,9 @@ def test_another_models_cached_export_is_exported_again(exports, char_tokenizer,
     from tests.export.conftest import save_model
 
     _, model = cached(exports, "all-off")
-    engine = onnx_decode.OnnxEngine(model)
+    engine = onnx_backend.OnnxEngine(model)
     src_b = save_model(tmp_path / "b", char_tokenizer, "all-off", seed=1)
-    engine_b = onnx_decode.OnnxEngine(WiolaForCausalLM.from_pretrained(src_b).eval())
+    engine_b = onnx_backend.OnnxEngine(WiolaForCausalLM.from_pretrained(src_b).eval())
     shutil.copytree(engine.folder, engine_b.folder)
     args = ["generate", str(src_b), "the king", "--greedy", "--max-new-tokens", str(NEW), "--device", "cpu"]
     assert main([*args, "--engine", "torch"]) == 0
@@ -306,13 +307,13 @@ def test_another_models_cached_export_is_exported_again(exports, char_tokenizer,
                      f"other weights (key {engine.key})); decoding on torch (wiola export --to onnx, or --engine onnx, makes it again)"], err
     assert not engine_b.folder.exists()
     assert main([*args, "--engine", "onnx"]) == 0
-    assert capsys.readouterr().out == torch_text and onnx_decode.mismatch(engine_b.folder, engine_b.key) is None
+    assert capsys.readouterr().out == torch_text and onnx_backend.mismatch(engine_b.folder, engine_b.key) is None
 
 
 def test_the_same_weights_share_one_cache_entry_whatever_the_path(exports, tmp_path, monkeypatch, private_cache):
     """Issue 26, item 6: `runs/seed`, `/abs/runs/seed` and `runs/seed/checkpoints/final` (the same weights) have one
     ONNX cache key and one compile signature, and all three decode from one cached export."""
-    from wiola import cpu_decode
+    from wiola.decode import caches
 
     src, _ = cached(exports, "all-off")
     run = tmp_path / "runs" / "seed"
@@ -320,8 +321,8 @@ def test_the_same_weights_share_one_cache_entry_whatever_the_path(exports, tmp_p
     shutil.copytree(src, run / "checkpoints" / "final")
     monkeypatch.chdir(tmp_path)
     models = [WiolaForCausalLM.from_pretrained(path).eval() for path in ("runs/seed", str(run), "runs/seed/checkpoints/final")]
-    assert len({onnx_decode.model_key(m) for m in models}) == 1
-    assert len({cpu_decode.signature(m, 1, CAPACITY, None, 1) for m in models}) == 1
+    assert len({onnx_backend.model_key(m) for m in models}) == 1
+    assert len({caches.signature(m, 1, CAPACITY, None, 1) for m in models}) == 1
     no_export(monkeypatch)
     ids = prompts()[0]
     expected = StaticDecoder(models[0], max_cache_len=CAPACITY, engine="torch").generate(ids, max_new_tokens=NEW)
@@ -361,6 +362,6 @@ def test_killed_exports_leftovers_are_pruned(private_cache):
             path.mkdir()
             (path / "model.onnx").write_bytes(b"partial")
         os.utime(path, (now - age, now - age))
-    onnx_decode.OnnxEngine(None)._prune(private_cache)
+    onnx_backend.OnnxEngine(None)._prune(private_cache)
     assert sorted(p.name for p in private_cache.iterdir()) == sorted(
         [f".{key}-{gone.pid}-fresh123", f".{key}-{os.getpid()}-live1234", f".{key}-newstyle", f"records.{os.getpid()}.tmp", key, "shown"])

@@ -5,7 +5,7 @@
 * `--to onnx` (`wiola.export.to_onnx`): any model, every component included, as one ONNX graph of a step
   function over explicit state (`wiola.export.onnx_step`), run with onnxruntime by `wiola.export.onnx_run`;
   `--quantize int8|int4` gives its large MatMuls block-wise weights (`wiola.export.onnx_quant`). The folder is also
-  placed into the ONNX engine's cache (`wiola.onnx_decode`), so the next `wiola generate` on CPU runs it
+  placed into the ONNX engine's cache (`wiola.decode.onnx_backend`), so the next `wiola generate` on CPU runs it
   (`--no-engine-cache`: not).
 
 Both write into a temporary folder next to OUT first (as `wiola convert` does), so a failure leaves OUT as it was.
@@ -75,10 +75,10 @@ def export_model(model_dir: str | Path, out: str | Path, to: str, force: bool = 
 
 
 def place_in_engine_cache(model, folder: Path, quantize: str | None) -> str:
-    """Copy the ONNX export in `folder` of `model` into the ONNX engine's cache (`wiola.onnx_decode.OnnxEngine.adopt`),
+    """Copy the ONNX export in `folder` of `model` into the ONNX engine's cache (`wiola.onnx_backend.OnnxEngine.adopt`),
     where `wiola generate --engine auto` finds it; returns the note to print. Best effort: a cache that cannot be
     written is said, not raised (the export itself is done)."""
-    from wiola.onnx_decode import OnnxEngine
+    from wiola.decode.onnx_backend import OnnxEngine
 
     try:
         cached = OnnxEngine(model, quantize).adopt(folder)

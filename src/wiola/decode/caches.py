@@ -1,4 +1,4 @@
-"""CPU decoding settings for `StaticDecoder` and `wiola generate`: the thread count, the inductor settings
+"""What `wiola.decode` keeps on disk and how it names it, and the CPU settings: the thread count, the inductor settings
 of a compiled CPU decode step, torch's compile caches, and the identity of a model's config.
 
 **Threads.** Decoding a small model is a chain of small matrix-vector products; threads beyond the

@@ -1,9 +1,10 @@
-"""The ONNX engine of `StaticDecoder` on CPU: the model's own `wiola export --to onnx` step graph
-(`wiola.export.to_onnx`), run by onnxruntime, exported once per set of weights and cached across runs.
+"""The onnxruntime backend of `wiola.decode` (CPU): the model's own `wiola export --to onnx` step graph
+(`wiola.export.to_onnx`), run by onnxruntime, exported once per set of weights and cached across runs. Its run
+(`OnnxRun`) has the step interface of `loop.decode_loop`.
 
 **Cache.** `onnx_cache_dir()` — `$WIOLA_ONNX_CACHE`, else `<wiola cache>/onnx` with the wiola cache at
 `$WIOLA_CACHE`, `$XDG_CACHE_HOME/wiola` or `~/.cache/wiola` — holds one export folder per `model_key(model)`
-(a hash of the weights, the config's content — `cpu_decode.config_content`, not the path it was loaded from —
+(a hash of the weights, the config's content — `caches.config_content`, not the path it was loaded from —
 and dtype, and the exporter: torch's and onnxscript's versions and the graph format), written atomically. It is
 filled by `OnnxEngine.export` (the first `engine="onnx"` or `quantize` run) and by `wiola export --to onnx`
 (`OnnxEngine.adopt`: the folder just written, copied in). The cache keeps the `KEEP_EXPORTS` most recently used
@@ -25,7 +26,7 @@ onnxruntime's IO binding, the step reading one set and writing the other (ping-p
 alias its inputs), with the token, mask and logits in bound buffers too: a step allocates nothing and copies
 no state outside the graph.
 
-**When.** `engine="auto"` (`StaticDecoder`) runs onnxruntime when this model's export is in the cache and
+**When** (`choose`). `engine="auto"` (`StaticDecoder`) runs onnxruntime when this model's export is in the cache and
 onnxruntime is installed, else torch eager: it never exports, and nothing is timed. The export is made at a known
 moment: by `wiola export --to onnx [--quantize ...]`, or by the first run that asks for the engine
 (`engine="onnx"`, or `quantize`). A cached export costs a run only the session's load (tens of ms at nano size)
@@ -48,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import cpu_decode
+from . import caches
 
 COLD_EXPORT_S = 15.0  # export + onnxruntime check at nano shapes, 1 busy core: 11–16 s (the note's estimate)
 KEEP_EXPORTS = 8  # exports kept in the cache (the most recently used)
@@ -99,7 +100,7 @@ def _exporter() -> str:
 def model_key(model) -> str:
     """What an export depends on: every weight's bytes, the config's content (not where it was loaded from),
     the dtype and the exporter."""
-    config = cpu_decode.config_content(model.config)
+    config = caches.config_content(model.config)
     h = hashlib.sha256(json.dumps([_exporter(), config], sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         t = tensor.detach().reshape(-1).contiguous().cpu()
@@ -212,7 +213,8 @@ class OnnxRun:
             self.bindings.append(binding)
         self.current = 0  # the set holding the state
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        mask = torch.ones_like(ids) if mask is None else mask.long()
         ids, mask = ids.contiguous().numpy(), mask.contiguous().numpy()
         if not self.bind:
             logits, self.state = self.session(ids, mask, self.state)
@@ -326,7 +328,7 @@ class OnnxEngine:
         """`write(tmp)` fills a temporary folder in the cache, which is sealed (`seal`) and renamed to `folder`."""
         root = onnx_cache_dir()
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}-{os.getpid()}-", dir=root))  # the PID: `cpu_decode.remove_leftovers`
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}-{os.getpid()}-", dir=root))  # the PID: `caches.remove_leftovers`
         try:
             write(tmp)
             seal(tmp, self.key, self.quantize)
@@ -346,7 +348,7 @@ class OnnxEngine:
                          key=lambda p: p.stat().st_mtime, reverse=True)
         for old in exports[KEEP_EXPORTS:]:
             shutil.rmtree(old, ignore_errors=True)
-        cpu_decode.remove_leftovers(root)
+        caches.remove_leftovers(root)
 
     def start(self, batch: int, capacity: int) -> OnnxRun:
         if self._session is None:
