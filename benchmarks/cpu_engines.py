@@ -6,9 +6,9 @@ prompt, greedy tokens/s of
 - the default path of `wiola generate` (`StaticDecoder` with its defaults, `engine="auto"`,
   `compile="auto"`, the cache size `wiola generate` picks), as a new `wiola generate` process runs it —
   a fresh decoder per run (weights hashed, onnxruntime session loaded), nothing else carried over:
-  "first run" with nothing cached (whatever it decides, compile time included), and "default (auto)" in
-  the steady state: after the one-off ONNX export (timed, reported) and one run that timed both
-  engines, so the ledger decides (`wiola.onnx_decode`). The ONNX cache is a temporary folder for the
+  "first run" with nothing cached (torch eager, by the rule of `StaticDecoder`), and "default (auto)" after
+  the one-off ONNX export that `wiola export --to onnx` or a first `--engine onnx` run makes (timed,
+  reported): then auto runs onnxruntime (`wiola.decode.onnx_backend`). The ONNX cache is a temporary folder for the
   script's run (shared by the batches of a shape);
 - the ONNX engine of `StaticDecoder` by name (`engine="onnx"`): float32, and int8 / int4 block-wise weights
   (`quantize`, onnxruntime's MatMulNBits, `wiola.export.onnx_quant`; `wiola generate --quantize int8|int4`),
@@ -46,7 +46,7 @@ import torch
 
 from wiola.bench import llama_twin
 from wiola.configuration_wiola import WiolaConfig
-from wiola.fast_decode import StaticDecoder
+from wiola.decode import StaticDecoder
 from wiola.generate import cache_slots
 from wiola.quantize import torchao_available
 from wiola.train.config import parse_overrides
@@ -143,7 +143,6 @@ def measure_shape(name: str, config: WiolaConfig, batch: int, prompt_len: int, n
                 first, _ = fresh_run(engine="onnx")  # the one-off export (when this shape has none yet), then one run
                 export_s = first.onnx.export_s if first.onnx is not None else None
                 onnx_folder = first.onnx.folder if first.onnx is not None else None
-                fresh_run()  # a run that times both engines (or nothing new), so that the ledger decides
             last = {}
 
             def steady():
@@ -271,7 +270,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{args.new_tokens} new tokens, greedy", flush=True)
     rows = []
     previous = os.environ.get("WIOLA_ONNX_CACHE")
-    with tempfile.TemporaryDirectory() as onnx_cache:  # the default path's ONNX cache and ledger: this run's own
+    with tempfile.TemporaryDirectory() as onnx_cache:  # the default path's ONNX cache: this run's own
         os.environ["WIOLA_ONNX_CACHE"] = onnx_cache
         try:
             for name, config in shapes.items():

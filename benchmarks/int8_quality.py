@@ -20,7 +20,7 @@ import math
 import torch
 
 from wiola.data.loader import TokenDataset
-from wiola.fast_decode import StaticDecoder
+from wiola.decode import StaticDecoder
 from wiola.quantize import quantize_int8, torchao_available
 from wiola.train.checkpoint import load_for_inference
 

@@ -10,8 +10,8 @@ import torch
 os.environ["WIOLA_ONNX_CACHE"] = tempfile.mkdtemp()
 from wiola.configuration_wiola import WiolaConfig
 from wiola.modeling_wiola import WiolaForCausalLM
-from wiola import onnx_decode
-from wiola.fast_decode import pick_next
+from wiola.decode import onnx_backend
+from wiola.decode import pick_next
 torch.set_num_threads(1)
 config = WiolaConfig.from_preset("llama-nano")
 torch.manual_seed(0)
@@ -19,10 +19,10 @@ model = WiolaForCausalLM(config).eval()
 ids = torch.randint(3, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
 STEPS = 128
 for quantize in (None, "int8", "int4"):
-    engine = onnx_decode.OnnxEngine(model, quantize)
+    engine = onnx_backend.OnnxEngine(model, quantize)
     engine.export()
     for bind in (True, False):
-        onnx_decode.IO_BINDING = bind
+        onnx_backend.IO_BINDING = bind
         run = engine.start(1, 32 + STEPS + 1)
         logits = run.prefill(ids, torch.ones_like(ids))
         inner = 0.0

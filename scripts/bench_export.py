@@ -69,7 +69,7 @@ def main() -> None:
     from wiola.export import export_model
     from wiola.export.llama import llama_blockers
     from wiola.export.onnx_run import OnnxStepSession, onnx_generate
-    from wiola.fast_decode import StaticDecoder
+    from wiola.decode import StaticDecoder
     from wiola.train.checkpoint import load_for_inference
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-export-"))

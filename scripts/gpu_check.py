@@ -173,7 +173,7 @@ def check_flex(report: Report, device, tiny: bool, seq: int) -> None:
 
 def check_decode(report: Report, label: str, config, device, prompt_len: int, new_tokens: int) -> None:
     """CUDA-graph static decoding tokens == eager static decoding tokens (batch 1, greedy, fp32)."""
-    from wiola.fast_decode import StaticDecoder
+    from wiola.decode import StaticDecoder
 
     model = _model(config, device).eval()
     ids = _ids(config.vocab_size, 1, prompt_len, device, seed=2)

@@ -9,7 +9,7 @@ import torch
 
 torch.set_num_threads(1)
 
-# the ONNX engine's export cache and ledger (`wiola.onnx_decode`): a private one for the session (subprocesses
+# the ONNX engine's export cache and ledger (`wiola.decode.onnx_backend`): a private one for the session (subprocesses
 # included), so that no test decodes from, or adds to, the user's ~/.cache/wiola/onnx
 os.environ["WIOLA_ONNX_CACHE"] = tempfile.mkdtemp(prefix="wiola-onnx-tests-")
 atexit.register(shutil.rmtree, os.environ["WIOLA_ONNX_CACHE"], True)

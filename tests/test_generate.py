@@ -86,7 +86,7 @@ def test_many_samples_decode_in_batches_of_bounded_memory(trained, monkeypatch, 
     from transformers import AutoConfig, AutoTokenizer
 
     import wiola.generate as gen
-    from wiola.fast_decode import StaticDecoder
+    from wiola.decode import StaticDecoder
     from wiola.modeling_wiola import WiolaForCausalLM
 
     kw = dict(prompt="a fool", max_new_tokens=8, temperature=1.0, top_k=20, device="cpu", decoding=decoding,

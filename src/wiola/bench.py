@@ -110,7 +110,7 @@ def llama_static_loop(model, new_tokens: int, max_cache_len: int, compile: bool,
     from transformers import StaticCache
 
     from wiola.compat_wiola import CACHE_KWARG
-    from wiola.fast_decode import CompiledStep
+    from wiola.decode import CompiledStep
 
     device = next(model.parameters()).device
     cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
@@ -154,7 +154,7 @@ def decode_speed(model, batch: int, prompt_len: int, new_tokens: int, device: to
         def run(warmup: bool):
             return model.generate(ids, **(dict(kw, max_new_tokens=4, min_new_tokens=4) if warmup else kw))[:, prompt_len:]
     elif model.config.model_type == "wiola":
-        from wiola.fast_decode import StaticDecoder
+        from wiola.decode import StaticDecoder
 
         decoder = StaticDecoder(model, max_cache_len=prompt_len + new_tokens, compile=compile)
 

@@ -188,7 +188,7 @@ def sample_text(model, tokenizer, prompt: str = "", **settings: Any) -> str:
     model.eval()
     try:
         if getattr(model.config, "model_type", None) == "wiola":
-            from wiola.fast_decode import StaticDecoder
+            from wiola.decode import StaticDecoder
 
             out = StaticDecoder(model, max_cache_len=ids.shape[1] + new).generate(
                 ids, max_new_tokens=new, do_sample=True, temperature=s["temperature"], top_k=s["top_k"],

@@ -2,7 +2,7 @@
 
 Each turn renders the whole conversation with the tokenizer's chat template (the default of
 `wiola.data.chat` when the tokenizer has none) and `add_generation_prompt=True`, and decodes the reply
-until the eos token: Wiola models on the fast decoder (`wiola.fast_decode.StaticDecoder`, one cache
+until the eos token: Wiola models on the fast decoder (`wiola.decode.StaticDecoder`, one cache
 of the model's context length, reused every turn), other models through `generate()`. When the
 conversation no longer fits the context, its oldest turns are left out of the prompt.
 Commands at the prompt: `/reset` forgets the conversation, `/exit` (or Ctrl-D, or Ctrl-C) ends the chat.
@@ -86,7 +86,7 @@ def chat_command(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     decoder = None
     if getattr(model.config, "model_type", None) == "wiola":
-        from wiola.fast_decode import StaticDecoder
+        from wiola.decode import StaticDecoder
 
         decoder = StaticDecoder(model, max_cache_len=context, compile=False)
     try:

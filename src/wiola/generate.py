@@ -2,11 +2,12 @@
 
 The model and tokenizer load through the Auto classes (`import wiola` registers the wiola
 model type, so LLaMA-style and Wiola checkpoints both work). Wiola models decode on the fast path
-(`wiola.fast_decode.StaticDecoder`: preallocated cache; the step compiled with CUDA graphs on CUDA, and on
-CPU when the run is long enough to pay the compile back; `--quantize int8` for int8 CPU decoding; on CPU
-`--engine auto` runs the model's cached ONNX export under onnxruntime when that is faster, `wiola.onnx_decode`); other
+(`wiola.decode.StaticDecoder`: preallocated cache; the step compiled with CUDA graphs on CUDA, on CPU only
+with `--compile on`; `--quantize int8|int4` for quantized CPU decoding; on CPU `--engine auto` runs the model's
+ONNX export under onnxruntime when it is in the engine cache — made by `wiola export --to onnx` or an earlier
+`--engine onnx` / `--quantize` run —, else torch eager, `wiola.decode.onnx_backend`); other
 models, or `--decoding generate`, go through transformers' `generate()`. On CPU the thread count is set to
-the physical cores unless OMP_NUM_THREADS says otherwise (`wiola.cpu_decode`). A single sample streams to the
+the physical cores unless OMP_NUM_THREADS says otherwise (`wiola.decode.caches`). A single sample streams to the
 terminal token by token through transformers' `TextStreamer`; several samples are drawn
 in batches of at most `SAMPLE_BATCH_BYTES` of estimated decoding memory (`samples_per_batch`: one batch for
 a few hundred samples of a small model) and printed one after another as each batch ends, so any
@@ -106,20 +107,20 @@ def generate_command(
         decoding: static = preallocated cache and a plain loop (the fast path, Wiola models only);
             generate = transformers' generate(); auto = static for Wiola models, else generate.
         compile: compile the static decode step (CUDA graphs on CUDA; inductor with freezing and the C++
-            wrapper on CPU); auto = on CUDA, and on CPU when the run is long enough to pay the compile
-            time back (decided after timing the first steps; compile costs are remembered in
-            ~/.cache/wiola/compile); off = never.
+            wrapper on CPU, which costs up to a minute the first time); auto = on CUDA, off on CPU; on / off
+            (both: the torch engine).
         quantize: int8 / int4 = decode with 8- / 4-bit weights and int8 activations (CPU only; slightly
             different tokens from fp32, see docs/benchmarks.md). On the onnx engine (auto's choice when
-            onnxruntime is installed): block-wise weights, the class of llama.cpp's Q8_0 / Q4_0, made once from
-            the cached export; int8 on the torch engine (--engine torch, --compile on/off, or without
+            onnxruntime is installed): block-wise weights, the class of llama.cpp's Q8_0 / Q4_0, made into the
+            engine cache on first use (or by wiola export --to onnx --quantize); int8 on the torch engine (--engine torch, --compile on/off, or without
             onnxruntime): PyTorch's int8. int4 runs on the onnx engine only. none = the model's own weights.
-        engine: what runs the static decode step on CPU. onnx = the model's ONNX export under onnxruntime
-            (the tokens of the torch path; exported on first use, about 10-20 s, and cached in
-            ~/.cache/wiola/onnx per set of weights); torch = PyTorch (eager or compiled, see --compile);
-            auto = onnx when a cached export is faster here (timed on earlier runs), or when this model's
-            runs have lost more time on torch than exporting costs; else torch. Without onnxruntime or
-            when the export fails: torch, with a note. --compile on/off mean torch (except with --quantize int4).
+        engine: what runs the static decode step on CPU. auto = onnx when this model's export is in the
+            engine cache (~/.cache/wiola/onnx; made by wiola export --to onnx, or by an earlier --engine onnx or
+            --quantize run) and onnxruntime is installed, else torch eager; auto never exports by itself.
+            onnx = the model's ONNX export under onnxruntime (the tokens of the torch path), exported into the
+            cache first when missing (about 10-20 s at nano size, once per set of weights); torch = PyTorch
+            (eager or compiled, see --compile). Without onnxruntime or when the export fails: torch, with a
+            note. --compile on/off mean torch (except with --quantize int4).
         allow_changed_base: LoRA runs: use the adapter even though its base model's weights changed since it was
             trained (normally refused: the outputs are then not the trained model's; a warning is printed).
     """
@@ -175,7 +176,7 @@ def generate_command(
     batch = samples_per_batch(model.config, cache_len, num_samples)  # bounded memory for any --num-samples
     texts: list[str] = []
     if static:
-        from wiola.fast_decode import StaticDecoder
+        from wiola.decode import StaticDecoder
 
         decoder = StaticDecoder(model, max_cache_len=cache_len,
                                 compile={"on": True, "off": False}.get(compile, "auto"), quantize=quantize, verbose=True,

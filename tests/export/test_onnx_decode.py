@@ -1,8 +1,9 @@
-"""The ONNX engine of `StaticDecoder` and `wiola generate` (`wiola.onnx_decode`): the cached export under
+"""The ONNX engine of `StaticDecoder` and `wiola generate` (`wiola.decode.onnx_backend`): the cached export under
 onnxruntime decodes the tokens of the torch path — greedy, seeded sampling, left padding, end-of-sequence and
-streaming — for the seed, paper (ATM forced on), all-off and article families; `engine="auto"` chooses by the
-ledger's step times, exports once when that pays back and reuses the export; a missing onnxruntime or a failed
-export falls back to torch with one line; bad engine choices are one-line errors. A cache folder that is not the
+streaming — for the seed, paper (ATM forced on), all-off and article families; `engine="auto"` follows one rule
+(the cached export and onnxruntime: onnx from the prompt on; else torch eager, nothing exported), `engine="onnx"`
+exports once and later runs reuse it, `wiola export --to onnx` fills the cache for the next `wiola generate`; a
+missing onnxruntime or a failed export falls back to torch with one line; bad engine choices are one-line errors. A cache folder that is not the
 model's export as written (another model's, an edited initializer) is exported again with one note; the same
 weights loaded by any path share one cache entry; killed exports' leftovers are pruned."""
 
@@ -15,10 +16,11 @@ import torch
 
 from tests.export.test_onnx import prompts
 from tests.train.tinyrun import FAMILIES
-from wiola import WiolaForCausalLM, onnx_decode
+from wiola import WiolaForCausalLM
+from wiola.decode import onnx_backend
 from wiola.cli import main
 from wiola.errors import WiolaError
-from wiola.fast_decode import StaticDecoder
+from wiola.decode import StaticDecoder
 from wiola.generate import generate_command
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (wiola[export]): the ONNX engine is not tested")
@@ -38,9 +40,9 @@ def cached(exports, family: str):
     """The family's saved model, with its export placed in the engine's cache (as a first run would leave it)."""
     src, folder = exports(family)
     model = WiolaForCausalLM.from_pretrained(src).eval()
-    key = onnx_decode.model_key(model)
-    shutil.copytree(folder, onnx_decode.onnx_cache_dir() / key)
-    onnx_decode.seal(onnx_decode.onnx_cache_dir() / key, key)  # the record of what the folder holds, as `OnnxEngine.export` writes it
+    key = onnx_backend.model_key(model)
+    shutil.copytree(folder, onnx_backend.onnx_cache_dir() / key)
+    onnx_backend.seal(onnx_backend.onnx_cache_dir() / key, key)  # the record of what the folder holds, as `OnnxEngine.export` writes it
     return src, model
 
 
@@ -61,7 +63,7 @@ def no_export(monkeypatch):
     def refuse(self):
         raise AssertionError("exported again although the export is cached")
 
-    monkeypatch.setattr(onnx_decode.OnnxEngine, "export", refuse)
+    monkeypatch.setattr(onnx_backend.OnnxEngine, "export", refuse)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -83,58 +85,89 @@ def test_onnx_engine_decodes_the_torch_tokens(exports, family, monkeypatch):
     sampled = torch_dec.generate(ids, mask, max_new_tokens=NEW, streamer=streams[0], **SAMPLING)
     assert torch.equal(onnx_dec.generate(ids, mask, max_new_tokens=NEW, streamer=streams[1], **SAMPLING), sampled)
     assert streams[0].chunks == streams[1].chunks and streams[1].ended and not torch.equal(sampled, expected)
-    # auto, nothing timed yet: eager steps, then onnxruntime from the whole sequence so far (one chunk) on
+    # auto, the export cached: onnxruntime from the prompt on
     auto = StaticDecoder(model, max_cache_len=CAPACITY)
-    assert torch.equal(auto.generate(ids, mask, max_new_tokens=NEW, **SAMPLING), sampled) and auto.last_path == "eager+onnx"
+    assert torch.equal(auto.generate(ids, mask, max_new_tokens=NEW, **SAMPLING), sampled) and auto.last_path == "onnx"
 
 
-def test_auto_chooses_the_engine_by_the_ledger(exports, monkeypatch):
-    _, model = cached(exports, "all-off")
-    no_export(monkeypatch)
-    ids = prompts()[0]
-    expected = StaticDecoder(model, max_cache_len=CAPACITY, compile=False).generate(ids, max_new_tokens=NEW)
+def counting_exports(monkeypatch) -> list:
+    """Record every `OnnxEngine.export` call (and let it run)."""
+    calls, real = [], onnx_backend.OnnxEngine.export
+
+    def export(self):
+        calls.append(self.name)
+        return real(self)
+
+    monkeypatch.setattr(onnx_backend.OnnxEngine, "export", export)
+    return calls
+
+
+def test_auto_runs_onnx_exactly_when_the_export_is_cached(exports, monkeypatch, private_cache):
+    """The rule of `engine="auto"`: nothing cached -> torch eager, no export attempted (whatever an earlier wiola's
+    timings ledger says); the export cached -> onnxruntime from the prompt on. --compile on/off pin torch."""
+    import json
+
+    src, _ = exports("all-off")
+    model = WiolaForCausalLM.from_pretrained(src).eval()
+    ids = prompts()[0][1:]  # batch 1
+    expected = StaticDecoder(model, max_cache_len=CAPACITY, engine="torch").generate(ids, max_new_tokens=NEW)
+    calls = counting_exports(monkeypatch)
+    private_cache.mkdir(parents=True)  # an earlier version's ledger: "this model lost hours on torch, export it"
+    (private_cache / "records.json").write_text(json.dumps({onnx_backend.model_key(model): {"forgone_s": 1e9}}))
+    for _ in range(2):
+        decoder = StaticDecoder(model, max_cache_len=CAPACITY)
+        assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "eager"
+    assert calls == [] and not onnx_backend.OnnxEngine(model).cached()
+    cached(exports, "all-off")
     decoder = StaticDecoder(model, max_cache_len=CAPACITY)
-    sig = decoder._onnx_signature(2)
-    # nothing timed yet: the first steps run eagerly (timed), the rest on onnxruntime (timed)
-    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "eager+onnx"
-    record = onnx_decode.ledger().get(sig)
-    assert record["eager_ms"] > 0 and record["onnx_ms"] > 0
-    # onnxruntime recorded faster: from the prompt on; recorded slower: torch
-    onnx_decode.ledger().update(sig, eager_ms=2.0, onnx_ms=1.0)
     assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "onnx"
-    onnx_decode.ledger().update(sig, eager_ms=2.0, onnx_ms=3.0)
-    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "eager"
-    # --compile on/off pin the torch engine; so does a run too short to time
-    onnx_decode.ledger().update(sig, eager_ms=2.0, onnx_ms=1.0)
-    off = StaticDecoder(model, max_cache_len=CAPACITY, compile=False)
-    assert off.onnx is None and torch.equal(off.generate(ids, max_new_tokens=NEW), expected) and off.last_path == "eager"
+    batch2 = StaticDecoder(model, max_cache_len=CAPACITY, engine="torch").generate(prompts()[0], max_new_tokens=NEW)
+    assert torch.equal(decoder.generate(prompts()[0], max_new_tokens=NEW), batch2) and decoder.last_path == "onnx"
+    for compile in (False, True):
+        pinned = StaticDecoder(model, max_cache_len=CAPACITY, compile=compile, backend="eager")
+        assert pinned.onnx is None and torch.equal(pinned.generate(ids, max_new_tokens=NEW), expected)
+        assert pinned.last_path == ("compiled" if compile else "eager")
+    assert calls == []
 
 
-def test_export_pays_back_once_then_is_reused(exports, monkeypatch, private_cache):
+def test_engine_onnx_exports_once_and_auto_then_uses_it(exports, monkeypatch, private_cache):
     src, _ = exports("all-off")
     model = WiolaForCausalLM.from_pretrained(src).eval()
     with torch.no_grad():  # other weights than the cached fixtures': a key of its own
         model.lm_head.weight.mul_(1.01)
-    ids = prompts()[0][1:]  # batch 1: the batch whose speed-up is assumed before anything is timed
-    expected = StaticDecoder(model, max_cache_len=CAPACITY, compile=False).generate(ids, max_new_tokens=NEW)
-    engine = onnx_decode.OnnxEngine(model)
-    # rent or buy: a run that loses less than the export costs stays on torch and adds its loss to the ledger
-    decoder = StaticDecoder(model, max_cache_len=CAPACITY)
-    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "eager"
-    forgone = onnx_decode.ledger().get(engine.key)["forgone_s"]
-    assert 0 < forgone < onnx_decode.COLD_EXPORT_S and not engine.cached()
-    assert not onnx_decode.export_pays_back(0.0, 15.0, 1.0, 1000) and onnx_decode.export_pays_back(14.5, 15.0, 1.0, 1000)
-    assert not onnx_decode.export_pays_back(1e9, 15.0, -1.0, 1000)  # onnxruntime slower: never
-    # once the losses reach the export's cost, the run exports and continues on onnxruntime
-    onnx_decode.ledger().update(engine.key, forgone_s=onnx_decode.COLD_EXPORT_S)
-    decoder = StaticDecoder(model, max_cache_len=CAPACITY)
-    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "eager+onnx"
-    assert engine.cached() and onnx_decode.ledger().get(engine.key)["export_s"] > 0
-    assert [p.name for p in private_cache.iterdir() if p.name.startswith(".")] == []  # no half-written export left
-    # the next run (a new decoder, as a new process would build) finds the export
-    no_export(monkeypatch)
+    ids = prompts()[0][1:]
+    expected = StaticDecoder(model, max_cache_len=CAPACITY, engine="torch").generate(ids, max_new_tokens=NEW)
+    calls = counting_exports(monkeypatch)
     decoder = StaticDecoder(model, max_cache_len=CAPACITY, engine="onnx")
     assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "onnx"
+    engine = onnx_backend.OnnxEngine(model)
+    assert calls == [engine.key] and engine.cached()
+    assert [p.name for p in private_cache.iterdir() if p.name.startswith(".")] == []  # no half-written export left
+    # the next runs (new decoders, as new processes would build): auto and onnx find the export, from the prompt on
+    for kw in ({}, dict(engine="onnx")):
+        decoder = StaticDecoder(model, max_cache_len=CAPACITY, **kw)
+        assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "onnx"
+    assert calls == [engine.key]
+
+
+def test_export_command_fills_the_cache_for_the_next_generate(exports, monkeypatch, private_cache, tmp_path, capsys):
+    """`wiola export --to onnx` places its folder in the engine cache: the next `wiola generate` (engine auto) decodes
+    on onnxruntime without exporting, the torch engine's text; `--no-engine-cache` leaves the cache alone."""
+    src, _ = exports("seed")
+    args = ["generate", str(src), "the king", "--greedy", "--max-new-tokens", "20", "--device", "cpu"]
+    assert main([*args, "--engine", "torch"]) == 0
+    torch_text = capsys.readouterr().out
+    assert main(["export", str(src), str(tmp_path / "plain"), "--to", "onnx", "--no-engine-cache"]) == 0
+    assert not private_cache.exists() or not any(private_cache.iterdir())
+    assert main(["export", str(src), str(tmp_path / "onnx"), "--to", "onnx"]) == 0
+    engine = onnx_backend.OnnxEngine(WiolaForCausalLM.from_pretrained(src).eval())
+    assert f"placed in the ONNX engine's cache ({engine.folder})" in capsys.readouterr().out
+    assert onnx_backend.mismatch(engine.folder, engine.key) is None
+    calls, starts = counting_exports(monkeypatch), []
+    real_start = onnx_backend.OnnxEngine.start
+    monkeypatch.setattr(onnx_backend.OnnxEngine, "start", lambda self, *a: starts.append(self.name) or real_start(self, *a))
+    assert main(args) == 0
+    assert capsys.readouterr().out == torch_text and starts == [engine.key] and calls == []
 
 
 def test_missing_onnxruntime_or_failed_export_falls_back_to_torch(exports, monkeypatch, capsys):
@@ -170,15 +203,13 @@ def test_missing_onnxruntime_or_failed_export_falls_back_to_torch(exports, monke
     decoder = StaticDecoder(model, max_cache_len=CAPACITY, engine="onnx")
     assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "eager"
     assert capsys.readouterr().err.strip() == "wiola: note: the ONNX export failed (RuntimeError: no ONNX op for this); decoding on torch"
-    engine = onnx_decode.OnnxEngine(model)
-    assert engine.failed_before() and not engine.cached()
-    auto = StaticDecoder(model, max_cache_len=CAPACITY)  # auto does not try again for these weights and this exporter
-    assert auto._onnx_plan(2, NEW) is None
+    engine = onnx_backend.OnnxEngine(model)
+    assert not engine.cached()
     # a cached export that onnxruntime cannot load (its record vouches for it, as for an export an older
     # onnxruntime made): one line, torch
     cached(exports, "all-off")
     (engine.folder / "model.onnx").write_bytes(b"not a graph")
-    onnx_decode.seal(engine.folder, engine.key)
+    onnx_backend.seal(engine.folder, engine.key)
     decoder = StaticDecoder(model, max_cache_len=CAPACITY, engine="onnx")
     assert torch.equal(decoder.generate(ids, max_new_tokens=NEW), expected) and decoder.last_path == "eager"
     err = capsys.readouterr().err.strip().splitlines()
@@ -209,22 +240,17 @@ def test_generate_command_engines_and_bad_choices(exports, capsys):
         StaticDecoder(model, engine="torch", quantize="int4")
 
 
-def test_the_cache_and_the_ledger_stay_bounded(private_cache, monkeypatch):
-    monkeypatch.setattr(onnx_decode, "KEEP_LOSSES", 3)
-    for i in range(6):
-        onnx_decode.add_forgone(f"model{i}", 1.0 + i)
-    onnx_decode.add_forgone("model5", 1.0)
-    onnx_decode.add_forgone("model0", 10.0)  # dropped earlier (the smallest loss): it starts over
-    tallies = {k: r["forgone_s"] for k, r in onnx_decode.ledger().read().items()}
-    assert tallies == {"model0": 10.0, "model4": 5.0, "model5": 7.0}  # the largest losses stay, added up
+def test_the_cache_stays_bounded(private_cache, monkeypatch):
     import os
 
-    monkeypatch.setattr(onnx_decode, "KEEP_EXPORTS", 2)
+    private_cache.mkdir(parents=True)
+
+    monkeypatch.setattr(onnx_backend, "KEEP_EXPORTS", 2)
     for i in range(4):
         (private_cache / f"key{i}").mkdir()
         os.utime(private_cache / f"key{i}", (1000 + i, 1000 + i))
     os.utime(private_cache / "key0", (5000, 5000))  # the oldest export, used last
-    onnx_decode.OnnxEngine(None)._prune(private_cache)
+    onnx_backend.OnnxEngine(None)._prune(private_cache)
     assert sorted(p.name for p in private_cache.iterdir() if p.is_dir()) == ["key0", "key3"]
 
 
@@ -246,7 +272,7 @@ def test_an_edited_cached_graph_is_exported_again(exports, capsys):
     """Issue 26, item 1: an initializer edited in the cached graph gives the torch engine's tokens with one note
     (and a fresh export), never the edited graph's."""
     _, model = cached(exports, "all-off")
-    engine = onnx_decode.OnnxEngine(model)
+    engine = onnx_backend.OnnxEngine(model)
     negate_lm_head(engine.folder, model)
     ids = prompts()[0]
     expected = StaticDecoder(model, max_cache_len=CAPACITY, engine="torch").generate(ids, max_new_tokens=NEW)
@@ -256,18 +282,19 @@ def test_an_edited_cached_graph_is_exported_again(exports, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"wiola: note: the cached ONNX export {engine.folder} is not this model's "
                                                "(model.onnx changed after the export); exporting it again (about "), err
-    assert onnx_decode.mismatch(engine.folder, engine.key) is None  # exported afresh
+    assert onnx_backend.mismatch(engine.folder, engine.key) is None  # exported afresh
 
 
 def test_another_models_cached_export_is_exported_again(exports, char_tokenizer, tmp_path, capsys):
     """Issue 26, item 1: model B (the shapes of A, other weights) finds A's export under its key: `wiola generate`
-    (engine auto) says so in one line, exports B and prints the torch engine's text, not A's."""
+    (engine auto) says so in one line, removes it and prints the torch engine's text, not A's; `--engine onnx`
+    then exports B."""
     from tests.export.conftest import save_model
 
     _, model = cached(exports, "all-off")
-    engine = onnx_decode.OnnxEngine(model)
+    engine = onnx_backend.OnnxEngine(model)
     src_b = save_model(tmp_path / "b", char_tokenizer, "all-off", seed=1)
-    engine_b = onnx_decode.OnnxEngine(WiolaForCausalLM.from_pretrained(src_b).eval())
+    engine_b = onnx_backend.OnnxEngine(WiolaForCausalLM.from_pretrained(src_b).eval())
     shutil.copytree(engine.folder, engine_b.folder)
     args = ["generate", str(src_b), "the king", "--greedy", "--max-new-tokens", str(NEW), "--device", "cpu"]
     assert main([*args, "--engine", "torch"]) == 0
@@ -277,14 +304,16 @@ def test_another_models_cached_export_is_exported_again(exports, char_tokenizer,
     assert out == torch_text
     notes = [line for line in err.splitlines() if "ONNX export" in line]
     assert notes == [f"wiola: note: the cached ONNX export {engine_b.folder} is not this model's (it holds the export of "
-                     f"other weights (key {engine.key})); exporting it again (about {notes[0].split('(about ')[-1]}"], err
-    assert onnx_decode.mismatch(engine_b.folder, engine_b.key) is None
+                     f"other weights (key {engine.key})); decoding on torch (wiola export --to onnx, or --engine onnx, makes it again)"], err
+    assert not engine_b.folder.exists()
+    assert main([*args, "--engine", "onnx"]) == 0
+    assert capsys.readouterr().out == torch_text and onnx_backend.mismatch(engine_b.folder, engine_b.key) is None
 
 
 def test_the_same_weights_share_one_cache_entry_whatever_the_path(exports, tmp_path, monkeypatch, private_cache):
     """Issue 26, item 6: `runs/seed`, `/abs/runs/seed` and `runs/seed/checkpoints/final` (the same weights) have one
-    ONNX cache key and one compile-ledger signature, and all three decode from one cached export."""
-    from wiola import cpu_decode
+    ONNX cache key and one compile signature, and all three decode from one cached export."""
+    from wiola.decode import caches
 
     src, _ = cached(exports, "all-off")
     run = tmp_path / "runs" / "seed"
@@ -292,8 +321,8 @@ def test_the_same_weights_share_one_cache_entry_whatever_the_path(exports, tmp_p
     shutil.copytree(src, run / "checkpoints" / "final")
     monkeypatch.chdir(tmp_path)
     models = [WiolaForCausalLM.from_pretrained(path).eval() for path in ("runs/seed", str(run), "runs/seed/checkpoints/final")]
-    assert len({onnx_decode.model_key(m) for m in models}) == 1
-    assert len({cpu_decode.signature(m, 1, CAPACITY, None, 1) for m in models}) == 1
+    assert len({onnx_backend.model_key(m) for m in models}) == 1
+    assert len({caches.signature(m, 1, CAPACITY, None, 1) for m in models}) == 1
     no_export(monkeypatch)
     ids = prompts()[0]
     expected = StaticDecoder(models[0], max_cache_len=CAPACITY, engine="torch").generate(ids, max_new_tokens=NEW)
@@ -304,15 +333,13 @@ def test_the_same_weights_share_one_cache_entry_whatever_the_path(exports, tmp_p
 
 
 def test_killed_exports_leftovers_are_pruned(private_cache):
-    """The minor item of issue 26: a killed export's `.KEY-PID-xxxx/` folder and a killed ledger write's
-    `records.PID.tmp` are removed once their writer is gone (or, whatever the PID, once a day old); a live
+    """The minor item of issue 26: a killed export's `.KEY-PID-xxxx/` folder and an earlier version's killed ledger
+    write's `records.PID.tmp` are removed once their writer is gone (or, whatever the PID, once a day old); a live
     writer's stay."""
     import os
     import subprocess
     import sys
     import time
-
-    from wiola import cpu_decode
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
@@ -335,13 +362,6 @@ def test_killed_exports_leftovers_are_pruned(private_cache):
             path.mkdir()
             (path / "model.onnx").write_bytes(b"partial")
         os.utime(path, (now - age, now - age))
-    onnx_decode.OnnxEngine(None)._prune(private_cache)
+    onnx_backend.OnnxEngine(None)._prune(private_cache)
     assert sorted(p.name for p in private_cache.iterdir()) == sorted(
         [f".{key}-{gone.pid}-fresh123", f".{key}-{os.getpid()}-live1234", f".{key}-newstyle", f"records.{os.getpid()}.tmp", key, "shown"])
-    # a ledger write clears its folder's dead temporary files too (the compile cache has no exports to prune)
-    compile_root = private_cache.parent / "compile"
-    compile_root.mkdir()
-    (compile_root / f"records.{gone.pid}.tmp").write_text("[")
-    os.utime(compile_root / f"records.{gone.pid}.tmp", (now - 3600, now - 3600))
-    cpu_decode.Ledger(compile_root).update("sig", compile_s=1.0)
-    assert sorted(p.name for p in compile_root.iterdir()) == ["records.json"]

@@ -1,4 +1,4 @@
-"""Quantized weights on the ONNX engine (`wiola.export.onnx_quant`, `wiola.onnx_decode`): int8 and int4 block-wise
+"""Quantized weights on the ONNX engine (`wiola.export.onnx_quant`, `wiola.decode.onnx_backend`): int8 and int4 block-wise
 weights decode for the seed, paper and all-off families with logits near float32's (int8 agrees with float32's
 greedy choice at most positions); the cache record tells float32, int8 and int4 apart; `wiola export --to onnx
 --quantize` writes a quantized folder that `onnx_run` decodes; bad combinations are one-line errors; the IO-bound
@@ -15,11 +15,12 @@ import torch
 
 from tests.export.test_onnx import prompts
 from tests.export.test_onnx_decode import CAPACITY, NEW, SAMPLING, cached, no_export, private_cache  # noqa: F401 (fixture)
-from wiola import WiolaForCausalLM, onnx_decode
+from wiola import WiolaForCausalLM
+from wiola.decode import onnx_backend
 from wiola.cli import main
 from wiola.errors import WiolaError
 from wiola.export.onnx_run import OnnxStepSession
-from wiola.fast_decode import StaticDecoder
+from wiola.decode import StaticDecoder
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (wiola[export]): the ONNX engine is not tested")
 
@@ -51,7 +52,7 @@ def test_quantized_decoding_is_close_to_float32(exports, family, monkeypatch):
     _, model = cached(exports, family)
     ids, mask = prompts()
     fp32 = StaticDecoder(model, max_cache_len=CAPACITY, engine="onnx").generate(ids, mask, max_new_tokens=NEW)
-    reference = teacher_forced_logits(onnx_decode.OnnxEngine(model).folder, fp32)
+    reference = teacher_forced_logits(onnx_backend.OnnxEngine(model).folder, fp32)
     refuse_float32_export(monkeypatch)  # the quantized folders come from the cached float32 export
     errors = {}
     for kind in KINDS:
@@ -59,7 +60,7 @@ def test_quantized_decoding_is_close_to_float32(exports, family, monkeypatch):
         out = decoder.generate(ids, mask, max_new_tokens=NEW)
         assert decoder.last_path == "onnx" and out.shape == fp32.shape
         folder = decoder.onnx.folder
-        assert folder.name == f"{decoder.onnx.key}-{kind}" and onnx_decode.mismatch(folder, decoder.onnx.key, kind) is None
+        assert folder.name == f"{decoder.onnx.key}-{kind}" and onnx_backend.mismatch(folder, decoder.onnx.key, kind) is None
         meta = json.loads((folder / "wiola_onnx.json").read_text())
         import onnx
 
@@ -81,14 +82,14 @@ def test_quantized_decoding_is_close_to_float32(exports, family, monkeypatch):
 def test_the_cache_record_tells_float32_int8_and_int4_apart(exports, capsys, monkeypatch):
     _, model = cached(exports, "all-off")
     refuse_float32_export(monkeypatch)
-    int8 = onnx_decode.OnnxEngine(model, "int8")
+    int8 = onnx_backend.OnnxEngine(model, "int8")
     int8.export()  # quantized from the cached float32 export
-    plain, int4 = onnx_decode.OnnxEngine(model), onnx_decode.OnnxEngine(model, "int4")
+    plain, int4 = onnx_backend.OnnxEngine(model), onnx_backend.OnnxEngine(model, "int4")
     assert plain.cached() and int8.cached() and not int4.cached()
-    assert json.loads((int8.folder / onnx_decode.RECORD).read_text())["quantize"] == "int8"
+    assert json.loads((int8.folder / onnx_backend.RECORD).read_text())["quantize"] == "int8"
     # an int8 folder under the int4 name: the decoder says so in one line and quantizes int4 afresh
     shutil.copytree(int8.folder, int4.folder)
-    assert onnx_decode.mismatch(int4.folder, int4.key, "int4") == "it holds the int8 export, not the int4 one"
+    assert onnx_backend.mismatch(int4.folder, int4.key, "int4") == "it holds the int8 export, not the int4 one"
     ids = prompts()[0]
     capsys.readouterr()
     decoder = StaticDecoder(model, max_cache_len=CAPACITY, quantize="int4")
@@ -96,15 +97,15 @@ def test_the_cache_record_tells_float32_int8_and_int4_apart(exports, capsys, mon
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"wiola: note: the cached ONNX export {int4.folder} is not this model's "
                                                "(it holds the int8 export, not the int4 one); exporting it again"), err
-    assert onnx_decode.mismatch(int4.folder, int4.key, "int4") is None and decoder.last_path == "onnx"
+    assert onnx_backend.mismatch(int4.folder, int4.key, "int4") is None and decoder.last_path == "onnx"
     # an int8 folder under the float32 name is not used, and is removed ...
     shutil.rmtree(plain.folder)
     shutil.copytree(int8.folder, plain.folder)
-    assert onnx_decode.mismatch(plain.folder, plain.key) == "it holds the int8 export, not the float32 one"
+    assert onnx_backend.mismatch(plain.folder, plain.key) == "it holds the int8 export, not the float32 one"
     # ... even re-sealed as float32: the graph's own metadata names int8
-    onnx_decode.seal(plain.folder, plain.key)
-    assert onnx_decode.mismatch(plain.folder, plain.key) == "its graph is the int8 export, not the float32 one"
-    fresh = onnx_decode.OnnxEngine(model)
+    onnx_backend.seal(plain.folder, plain.key)
+    assert onnx_backend.mismatch(plain.folder, plain.key) == "its graph is the int8 export, not the float32 one"
+    fresh = onnx_backend.OnnxEngine(model)
     assert not fresh.cached() and fresh.stale == "its graph is the int8 export, not the float32 one" and not fresh.folder.exists()
 
 
@@ -114,18 +115,18 @@ def test_io_binding_gives_the_unbound_tokens(exports, monkeypatch):
     ids, mask = prompts()  # row 0 left-padded
     bound = StaticDecoder(model, max_cache_len=CAPACITY, engine="onnx")
     runs = []
-    real_start = onnx_decode.OnnxEngine.start
-    monkeypatch.setattr(onnx_decode.OnnxEngine, "start", lambda self, *a: runs.append(real_start(self, *a)) or runs[-1])
+    real_start = onnx_backend.OnnxEngine.start
+    monkeypatch.setattr(onnx_backend.OnnxEngine, "start", lambda self, *a: runs.append(real_start(self, *a)) or runs[-1])
     for kw in (dict(), SAMPLING, dict(eos_token_id=5, pad_token_id=2)):
-        monkeypatch.setattr(onnx_decode, "IO_BINDING", True)
+        monkeypatch.setattr(onnx_backend, "IO_BINDING", True)
         with_binding = bound.generate(ids, mask, max_new_tokens=NEW, **kw)
-        monkeypatch.setattr(onnx_decode, "IO_BINDING", False)
+        monkeypatch.setattr(onnx_backend, "IO_BINDING", False)
         plain = StaticDecoder(model, max_cache_len=CAPACITY, engine="onnx").generate(ids, mask, max_new_tokens=NEW, **kw)
         assert torch.equal(with_binding, plain) and bound.last_path == "onnx"
     assert [r.bind for r in runs] == [True, False] * 3
     # the bound run keeps its two preallocated state sets: each step writes into them, allocating none
-    monkeypatch.setattr(onnx_decode, "IO_BINDING", True)
-    run = onnx_decode.OnnxEngine(model).start(2, CAPACITY)
+    monkeypatch.setattr(onnx_backend, "IO_BINDING", True)
+    run = onnx_backend.OnnxEngine(model).start(2, CAPACITY)
     before = [a.__array_interface__["data"][0] for a in run.state]
     run.prefill(ids, mask)
     logits = run(torch.tensor([[3], [4]]))
@@ -178,9 +179,10 @@ def test_bad_quantize_combinations_fail_in_one_line(exports, capsys, monkeypatch
         StaticDecoder(model, quantize="int4")
 
 
-def test_export_command_writes_a_quantized_folder(char_tokenizer, tmp_path, capsys):
+def test_export_command_writes_a_quantized_folder(char_tokenizer, tmp_path, capsys, monkeypatch):
     """`wiola export --to onnx --quantize int4` on a model at its ordinary initialisation (not the fixtures'
-    scaled-up weights): the folder decodes with `onnx_run` alone, its logits within a few percent of PyTorch's."""
+    scaled-up weights): the folder decodes with `onnx_run` alone, its logits within a few percent of PyTorch's;
+    it is placed in the engine cache, where the next `wiola generate --quantize int4` finds it (no export)."""
     import onnx
 
     from tests.export.conftest import CONTEXT, VOCAB
@@ -208,3 +210,11 @@ def test_export_command_writes_a_quantized_folder(char_tokenizer, tmp_path, caps
     rel = np.linalg.norm(logits - reference, axis=-1) / np.linalg.norm(reference, axis=-1)
     print(f"int4 export, ordinary initialisation: relative logit error mean {rel.mean():.3f}, worst {rel.max():.3f}")
     assert rel.max() < 0.15
+    engine = onnx_backend.OnnxEngine(model, "int4")
+    assert onnx_backend.mismatch(engine.folder, engine.key, "int4") is None and not onnx_backend.OnnxEngine(model).cached()
+    no_export(monkeypatch)
+    starts, real_start = [], onnx_backend.OnnxEngine.start
+    monkeypatch.setattr(onnx_backend.OnnxEngine, "start", lambda self, *a: starts.append(self.name) or real_start(self, *a))
+    assert main(["generate", str(tmp_path / "model"), "the king", "--greedy", "--max-new-tokens", "8", "--device", "cpu",
+                 "--quantize", "int4"]) == 0
+    assert starts == [engine.name]

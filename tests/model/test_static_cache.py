@@ -1,4 +1,4 @@
-"""The preallocated `WiolaStaticCache` and the fast decoding built on it (`wiola.fast_decode`).
+"""The preallocated `WiolaStaticCache` and the fast decoding built on it (`wiola.decode`).
 
 Everything is compared with the growing `WiolaCache` path, which the other model tests tie to a full
 forward: logits of every decode step for every component combination (ATM forced on and off, left
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from wiola import WiolaCache, WiolaStaticCache
-from wiola.fast_decode import StaticDecoder, pick_next
+from wiola.decode import StaticDecoder, pick_next
 
 from .conftest import COMBOS, build, combo_id, random_ids
 from .test_generation import VARIANTS

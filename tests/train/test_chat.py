@@ -130,7 +130,7 @@ def _read_until(fd: int, needle: bytes, seen: bytearray, start: int = 0, timeout
 def test_lora_chat_journey_through_the_cli_and_a_pseudo_terminal(chat_data, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from wiola.fast_decode import StaticDecoder
+    from wiola.decode import StaticDecoder
     from wiola.finetune import load_lora_model
 
     config = write_model_config(tmp_path / "tiny.json")

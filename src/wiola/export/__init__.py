@@ -4,7 +4,9 @@
   (CTranslate2, llama.cpp's converter, vLLM); anything else is refused, naming the components in the way.
 * `--to onnx` (`wiola.export.to_onnx`): any model, every component included, as one ONNX graph of a step
   function over explicit state (`wiola.export.onnx_step`), run with onnxruntime by `wiola.export.onnx_run`;
-  `--quantize int8|int4` gives its large MatMuls block-wise weights (`wiola.export.onnx_quant`).
+  `--quantize int8|int4` gives its large MatMuls block-wise weights (`wiola.export.onnx_quant`). The folder is also
+  placed into the ONNX engine's cache (`wiola.decode.onnx_backend`), so the next `wiola generate` on CPU runs it
+  (`--no-engine-cache`: not).
 
 Both write into a temporary folder next to OUT first (as `wiola convert` does), so a failure leaves OUT as it was.
 See docs/export.md.
@@ -19,9 +21,10 @@ from wiola.errors import WiolaError
 
 
 def export_model(model_dir: str | Path, out: str | Path, to: str, force: bool = False, quiet: bool = False,
-                 quantize: str | None = None) -> list[str]:
+                 quantize: str | None = None, engine_cache: bool = True) -> list[str]:
     """Export the model in `model_dir` to `out` in format `to` ("llama" or "onnx"; `quantize` "int8" or "int4":
-    block-wise weights in the ONNX graph, `wiola.export.onnx_quant`); returns the files written."""
+    block-wise weights in the ONNX graph, `wiola.export.onnx_quant`); returns the files written. With
+    `engine_cache` an ONNX export is also copied into the ONNX engine's cache (`place_in_engine_cache`)."""
     import torch
 
     from wiola.convert import _check_destination, write_destination
@@ -64,13 +67,28 @@ def export_model(model_dir: str | Path, out: str | Path, to: str, force: bool = 
     with DirLock(dst.parent / f".{dst.name}.wiola.lock", "wiola export"):
         _check_destination(src, dst, force)
         written = write_destination(dst, write)
+    if to == "onnx" and engine_cache:
+        notes.append(place_in_engine_cache(model, dst, quantize))
     if not quiet:
         print(f"Exported {src} to {dst} ({to}): " + "; ".join(notes) + ".")
     return written
 
 
+def place_in_engine_cache(model, folder: Path, quantize: str | None) -> str:
+    """Copy the ONNX export in `folder` of `model` into the ONNX engine's cache (`wiola.onnx_backend.OnnxEngine.adopt`),
+    where `wiola generate --engine auto` finds it; returns the note to print. Best effort: a cache that cannot be
+    written is said, not raised (the export itself is done)."""
+    from wiola.decode.onnx_backend import OnnxEngine
+
+    try:
+        cached = OnnxEngine(model, quantize).adopt(folder)
+    except OSError as exc:
+        return f"not placed in the ONNX engine's cache ({type(exc).__name__}: {exc})"
+    return f"placed in the ONNX engine's cache ({cached}), which wiola generate on CPU uses"
+
+
 def export_command(checkpoint: str, out: str, to: Literal["llama", "onnx"] | None = None, force: bool = False,
-                   quantize: Literal["none", "int8", "int4"] = "none") -> None:
+                   quantize: Literal["none", "int8", "int4"] = "none", engine_cache: bool = True) -> None:
     """Export a Wiola model for other inference engines: a plain LLaMA folder, or an ONNX graph with its state.
 
     --to llama saves a model that is exactly LLaMA (every component off, or equal to LLaMA by value) as a
@@ -80,7 +98,9 @@ def export_command(checkpoint: str, out: str, to: Literal["llama", "onnx"] | Non
     step) whose attention mask and whole state (keys/values, GSA and GCLA running sums, ATM groups) are inputs
     and outputs, checked against PyTorch with onnxruntime; run it with wiola.export.onnx_run. --to onnx --quantize
     int8|int4 stores the large MatMuls' weights block-wise in 8 or 4 bits (onnxruntime's MatMulNBits, blocks of 32,
-    int8 activations: the class of llama.cpp's Q8_0/Q4_0). See docs/export.md.
+    int8 activations: the class of llama.cpp's Q8_0/Q4_0). An ONNX export is also placed into the ONNX engine's
+    cache, so that the next wiola generate of this model on CPU decodes with onnxruntime (with --quantize: the next
+    one with the same --quantize). See docs/export.md.
 
     Args:
         checkpoint: a model directory (a training out/, one of its checkpoints/..., or any saved Wiola model).
@@ -91,10 +111,12 @@ def export_command(checkpoint: str, out: str, to: Literal["llama", "onnx"] | Non
         quantize: none, int8 or int4 (--to onnx only): block-wise 8- or 4-bit weights for the attention
             projections, MLPs and LM head (onnxruntime's MatMulNBits); the logits' distance from float32 is
             reported.
+        engine_cache: --to onnx: also copy the export into the ONNX engine's cache (~/.cache/wiola/onnx, or
+            $WIOLA_ONNX_CACHE), where wiola generate --engine auto (the default) finds it; --no-engine-cache: not.
     """
     if to is None:
         raise WiolaError("say what to export to: --to llama or --to onnx")
-    export_model(checkpoint, out, to, force=force, quantize=quantize)
+    export_model(checkpoint, out, to, force=force, quantize=quantize, engine_cache=engine_cache)
 
 
 def __getattr__(name: str):

@@ -8,10 +8,15 @@ leaves the batch the step it finishes (eos, a stop string, `max_tokens`, or canc
 and the next waiting one takes its row: requests join and leave between steps, never waiting for a
 whole batch to end.
 
-Greedy rows take the argmax; sampled rows go through `wiola.fast_decode.pick_next` with the request's
+Greedy rows take the argmax; sampled rows go through `wiola.decode.pick_next` with the request's
 own seeded generator, so a seeded request draws the same tokens alone or in a batch. Left-padded rows
 compute what they compute alone (positions, means and merged groups count real tokens only), so the
 tokens of a request do not depend on what else runs.
+
+This engine keeps its own loop and cache rather than `wiola.decode`'s backends (which `wiola generate` and
+`wiola chat` share): continuous batching needs rows that join and leave between steps, each with its own
+prefill, sampling parameters and stop strings, on a `SlotCache` whose rows are filled one by one — the
+`wiola.decode` step interface runs one batch from a common prefill to its end. It shares `pick_next`.
 
 Output goes to each sequence's `sink` (any callable; the HTTP layer passes one that hops onto the
 asyncio loop) as `Event`s carrying new text (held back while it may still become a stop string or an
@@ -35,7 +40,7 @@ import torch
 
 from ..cache_wiola import WiolaCache
 from ..errors import WiolaError
-from ..fast_decode import pick_next
+from ..decode import pick_next
 from .slots import SlotCache
 
 

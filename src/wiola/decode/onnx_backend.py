@@ -1,14 +1,14 @@
-"""The ONNX engine of `StaticDecoder` on CPU: the model's own `wiola export --to onnx` step graph
-(`wiola.export.to_onnx`), run by onnxruntime, exported once per set of weights and cached across runs.
+"""The onnxruntime backend of `wiola.decode` (CPU): the model's own `wiola export --to onnx` step graph
+(`wiola.export.to_onnx`), run by onnxruntime, exported once per set of weights and cached across runs. Its run
+(`OnnxRun`) has the step interface of `loop.decode_loop`.
 
 **Cache.** `onnx_cache_dir()` — `$WIOLA_ONNX_CACHE`, else `<wiola cache>/onnx` with the wiola cache at
 `$WIOLA_CACHE`, `$XDG_CACHE_HOME/wiola` or `~/.cache/wiola` — holds one export folder per `model_key(model)`
-(a hash of the weights, the config's content — `cpu_decode.config_content`, not the path it was loaded from —
-and dtype, and the exporter: torch's and onnxscript's versions and the graph format), written atomically, and a
-ledger `records.json` (`cpu_decode.Ledger`): per model key the export seconds (or that the export failed) and
-the decoding time forgone on torch; per decode signature (`cpu_decode.signature`: the model's shape, batch,
-cache size, threads) the eager and onnxruntime ms per step. The cache keeps the `KEEP_EXPORTS` most recently
-used exports; deleting it at any time only costs re-exports.
+(a hash of the weights, the config's content — `caches.config_content`, not the path it was loaded from —
+and dtype, and the exporter: torch's and onnxscript's versions and the graph format), written atomically. It is
+filled by `OnnxEngine.export` (the first `engine="onnx"` or `quantize` run) and by `wiola export --to onnx`
+(`OnnxEngine.adopt`: the folder just written, copied in). The cache keeps the `KEEP_EXPORTS` most recently used
+exports; deleting it at any time only costs re-exports.
 
 **Quantized weights.** `OnnxEngine(model, quantize="int8"|"int4")` runs the float32 export with block-wise
 weights (`wiola.export.onnx_quant`: onnxruntime's MatMulNBits, the Q8_0 / Q4_0 class), cached beside it in
@@ -26,17 +26,13 @@ onnxruntime's IO binding, the step reading one set and writing the other (ping-p
 alias its inputs), with the token, mask and logits in bound buffers too: a step allocates nothing and copies
 no state outside the graph.
 
-**When (`engine="auto"`, `StaticDecoder`).** The export pays once, each later run only loads the session
-(tens of ms at nano size). With a cached export, the run decodes on onnxruntime from the prompt on when the
-ledger says onnxruntime's step is faster than eager's for this signature, and stays on torch when it says it
-is slower; with only one of the two times known, the first `cpu_decode.PROBE_STEPS` steps run eagerly (timed)
-and the rest on onnxruntime (timed), so the next run knows both. Without a cached export the run probes the
-same way, then exports when the decoding time this model has lost on torch — this run's expected loss
-included — reaches the expected export time (rent or buy: runs of a model used once pay nothing, a model
-used often pays the export once, and at worst twice its cost is spent in all). Expected values come from the
-ledger, else from `COLD_EXPORT_S` and `DEFAULT_SPEEDUP` (measured on the 2-core development machine).
+**When** (`choose`). `engine="auto"` (`StaticDecoder`) runs onnxruntime when this model's export is in the cache and
+onnxruntime is installed, else torch eager: it never exports, and nothing is timed. The export is made at a known
+moment: by `wiola export --to onnx [--quantize ...]`, or by the first run that asks for the engine
+(`engine="onnx"`, or `quantize`). A cached export costs a run only the session's load (tens of ms at nano size)
+and the hash of the weights that finds it.
 
-`OnnxEngine` is the per-model handle (key, cache folder, export, session); `OnnxRun` one generate call's state.
+`OnnxEngine` is the per-model handle (key, cache folder, export, adoption, session); `OnnxRun` one generate call's state.
 """
 
 from __future__ import annotations
@@ -53,13 +49,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import cpu_decode
+from . import caches
 
-COLD_EXPORT_S = 15.0  # export + onnxruntime check, tiny and llama-nano shapes, 1 busy core: 11–13 s
-DEFAULT_SPEEDUP = {1: 2.0}  # eager ms ÷ onnxruntime ms before anything is recorded, by batch (batch 1: 2.0–3.1× measured);
-DEFAULT_SPEEDUP_BATCHED = 1.0  # larger batches: 0.8–1.3× measured, so no export is paid for on a guess
-KEEP_EXPORTS = 8  # exports kept in the cache (the most recently used); the ledger keeps the losses of this many models
-KEEP_LOSSES = 256
+COLD_EXPORT_S = 15.0  # export + onnxruntime check at nano shapes, 1 busy core: 11–16 s (the note's estimate)
+KEEP_EXPORTS = 8  # exports kept in the cache (the most recently used)
 IO_BINDING = True  # `OnnxRun` binds preallocated buffers (False: plain `session.run`, a new state each step)
 
 
@@ -107,7 +100,7 @@ def _exporter() -> str:
 def model_key(model) -> str:
     """What an export depends on: every weight's bytes, the config's content (not where it was loaded from),
     the dtype and the exporter."""
-    config = cpu_decode.config_content(model.config)
+    config = caches.config_content(model.config)
     h = hashlib.sha256(json.dumps([_exporter(), config], sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         t = tensor.detach().reshape(-1).contiguous().cpu()
@@ -173,45 +166,11 @@ def mismatch(folder: Path, key: str, quantize: str | None = None) -> str | None:
     return None
 
 
-def ledger() -> cpu_decode.Ledger:
-    return cpu_decode.Ledger(onnx_cache_dir())
-
-
-def expected_export_s(records: dict) -> float:
-    """The mean export time recorded on this machine (exports of any model take about as long), else the default."""
-    times = [r["export_s"] for r in records.values() if "export_s" in r]
-    return sum(times) / len(times) if times else COLD_EXPORT_S
-
-
-def expected_speedup(record: dict, batch: int) -> float:
-    if record.get("eager_ms") and record.get("onnx_ms"):
-        return record["eager_ms"] / record["onnx_ms"]
-    return DEFAULT_SPEEDUP.get(batch, DEFAULT_SPEEDUP_BATCHED)
-
-
-def saving_ms(record: dict, batch: int, eager_ms: float) -> float:
-    """Expected ms saved per step by onnxruntime (negative: it is slower)."""
-    return eager_ms * (1.0 - 1.0 / expected_speedup(record, batch))
-
-
-def add_forgone(key: str, seconds: float) -> None:
-    """Add a run's expected loss on torch to the model's tally (the ledger keeps the `KEEP_LOSSES` largest tallies
-    of models not exported: every checkpoint decoded once, as during training, adds one)."""
-    book = ledger()
-    records = book.read()
-    total = records.get(key, {}).get("forgone_s", 0.0) + seconds
-    tallies = sorted((r["forgone_s"], k) for k, r in records.items() if "forgone_s" in r and "export_s" not in r and k != key)
-    for _, k in tallies[: max(0, len(tallies) + 1 - KEEP_LOSSES)]:
-        records[k].pop("forgone_s")
-        if not records[k]:
-            del records[k]
-    records.setdefault(key, {})["forgone_s"] = round(total, 4)
-    book.write(records)
-
-
-def export_pays_back(forgone_s: float, export_s: float, saving_per_step_ms: float, steps: int) -> bool:
-    """Rent or buy: export once the time lost on torch (`forgone_s` earlier, `steps` × saving in this run) reaches the export's cost."""
-    return saving_per_step_ms > 0 and forgone_s + steps * saving_per_step_ms / 1000.0 >= export_s
+def _holds_exports(root: Path) -> bool:
+    try:
+        return any(p.is_dir() and not p.name.startswith(".") and p.name != "shown" for p in root.iterdir())
+    except OSError:
+        return False
 
 
 class OnnxRun:
@@ -254,7 +213,8 @@ class OnnxRun:
             self.bindings.append(binding)
         self.current = 0  # the set holding the state
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        mask = torch.ones_like(ids) if mask is None else mask.long()
         ids, mask = ids.contiguous().numpy(), mask.contiguous().numpy()
         if not self.bind:
             logits, self.state = self.session(ids, mask, self.state)
@@ -305,7 +265,7 @@ class OnnxEngine:
 
     @property
     def name(self) -> str:
-        """The cache folder's name and the ledger's key for this export: the model key, and the quantization."""
+        """The cache folder's name for this export: the model key, and the quantization."""
         return self.key if self.quantize is None else f"{self.key}-{self.quantize}"
 
     @property
@@ -317,6 +277,8 @@ class OnnxEngine:
         A folder that fails the check is removed, and why is kept in `stale` for the caller to say."""
         if self._verified:
             return True
+        if not _holds_exports(onnx_cache_dir()):  # nothing cached at all: no need to hash the weights for the key
+            return False
         if not self.folder.exists():
             return False
         reason = mismatch(self.folder, self.key, self.quantize)
@@ -329,44 +291,56 @@ class OnnxEngine:
 
     def export(self) -> float:
         """Export into the cache (atomically; a concurrent export of the same key wins harmlessly); returns the
-        seconds taken and records them. Raises on failure, recording it. A quantized engine quantizes the cached
-        float32 export, exporting that first when it is not cached."""
+        seconds taken. Raises on failure. A quantized engine quantizes the cached float32 export, exporting that
+        first when it is not cached."""
         from wiola.export.to_onnx import export_onnx
 
-        root = onnx_cache_dir()
         start = time.perf_counter()
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            plain = None
-            if self.quantize is not None:
-                plain = OnnxEngine(self.model)
-                plain._key = self.key
-                if not plain.cached():
-                    plain.export()
-            tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}-{os.getpid()}-", dir=root))  # the PID: `cpu_decode.remove_leftovers`
-            try:
-                if plain is None:
-                    export_onnx(self.model, tmp / "no-tokenizer", tmp)
-                else:
-                    from wiola.export.onnx_quant import quantize_folder
+        plain = None
+        if self.quantize is not None:
+            plain = OnnxEngine(self.model)
+            plain._key = self.key
+            if not plain.cached():
+                plain.export()
+        if plain is None:
+            self._install(lambda tmp: export_onnx(self.model, tmp / "no-tokenizer", tmp))
+        else:
+            from wiola.export.onnx_quant import quantize_folder
 
-                    quantize_folder(plain.folder, tmp, self.quantize)
-                seal(tmp, self.key, self.quantize)
-                try:
-                    os.replace(tmp, self.folder)
-                    self._verified = True
-                except OSError:  # another process exported the same key first
-                    if not self.cached():
-                        raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        except Exception:
-            ledger().update(self.name, export_failed=1)
-            raise
+            self._install(lambda tmp: quantize_folder(plain.folder, tmp, self.quantize))
         self.export_s = time.perf_counter() - start
-        ledger().update(self.name, export_s=self.export_s)
-        self._prune(root)
         return self.export_s
+
+    def adopt(self, folder: Path) -> Path:
+        """Place a finished `wiola export --to onnx` folder of this model (with this engine's quantization) into the
+        cache, so that `engine="auto"` finds it; returns the cache folder. A verified export already there stays."""
+        from wiola.export.onnx_quant import quantized_kind
+
+        kind = quantized_kind(folder)
+        if kind != self.quantize:
+            raise ValueError(f"{folder} holds the {_kind(kind)} export, not the {_kind(self.quantize)} one")
+        if not self.cached():
+            self._install(lambda tmp: [shutil.copy2(p, tmp / p.name) for p in sorted(Path(folder).iterdir())
+                                       if p.is_file() and not p.is_symlink() and p.name != RECORD])
+        return self.folder
+
+    def _install(self, write) -> None:
+        """`write(tmp)` fills a temporary folder in the cache, which is sealed (`seal`) and renamed to `folder`."""
+        root = onnx_cache_dir()
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}-{os.getpid()}-", dir=root))  # the PID: `caches.remove_leftovers`
+        try:
+            write(tmp)
+            seal(tmp, self.key, self.quantize)
+            try:
+                os.replace(tmp, self.folder)
+                self._verified = True
+            except OSError:  # another process exported the same key first
+                if not self.cached():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._prune(root)
 
     def _prune(self, root: Path) -> None:
         """Keep the `KEEP_EXPORTS` most recently used exports (`start` marks a use); remove killed exports' leftovers."""
@@ -374,10 +348,7 @@ class OnnxEngine:
                          key=lambda p: p.stat().st_mtime, reverse=True)
         for old in exports[KEEP_EXPORTS:]:
             shutil.rmtree(old, ignore_errors=True)
-        cpu_decode.remove_leftovers(root)
-
-    def failed_before(self) -> bool:
-        return bool(ledger().get(self.name).get("export_failed"))
+        caches.remove_leftovers(root)
 
     def start(self, batch: int, capacity: int) -> OnnxRun:
         if self._session is None:
