@@ -239,6 +239,7 @@ def load_for_inference(path: str | Path, device: torch.device):
     from transformers.utils import logging as hf_logging
 
     import wiola  # noqa: F401  (registers the wiola model type with the Auto classes)
+    from wiola.compat_wiola import NO_HUB_KERNELS
 
     hf_logging.disable_progress_bar()
 
@@ -255,7 +256,8 @@ def load_for_inference(path: str | Path, device: torch.device):
             print(f"note: {model_dir} has the GCLA layout of wiola 0.2.0.dev (dead layer-0 tensors); upgraded in memory, "
                   f"`wiola convert {model_dir} NEW_DIR` rewrites it", file=sys.stderr)
         else:
-            model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True)
+            model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True,
+                                                                 **NO_HUB_KERNELS)
     except Exception as exc:  # noqa: BLE001 - SafetensorError, truncated files, bad configs
         raise WiolaError(f"cannot load a model from {model_dir}: {_first_line(exc)}") from None
     finally:
