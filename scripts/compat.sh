@@ -43,8 +43,15 @@ for v in "${VERSIONS[@]}"; do
   {
     "$PYTHON" -m venv "$venv" && "$venv/bin/python" -m pip install --quiet --upgrade pip \
       && "$venv/bin/python" -m pip install --quiet $TORCH_SPEC \
-      && "$venv/bin/python" -m pip install --quiet -e "$ROOT[dev]" \
-      && "$venv/bin/python" -m pip install --quiet "transformers==$v"  # past pyproject's cap too: that is the point
+      && {
+        # one resolution, as a user's `pip install wiola transformers==$v` gets: installing the newest release first and
+        # moving down afterwards would leave behind what only the newer one needs (transformers 5.0 fails at import
+        # beside kernels 0.19, which 5.25 pulls in)
+        "$venv/bin/python" -m pip install --quiet -e "$ROOT[dev]" "transformers==$v" \
+        || { echo "[compat] transformers $v is outside pyproject.toml's range: installing it past the cap"
+             "$venv/bin/python" -m pip install --quiet -e "$ROOT[dev]" \
+             && "$venv/bin/python" -m pip install --quiet "transformers==$v"; }  # the next release, before the cap moves
+      }
   } >"$log" 2>&1
   got=$("$venv/bin/python" -c "import torch, transformers; print(transformers.__version__, torch.__version__)" 2>>"$log")
   if [ "${got%% *}" != "$v" ]; then
