@@ -1,7 +1,7 @@
 """What transformers 5.25 changed under Wiola: the `recurrent_states_to_keep` keyword of the cache's
 past-recording hook (assisted and prompt-lookup decoding), and Hub kernels on by default in
 `from_pretrained` (the `kernels` package imported by every load; a download from huggingface.co for a layer
-with a Hub kernel for the device). Wiola's loaders keep the 5.0 – 5.24 behaviour: no kernels, no network.
+with a Hub kernel for the device). Wiola's loaders keep the behaviour of 5.0 – 5.24: no kernels, no network.
 The loads run in fresh processes, because the `kernels` package and the socket guard are process-wide."""
 
 from __future__ import annotations
