@@ -1,5 +1,5 @@
 """No warning from our code paths on the installed transformers: `wiola eval`, `wiola generate` (both
-decoders) and `model.generate` (greedy, sampling, beams, left-padded batches, static cache), each in a fresh
+decoders) and `model.generate` (greedy, sampling, beams, left-padded batches, static cache, prompt lookup), each in a fresh
 process, because transformers prints most deprecations once per process through its logger."""
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def test_model_generate_paths_warn_nothing(trained, tmp_path):
             model.generate(ids, attention_mask=mask, do_sample=True, top_k=5, **gen)
             model.generate(ids, attention_mask=mask, num_beams=2, do_sample=False, **gen)
             model.generate(ids, attention_mask=mask, do_sample=False, cache_implementation="static", **gen)
+            model.generate(ids[:1], do_sample=False, prompt_lookup_num_tokens=2, **gen)  # crops (5.25: new hook keyword)
             out = model(ids, attention_mask=mask, use_cache=True)
             model(ids[:, -1:], attention_mask=torch.cat([mask, mask[:, -1:]], 1), past_key_values=getattr(out, wiola.compat_wiola.CACHE_KWARG))
         print(json.dumps({{"log": buf.getvalue(), "warnings": [f"{{w.category.__name__}}: {{w.message}}" for w in caught]}}))

@@ -249,8 +249,12 @@ class WiolaCache(Cache):
             layer.recording = self.history_mode != "none"
             layer.mark_base()
 
-    def activate_past_recording(self) -> None:
-        """transformers' hook before assisted decoding: keep the history since the last crop."""
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None, **kwargs) -> None:
+        """transformers' hook before assisted decoding: keep the history since the last crop.
+
+        transformers 5.25 passes `recurrent_states_to_keep` (how many draft tokens a crop may undo, for its
+        linear-attention layers); 5.0 – 5.24 pass nothing. "recent" history already covers every token since
+        the last crop, however many, so the number is accepted and not needed."""
         if self.history_mode == "none":
             self.set_history("recent")
 

@@ -409,7 +409,7 @@ def _usage(info: CardInfo, repo_id: str | None, prompt: str) -> list[str]:
         out.append(f"hf download {repo_id} --local-dir {shlex.quote(local)}")
     out += [f"wiola generate {shlex.quote(local)} {_sh(prompt)} --max-new-tokens 60", "```", "",
             "Without the package: the modeling code ships with the weights (`*_wiola.py`), so transformers"
-            " (5.0 to 5.24) and torch load it with `trust_remote_code=True`:", "",
+            " (5.0 to 5.25) and torch load it with `trust_remote_code=True`:", "",
             "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
             f"model = AutoModelForCausalLM.from_pretrained({where}, trust_remote_code=True)",
             f"tokenizer = AutoTokenizer.from_pretrained({where})", "```", ""]

@@ -38,12 +38,20 @@ class WiolaRMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}, offset={self.offset is not None}"
 
 
+def _clamp(x: torch.Tensor, low: float, high: float | None) -> torch.Tensor:
+    """`x.clamp(low, high)` with gradient 1 on the closed range, edges included, as torch ≤ 2.13's clamp had;
+    torch 2.14's clamp passes no gradient at an edge, so a parameter that starts on one (HLN's mix) never moves."""
+    inside = x >= low if high is None else (x >= low) & (x <= high)
+    return torch.where(inside, x, x.clamp(low, high).detach())
+
+
 class HierarchicalNorm(nn.Module):
     """`hln` (SPEC §6.3): RMS normalisation by a learned mix of mean squares over a channel group (one per
     attention head), the token, and the sequence so far (real tokens, cached prefix included), in fp32:
     `v = (1 − a_k − a_s)·r_t + a_k·r_{t,k} + a_s·s_t`, `y = γ ⊙ x / sqrt(v + ε)`. `mix` holds the raw
     (a_k, a_s), clamped into `a ≥ 0, a_k + a_s ≤ 1`; at 0 (init) this is `rmsnorm` exactly, and the clamp's
-    gradient at the boundary is 1, so the mix can grow. `state` names its running sum in the cache."""
+    gradient at the boundary is 1, so the mix can grow (`_clamp`: torch 2.14's own clamp gives 0 there).
+    `state` names its running sum in the cache."""
 
     def __init__(self, hidden_size: int, groups: int, eps: float = 1e-6, state: str = "hln_in"):
         super().__init__()
@@ -52,8 +60,8 @@ class HierarchicalNorm(nn.Module):
         self.groups, self.variance_epsilon, self.state = groups, eps, state
 
     def mixing(self) -> tuple[torch.Tensor, torch.Tensor]:
-        a = self.mix.float().clamp(0.0, 1.0)
-        a = a / a.sum().clamp(min=1.0)
+        a = _clamp(self.mix.float(), 0.0, 1.0)
+        a = a / _clamp(a.sum(), 1.0, None)
         return a[0], a[1]
 
     def forward(self, hidden_states: torch.Tensor, step=None, cache=None) -> torch.Tensor:

@@ -232,13 +232,14 @@ def load_lora_model(path: str | Path, dtype: torch.dtype = torch.float32, allow_
     from transformers import AutoModelForCausalLM
 
     import wiola  # noqa: F401  (registers the wiola model type)
+    from wiola.compat_wiola import NO_HUB_KERNELS
 
     adapter_dir = find_adapter_dir(path)
     base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     if not base or not (Path(base) / "config.json").is_file():
         raise WiolaError(f"{adapter_dir}: the base model {base!r} named in {ADAPTER_CONFIG} is not a model directory (moved or deleted?)")
     check_base(adapter_dir, base, allow_changed_base)
-    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **NO_HUB_KERNELS)
     with warnings.catch_warnings():  # peft asks the deprecated `is_gradient_checkpointing` of transformers 5
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = peft.PeftModel.from_pretrained(base_model, str(adapter_dir))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -33,9 +35,12 @@ def test_sft_trainer_packing_runs_and_documents_stay_apart(tmp_path):
     model = WiolaForCausalLM(config)
     texts = ["the king speaks to the crown", "a fool mocks", "my lord follows the night and the sea", "sweet romeo"] * 8
     data = datasets.Dataset.from_dict({"text": texts})
+    # TRL turns checkpointing on under its old name, `gradient_checkpointing`, which transformers 5.25 deprecates
+    # (a FutureWarning); where the new name exists, say the same under it
+    renamed = {"activation_checkpointing": True} if "activation_checkpointing" in {f.name for f in dataclasses.fields(SFTConfig)} else {}
     args = SFTConfig(output_dir=str(tmp_path), packing=True, max_length=64, per_device_train_batch_size=2, max_steps=3,
                      logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", learning_rate=1e-3, disable_tqdm=True,
-                     bf16=False)  # fp32, so that the check below can ask for 1e-5
+                     bf16=False, **renamed)  # fp32, so that the check below can ask for 1e-5
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=_tokenizer(tmp_path))
     result = trainer.train()
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))

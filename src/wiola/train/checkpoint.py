@@ -266,6 +266,7 @@ def load_for_inference(path: str | Path, device: torch.device, allow_changed_bas
     from transformers.utils import logging as hf_logging
 
     import wiola  # noqa: F401  (registers the wiola model type with the Auto classes)
+    from wiola.compat_wiola import NO_HUB_KERNELS
 
     hf_logging.disable_progress_bar()
 
@@ -282,7 +283,8 @@ def load_for_inference(path: str | Path, device: torch.device, allow_changed_bas
             print(f"note: {model_dir} has the GCLA layout of wiola 0.2.0.dev (dead layer-0 tensors); upgraded in memory, "
                   f"`wiola convert {model_dir} NEW_DIR` rewrites it", file=sys.stderr)
         else:
-            model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True)
+            model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True,
+                                                                 **NO_HUB_KERNELS)
     except WiolaError:  # already one line (a moved or changed LoRA base)
         raise
     except Exception as exc:  # noqa: BLE001 - SafetensorError, truncated files, bad configs
