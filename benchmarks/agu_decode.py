@@ -1,7 +1,7 @@
 """AGU's sparse batch-1 decode path against the dense path of the same model (issue: article components).
 
 At batch-1 decoding the zero units of the AGU gate need neither their `W_up` rows nor their `W_down` columns
-(SPEC §6.1); `GatedUnitsMLP` skips them when `agu_sparse_decode` is on. This script times greedy batch-1
+(docs/architecture.md §6.1); `GatedUnitsMLP` skips them when `agu_sparse_decode` is on. This script times greedy batch-1
 decoding (transformers `generate()`, the dynamic cache) with the sparse path on and off, checks that both
 give the same tokens, and prints tokens/s and the ratio sparse/dense — the baseline is the dense path of the
 very same weights, measured side by side in one process.

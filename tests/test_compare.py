@@ -261,7 +261,7 @@ def test_ablation_widths_match_keeps_every_ablation_at_the_base_budget():
 
 
 def test_article_switches_are_compare_ablations():
-    """`mlp=agu`, `mlp=f3n` and `norm=hln` ablate like every other switch (SPEC §6)."""
+    """`mlp=agu`, `mlp=f3n` and `norm=hln` ablate like every other switch (docs/architecture.md §6)."""
     spec = load_spec(REPO / "configs" / "compare" / "shakespeare_char.yaml")
     spec.entrants = [{**{k: v for k, v in e.items() if k != "budget"}, "ablations": ["mlp=agu", "mlp=f3n", "norm=hln"]}
                      for e in spec.entrants if e["name"] == "llama-arch"]

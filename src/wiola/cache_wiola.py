@@ -1,4 +1,4 @@
-"""`WiolaCache`: the generation cache (SPEC §4), a transformers `Cache` holding per layer
+"""`WiolaCache`: the generation cache (docs/architecture.md §4), a transformers `Cache` holding per layer
 
 * keys/values — every processed token, pads included, for plain layers; for ATM layers a compacted
   store of `T' ≤ T` merged groups per row (`lengths[b]` valid slots, pads never stored);
@@ -10,7 +10,7 @@
 Cache-wide: the token counter returned by `get_seq_length()` (pads included, as generate expects), the
 2-D real-token mask of the history and the per-row count of real tokens. Beam search reorders all of it.
 
-Cropping (SPEC §6.4, docs/delta.md). Running sums and merged pairs cannot be undone from their totals, so
+Cropping (docs/architecture.md §6.4, docs/delta.md). Running sums and merged pairs cannot be undone from their totals, so
 `crop(n)` reads a per-position *history* that the cache keeps only when asked: `WiolaCache(config,
 history="full")` keeps it for every token (crop to any length: edited-prompt re-prefill), and
 `activate_past_recording()` (what transformers' assisted decoding calls; also `history="recent"`) keeps it

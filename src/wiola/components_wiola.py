@@ -1,6 +1,6 @@
 """Building blocks chosen by `WiolaConfig` switches: norms, positional encodings, the attention kernel
-(SDPA or the eager reference) and MLPs (SPEC §2.1–2.4), and the article's AGU / F3N MLPs and HLN norm
-(SPEC §6.1–6.3: this project's interpretations, each exactly the LLaMA part at its neutral setting).
+(SDPA or the eager reference) and MLPs (docs/architecture.md §2.1–2.4), and the article's AGU / F3N MLPs and HLN norm
+(docs/architecture.md §6.1–6.3: this project's interpretations, each exactly the LLaMA part at its neutral setting).
 
 Everything here is per token and knows nothing of caches or attention, except HLN's sequence statistic,
 which reads the forward's real-token bookkeeping (`StepInfo`) and continues its sums from the cache.
@@ -15,7 +15,7 @@ from torch import nn
 from .configuration_wiola import WiolaConfig
 
 
-# --------------------------------------------------------------------------- norms (SPEC §2.1)
+# --------------------------------------------------------------------------- norms (docs/architecture.md §2.1)
 class WiolaRMSNorm(nn.Module):
     """RMSNorm with statistics in fp32; with `offset=True` a learned δ (init 0) is added before
     normalising (`wiola_rmsnorm`). δ = 0 gives `rmsnorm` exactly."""
@@ -46,7 +46,7 @@ def _clamp(x: torch.Tensor, low: float, high: float | None) -> torch.Tensor:
 
 
 class HierarchicalNorm(nn.Module):
-    """`hln` (SPEC §6.3): RMS normalisation by a learned mix of mean squares over a channel group (one per
+    """`hln` (docs/architecture.md §6.3): RMS normalisation by a learned mix of mean squares over a channel group (one per
     attention head), the token, and the sequence so far (real tokens, cached prefix included), in fp32:
     `v = (1 − a_k − a_s)·r_t + a_k·r_{t,k} + a_s·s_t`, `y = γ ⊙ x / sqrt(v + ε)`. `mix` holds the raw
     (a_k, a_s), clamped into `a ≥ 0, a_k + a_s ≤ 1`; at 0 (init) this is `rmsnorm` exactly, and the clamp's
@@ -95,7 +95,7 @@ def build_norm(config: WiolaConfig, state: str = "hln_in") -> nn.Module:
     return WiolaRMSNorm(config.hidden_size, config.rms_norm_eps, offset=config.norm == "wiola_rmsnorm")
 
 
-# --------------------------------------------------------------------------- positions (SPEC §2.2)
+# --------------------------------------------------------------------------- positions (docs/architecture.md §2.2)
 class WiolaRotaryEmbedding(nn.Module):
     """cos/sin tables (rotate-half convention, fp32) for `rope`, `spiral` and `srpe`.
 
@@ -152,7 +152,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
 
 
-# --------------------------------------------------------------------------- attention kernels (SPEC §2.3)
+# --------------------------------------------------------------------------- attention kernels (docs/architecture.md §2.3)
 def segment_first(starts: torch.Tensor) -> torch.Tensor:
     """For `starts` [B, T] bool (True where a segment — a document of a packed row — begins; column 0 must
     be True), the position where each token's segment begins. Equal values mean the same segment."""
@@ -183,7 +183,7 @@ def attend(q, k, v, mask, is_causal: bool, implementation: str, dropout: float =
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, dropout_p=dropout)
 
 
-# --------------------------------------------------------------------------- MLPs (SPEC §2.4)
+# --------------------------------------------------------------------------- MLPs (docs/architecture.md §2.4)
 class SwiGLUMLP(nn.Module):
     """`W_down(SiLU(W_gate x) ⊙ W_up x)` — LLaMA's MLP."""
 
@@ -248,7 +248,7 @@ class GeluMLP(nn.Module):
 
 
 class AdaptiveThreshold(nn.Module):
-    """AGU's per-token threshold `τ(x) = β·σ(w_τ·x + b_τ)` (SPEC §6.1; β, w_τ, b_τ all start at 0)."""
+    """AGU's per-token threshold `τ(x) = β·σ(w_τ·x + b_τ)` (docs/architecture.md §6.1; β, w_τ, b_τ all start at 0)."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -264,9 +264,9 @@ class AdaptiveThreshold(nn.Module):
 class GatedUnitsMLP(nn.Module):
     """The article's MLPs, both SwiGLU-shaped (LLaMA's `gate_proj`/`up_proj`/`down_proj`):
 
-    * `agu` — Adaptive Gating Unit (SPEC §6.1, after CATS): the SiLU gate is soft-thresholded per token,
+    * `agu` — Adaptive Gating Unit (docs/architecture.md §6.1, after CATS): the SiLU gate is soft-thresholded per token,
       `out = W_down(h̃ ⊙ W_up x)`; β = 0 (init) is `swiglu` exactly. `agu_l1` adds `mean |h̃|` to the loss.
-    * `f3n` — Fractal FFN (SPEC §6.2, after MatFormer): the first `m_g` units form a complete FFN for each
+    * `f3n` — Fractal FFN (docs/architecture.md §6.2, after MatFormer): the first `m_g` units form a complete FFN for each
       level g; inference runs level `f3n_level` (sliced weights), training samples levels (`f3n_sampling`)
       by masking the units above the drawn width. Level G without sampling is `swiglu` exactly.
       `f3n_gate=agu` adds the AGU threshold on the gate.

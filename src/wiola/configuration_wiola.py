@@ -1,7 +1,7 @@
 """`WiolaConfig`: one flat, serialisable config whose components are chosen by string, and the presets.
 
-Every switch of SPEC §2 is a string field; `WiolaConfig.from_preset(name, **overrides)` builds the
-named sizes of SPEC §3 and a `llama-` baseline beside each (every novelty off, SwiGLU width matched
+Every switch of docs/architecture.md §2 is a string field; `WiolaConfig.from_preset(name, **overrides)` builds the
+named sizes of docs/architecture.md §3 and a `llama-` baseline beside each (every novelty off, SwiGLU width matched
 to the same parameter budget). Invalid values raise a `ValueError` that lists the valid choices.
 """
 
@@ -60,7 +60,7 @@ class WiolaConfig(PreTrainedConfig):
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     use_cache: bool = True
-    # components (SPEC §2)
+    # components (docs/architecture.md §2)
     position_encoding: str = "rope"
     spiral_alpha: float = 0.05
     srpe_k: float = 8.0
@@ -76,7 +76,7 @@ class WiolaConfig(PreTrainedConfig):
     atm_layers: list[int] | None = None
     atm_kernel: str = "auto"  # "flex": FlexAttention over compacted groups; "mask": SDPA/eager with a mask; "auto": flex on CUDA
     mlp: str = "swiglu"
-    # the article's components (SPEC §6): our interpretations, each exactly LLaMA at its neutral setting
+    # the article's components (docs/architecture.md §6): our interpretations, each exactly LLaMA at its neutral setting
     agu_l1: float = 0.0  # weight of the mean |h̃| penalty of AGU gates (mlp=agu, or f3n with f3n_gate=agu)
     agu_sparse_decode: bool = False  # batch-1 decoding skips the zero AGU units' W_up rows / W_down columns (exact;
     # faster on CPU only at high sparsity: docs/article.md)
@@ -85,7 +85,7 @@ class WiolaConfig(PreTrainedConfig):
     f3n_level: int | list[int] | None = None  # inference granularity: one level, or one per layer; None = G
     f3n_gate: str = "swiglu"  # "agu": the AGU threshold on the F3N gate
     norm: str = "rmsnorm"
-    # inference only (SPEC §6.4): sparse prefill with delta correction — sinks S, window W, anchor stride λ (docs/delta.md)
+    # inference only (docs/architecture.md §6.4): sparse prefill with delta correction — sinks S, window W, anchor stride λ (docs/delta.md)
     prefill_attention: str = "dense"
     delta_sink: int = 64
     delta_window: int = 256
@@ -165,13 +165,13 @@ class WiolaConfig(PreTrainedConfig):
 
     def f3n_widths(self) -> list[int]:
         """Hidden units of F3N levels 1..G: m_g = f / 2^(G−g), rounded to a multiple of 8 (at least 8, at most f),
-        m_G = f (SPEC §6.2)."""
+        m_G = f (docs/architecture.md §6.2)."""
         f, g = self.intermediate_size, self.f3n_levels
         return [f if level == g else min(f, max(8, 8 * round(f / 2 ** (g - level) / 8))) for level in range(1, g + 1)]
 
     @property
     def merge_layers(self) -> list[int]:
-        """Indices of the layers where ATM is active (SPEC §2.3: ⌊L/3⌋ ≤ i < ⌊2L/3⌋ by default)."""
+        """Indices of the layers where ATM is active (docs/architecture.md §2.3: ⌊L/3⌋ ≤ i < ⌊2L/3⌋ by default)."""
         if self.token_merging != "atm":
             return []
         if self.atm_layers is not None:
@@ -214,7 +214,7 @@ PRESETS: dict[str, dict] = {
     "wiola-360m": dict(_PAPER, hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4, intermediate_size=1024, dsff_wide_size=4096),
     "wiola-700m": dict(_PAPER, hidden_size=1536, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8, intermediate_size=1536, dsff_wide_size=6144),
     "wiola-1.5b": dict(_PAPER, hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, intermediate_size=2048, dsff_wide_size=8192),
-    # the news article's 1.3B (SPEC §6.5): the paper's components, and the same shape with the article's
+    # the news article's 1.3B (docs/architecture.md §6.5): the paper's components, and the same shape with the article's
     "wiola-1.3b": dict(_PAPER, hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8, intermediate_size=2048, dsff_wide_size=8192),
     "wiola-1.3b-article": dict(_PAPER, mlp="f3n", f3n_gate="agu", norm="hln", hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8, intermediate_size=8192),
 }

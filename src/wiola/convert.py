@@ -382,7 +382,7 @@ def _upgrade_native(src: Path, raw: dict):
 
 def _drop_dead_context(tensors: dict, origin: dict) -> list[str]:
     """wiola 0.1.x builds GCLA context projections and a blend on layer 0, which has no earlier layer and
-    never reads them (SPEC §2.3); this library does not build them. Drop them, and store φ as a 1-element
+    never reads them (docs/architecture.md §2.3); this library does not build them. Drop them, and store φ as a 1-element
     tensor (the reference keeps a scalar)."""
     dropped = legacy.upgrade_state_dict(tensors)
     for key in dropped:

@@ -1,4 +1,4 @@
-"""Sparse prefill with a delta correction (`prefill_attention = "delta"`, SPEC §6.4; after Willette, Lee &
+"""Sparse prefill with a delta correction (`prefill_attention = "delta"`, docs/architecture.md §6.4; after Willette, Lee &
 Hwang 2025, arXiv 2505.11254). This is the project's reading of the article's "Delta Attention".
 
 In a multi-token forward (a prefill, or a chunk of one) every query attends only to the first `S` real

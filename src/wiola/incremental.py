@@ -1,4 +1,4 @@
-"""Exact incremental re-prefill (SPEC §6.4): bring a cache that holds one prompt to another prompt by
+"""Exact incremental re-prefill (docs/architecture.md §6.4): bring a cache that holds one prompt to another prompt by
 cropping it to their common prefix and prefilling only the rest.
 
     cache = WiolaCache(model.config, history="full")

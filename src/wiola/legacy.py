@@ -1,4 +1,4 @@
-"""Checkpoints written by wiola 0.2.0.dev before GCLA's layer 0 lost its dead parameters (SPEC §2.3).
+"""Checkpoints written by wiola 0.2.0.dev before GCLA's layer 0 lost its dead parameters (docs/architecture.md §2.3).
 
 Those checkpoints hold `model.layers.0.self_attn.{k_ctx_proj,v_ctx_proj}.weight` and a `blend_logit` on
 layer 0, which layer 0 never read, and store every `blend_logit` φ as a 0-d scalar. `upgrade_state_dict`

@@ -1,4 +1,4 @@
-"""Causal Adaptive Token Merging (SPEC §2.3 "ATM"), usable in training and inference alike.
+"""Causal Adaptive Token Merging (docs/architecture.md §2.3 "ATM"), usable in training and inference alike.
 
 For an ATM layer, adjacent real tokens whose attention inputs have cosine similarity above τ are
 paired greedily left to right without overlap (vectorised: inside a run of above-threshold edges every

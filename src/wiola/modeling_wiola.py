@@ -1,5 +1,5 @@
 """Wiola decoder: attention (GQA + GSA gate + GCLA context + ATM merging), decoder layer, `WiolaModel`
-and `WiolaForCausalLM` (SPEC §1–§4).
+and `WiolaForCausalLM` (docs/architecture.md §1–§4).
 
 Attention goes through `scaled_dot_product_attention` (config `attn_implementation="sdpa"`, default) or an
 eager softmax kept as the reference (`"eager"`); both take the same boolean masks. Positions count real

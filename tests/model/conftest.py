@@ -16,7 +16,7 @@ MLP = ("swiglu", "butterfly", "dsff", "gelu")
 NORM = ("rmsnorm", "wiola_rmsnorm")
 
 COMBOS = [dict(position_encoding=p, attention_gate=g, cross_layer_context=c, mlp=m, norm=n) for p, g, c, m, n in itertools.product(POSITION, GATE, CROSS, MLP, NORM)]
-# the article's components (SPEC §6) in every attention/position context, each with a different norm or MLP:
+# the article's components (docs/architecture.md §6) in every attention/position context, each with a different norm or MLP:
 # 4 contexts × 4 settings instead of the full product (which would more than double the suite)
 _CONTEXTS = [dict(position_encoding="rope"), dict(position_encoding="spiral", attention_gate="gsa"),
              dict(position_encoding="srpe", cross_layer_context="gcla"), dict(position_encoding="rope", attention_gate="gsa", cross_layer_context="gcla")]

@@ -1,4 +1,4 @@
-"""The article's components (SPEC §6.1–6.3): AGU, F3N and HLN reduce to LLaMA exactly at their neutral
+"""The article's components (docs/architecture.md §6.1–6.3): AGU, F3N and HLN reduce to LLaMA exactly at their neutral
 settings, and each does what its definition says — against LLaMA, against explicitly sliced SwiGLUs and
 against a direct (loop) computation of the hierarchical statistics. The model-suite invariants (cache,
 padding, causality, static cache, beams, compile) run on them through `conftest.ARTICLE_COMBOS` and the
@@ -160,7 +160,7 @@ def test_f3n_training_with_sampling_is_causal():
 
 
 def _hln_reference(norm, x, real):
-    """HLN by its definition, token by token in a loop (SPEC §6.3)."""
+    """HLN by its definition, token by token in a loop (docs/architecture.md §6.3)."""
     b, t, d = x.shape
     g = norm.groups
     a = norm.mix.detach().clamp(0, 1)

@@ -21,7 +21,7 @@ PAPER = dict(position_encoding="srpe", cross_layer_context="gcla", mlp="dsff", n
 
 
 def greedy_pairing_loop(ok: list[bool], prev_taken: bool) -> list[bool]:
-    """The rule of SPEC §2.3 step 2 written as the obvious loop: take edge t iff it qualifies and edge t−1 was not taken."""
+    """The rule of docs/architecture.md §2.3 step 2 written as the obvious loop: take edge t iff it qualifies and edge t−1 was not taken."""
     taken, last = [], prev_taken
     for edge_ok in ok:
         last = bool(edge_ok and not last)

@@ -47,7 +47,7 @@ FAMILIES = {
     "paper": dict(position_encoding="srpe", cross_layer_context="gcla", token_merging="atm", atm_threshold=-1.0,
                   mlp="dsff", dsff_wide_size=64, norm="wiola_rmsnorm", num_hidden_layers=3),
     "all-off": {},
-    # the news article's components (SPEC §6): F3N with the AGU gate (levels drawn per step and layer, an L1
+    # the news article's components (docs/architecture.md §6): F3N with the AGU gate (levels drawn per step and layer, an L1
     # penalty) and HLN, on the paper's attention (ATM forced on)
     "article": dict(position_encoding="srpe", cross_layer_context="gcla", token_merging="atm", atm_threshold=-1.0,
                     mlp="f3n", f3n_gate="agu", f3n_levels=3, f3n_sampling="layer", agu_l1=0.001, norm="hln", num_hidden_layers=3),
