@@ -25,7 +25,8 @@ The rewrite layer: the tiny scale. Before a block runs, `rewrite_bash()` (`rewri
   test, which they made;
 - numbers of steps, batches, tokens and rounds shrink (`TINY`): `--max-steps N` and `max_steps=N` become
   max(2, N // 100) (at most N, so an order between runs, as for a resume, is kept), `--batch-size` at most 2,
-  `--seq-len` at most 32, `--max-new-tokens`/`--new-tokens`/`--max-tokens` at most 8, `--rounds` 1, ...;
+  `--seq-len` at most 32, `--max-new-tokens`/`--new-tokens`/`--max-tokens` at most 8, `--rounds` 1,
+  `--soak` (seconds) at most 5 with at most 4 `--clients`, ...;
 - `wiola eval ... --tasks` and `lm_eval` get `--limit 4` (examples per task; a `--limit` given is capped at 4);
 - `wiola serve ...` starts in the background and the block goes on once the server answers `/health`;
   it is stopped when the doc ends;
@@ -121,6 +122,7 @@ TINY = {  # option -> what its number becomes
     "--rounds": lambda n: 1, "--decode-repeats": lambda n: 1, "--requests": lambda n: min(n, 4),
     "--windows": lambda n: min(n, 2), "--prompts": lambda n: min(n, 2), "--check-exact": lambda n: min(n, 2),
     "--limit": lambda n: min(n, 4), "--train-batch": lambda n: min(n, 2), "--warmup": lambda n: min(n, 1),
+    "--soak": lambda n: min(n, 5), "--clients": lambda n: min(n, 4),
 }
 TINY_KEYS = {  # key=value settings (wiola compare --train ...)
     "max_steps": _steps, "batch_size": lambda n: min(n, 2), "eval_batches": lambda n: min(n, 2),
@@ -408,6 +410,7 @@ def test_rewrite_layer():
     assert run("wiola train a b c --max-steps 300 --batch-size 8 --seq-len 256\n") == "wiola train a b c --max-steps 3 --batch-size 2 --seq-len 32\n"
     assert run("wiola train a b c --max-steps 600 \\\n  --lr 1e-3   # go on\n") == "wiola train a b c --max-steps 6 --lr 1e-3  # go on\n"
     assert run("wiola train a b c --max-steps 30\n") == "wiola train a b c --max-steps 2\n"
+    assert run("python benchmarks/serve_load.py --soak 120 --clients 16\n") == "python benchmarks/serve_load.py --soak 5 --clients 4\n"
     assert run("wiola compare s o --train max_steps=600 batch_size=16 eval_every=100\n") == "wiola compare s o --train max_steps=6 batch_size=2 eval_every=100\n"
     assert run("bash scripts/main_job.sh   # the model\n") == "WIOLA_SETUP=0 STEPS=2 BATCH=2 SEQ=32 bash scripts/main_job.sh  # the model\n"
     assert run("pip install -e '.[serve]'\n").startswith(": walk: not run")
