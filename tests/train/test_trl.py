@@ -3,6 +3,8 @@ template, with the loss on assistant tokens only (`assistant_only_loss`, from th
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import pytest
@@ -28,7 +30,9 @@ def test_sft_trainer_runs_a_few_steps_on_a_wiola_model(tmp_path):
                                          intermediate_size=64, vocab_size=len(tok), max_position_embeddings=128,
                                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    args = trl.SFTConfig(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+    # TRL turns checkpointing on under its old name, which transformers 5.25 deprecates: the new name where it exists
+    renamed = {"activation_checkpointing": True} if "activation_checkpointing" in {f.name for f in dataclasses.fields(trl.SFTConfig)} else {}
+    args = trl.SFTConfig(**renamed, output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
                          logging_steps=1, packing=False, report_to=[], save_strategy="no", use_cpu=True, max_length=128,
                          assistant_only_loss=True, dataloader_num_workers=0, disable_tqdm=True)
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
