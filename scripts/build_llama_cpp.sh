@@ -52,11 +52,10 @@ fi
 if [ "$CONVERTER" = 1 ] && [ ! -f "$ROOT/convert-venv/.done" ]; then
   echo "[llama.cpp] making a venv for convert_hf_to_gguf.py"
   "$PY" -m venv "$ROOT/convert-venv"
-  "$ROOT/convert-venv/bin/pip" install --quiet "torch==2.13.0" \
-    -r "$ROOT/src/vendor/llama.cpp/requirements/requirements-convert_hf_to_gguf.txt" \
-    --extra-index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
-    || "$ROOT/convert-venv/bin/pip" install --quiet "transformers>=4.57,<5" "numpy~=2.2" sentencepiece \
-         "protobuf<5" "torch==2.13.0"
+  # the converter's own pins (requirements/requirements-convert_hf_to_gguf.txt), except torch: its torch==2.11.0
+  # would pull a CUDA build from PyPI; the converter only reads tensors, so our CPU torch serves
+  "$ROOT/convert-venv/bin/pip" install --quiet "torch==2.13.0" "transformers==4.57.6" "numpy~=2.2.6" \
+    "sentencepiece>=0.1.98,<0.3.0" "protobuf>=4.21.0,<5.0.0"
   "$ROOT/convert-venv/bin/pip" install --quiet -e "$ROOT/src/vendor/llama.cpp/gguf-py"
   touch "$ROOT/convert-venv/.done"
 fi
