@@ -1,24 +1,33 @@
 """Where one decode step's time goes on the ONNX engine (docs/benchmarks.md, "One ONNX step, profiled"):
-llama-nano preset, random weights, batch 1, a 32-token prompt then 128 steps, 1 thread, for fp32, int8 and int4
-weights, with and without IO binding: the step's wall time, the time inside onnxruntime's run and the Python
-around it; then onnxruntime's own profile (kernel time per operator type per step).
+a preset (default llama-nano), random weights, batch 1, a 32-token prompt then 128 steps, 1 thread, for fp32,
+int8 and int4 weights, with and without IO binding: the step's wall time, the time inside onnxruntime's run and
+the Python around it; then onnxruntime's own profile (kernel time per operator type per step).
 
     OMP_NUM_THREADS=1 python benchmarks/onnx_step_profile.py
+    OMP_NUM_THREADS=1 python benchmarks/onnx_step_profile.py --preset wiola-120m --set vocab_size=8192 --quantize int4
 """
-import json, os, sys, time, tempfile, collections
+import argparse, json, os, sys, time, tempfile, collections
 import torch
 os.environ["WIOLA_ONNX_CACHE"] = tempfile.mkdtemp()
 from wiola.configuration_wiola import WiolaConfig
 from wiola.modeling_wiola import WiolaForCausalLM
 from wiola.decode import onnx_backend
 from wiola.decode import pick_next
-torch.set_num_threads(1)
-config = WiolaConfig.from_preset("llama-nano")
+from wiola.train.config import parse_overrides
+cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+cli.add_argument("--preset", default="llama-nano")
+cli.add_argument("--set", nargs="+", default=[], help="config overrides, key=value (e.g. vocab_size=8192)")
+cli.add_argument("--quantize", nargs="+", default=["fp32", "int8", "int4"], choices=["fp32", "int8", "int4"])
+cli.add_argument("--threads", type=int, default=1)
+cli.add_argument("--steps", type=int, default=128)
+args = cli.parse_args()
+torch.set_num_threads(args.threads)
+config = WiolaConfig.from_preset(args.preset, **parse_overrides(args.set))
 torch.manual_seed(0)
 model = WiolaForCausalLM(config).eval()
 ids = torch.randint(3, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
-STEPS = 128
-for quantize in (None, "int8", "int4"):
+STEPS = args.steps
+for quantize in [None if q == "fp32" else q for q in args.quantize]:
     engine = onnx_backend.OnnxEngine(model, quantize)
     engine.export()
     for bind in (True, False):
@@ -45,11 +54,11 @@ for quantize in (None, "int8", "int4"):
                               session_ms=round(inner / STEPS * 1000, 3), python_ms=round((total - inner) / STEPS * 1000, 3))), flush=True)
     # onnxruntime's own profile of the steps: time by operator type
     import onnxruntime as ort
-    options = ort.SessionOptions(); options.intra_op_num_threads = 1; options.enable_profiling = True
+    options = ort.SessionOptions(); options.intra_op_num_threads = args.threads; options.enable_profiling = True
     options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "p")
     meta = json.loads((engine.folder / "wiola_onnx.json").read_text())
     from wiola.export.onnx_run import OnnxStepSession
-    s = OnnxStepSession(engine.folder, threads=1); s.session = ort.InferenceSession(str(engine.folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    s = OnnxStepSession(engine.folder, threads=args.threads); s.session = ort.InferenceSession(str(engine.folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
     state = s.empty_state(1, 32 + STEPS + 1)
     out, state = s(ids.numpy(), torch.ones_like(ids).numpy(), state)
     for _ in range(STEPS):
