@@ -4,8 +4,8 @@ The model and tokenizer load through the Auto classes (`import wiola` registers 
 model type, so LLaMA-style and Wiola checkpoints both work). Wiola models decode on the fast path
 (`wiola.decode.StaticDecoder`: preallocated cache; the step compiled with CUDA graphs on CUDA, on CPU only
 with `--compile on`; `--quantize int8|int4` for quantized CPU decoding; on CPU `--engine auto` runs the model's
-ONNX export under onnxruntime when it is in the engine cache — made by `wiola export --to onnx` or an earlier
-`--engine onnx` / `--quantize` run —, else torch eager, `wiola.decode.onnx_backend`); other
+ONNX export under onnxruntime when it is in the engine cache — made at the end of `wiola train` on CPU, by
+`wiola export --to onnx` or by an earlier `--engine onnx` / `--quantize` run —, else torch eager, `wiola.decode.onnx_backend`); other
 models, or `--decoding generate`, go through transformers' `generate()`. On CPU the thread count is set to
 the physical cores unless OMP_NUM_THREADS says otherwise (`wiola.decode.caches`). A single sample streams to the
 terminal token by token through transformers' `TextStreamer`; several samples are drawn
@@ -164,8 +164,8 @@ def generate_command(
             engine cache on first use (or by wiola export --to onnx --quantize); int8 on the torch engine (--engine torch, --compile on/off, or without
             onnxruntime): PyTorch's int8. int4 runs on the onnx engine only. none = the model's own weights.
         engine: what runs the static decode step on CPU. auto = onnx when this model's export is in the
-            engine cache (~/.cache/wiola/onnx; made by wiola export --to onnx, or by an earlier --engine onnx or
-            --quantize run) and onnxruntime is installed, else torch eager; auto never exports by itself.
+            engine cache (~/.cache/wiola/onnx; made at the end of wiola train on CPU, by wiola export --to onnx,
+            or by an earlier --engine onnx or --quantize run) and onnxruntime is installed, else torch eager; auto never exports by itself.
             onnx = the model's ONNX export under onnxruntime (the tokens of the torch path), exported into the
             cache first when missing (about 10-20 s at nano size, once per set of weights); torch = PyTorch
             (eager or compiled, see --compile). Without onnxruntime or when the export fails: torch, with a
