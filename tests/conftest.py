@@ -13,3 +13,6 @@ torch.set_num_threads(1)
 # included), so that no test decodes from, or adds to, the user's ~/.cache/wiola/onnx
 os.environ["WIOLA_ONNX_CACHE"] = tempfile.mkdtemp(prefix="wiola-onnx-tests-")
 atexit.register(shutil.rmtree, os.environ["WIOLA_ONNX_CACHE"], True)
+# `wiola train` on CPU ends by exporting its model into that cache (`wiola.train.engine_cache`): seconds per run, and the
+# suite trains many; off here (subprocesses included), on in the tests of that feature (tests/train/test_engine_cache.py)
+os.environ["WIOLA_TRAIN_ENGINE_CACHE"] = "0"

@@ -250,6 +250,7 @@ class Walk:
         # PATH: the wrappers, then the environment's own scripts (lm_eval, hf, ct2-transformers-converter, ...)
         env.update(PATH=f"{self.bin}:{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}", PYTHONPATH=str(self.clone / "src"),
                    WIOLA_CACHE=str(base / "cache"), WIOLA_ONNX_CACHE=str(base / "onnx"), OMP_NUM_THREADS="1",
+                   WIOLA_TRAIN_ENGINE_CACHE="0",  # each `wiola train` would export (seconds): tests/train/test_engine_cache.py tests that
                    MPLBACKEND="Agg", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
         self.env = env
         self.server = self.cpu_log = None

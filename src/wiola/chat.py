@@ -3,7 +3,10 @@
 Each turn renders the whole conversation with the tokenizer's chat template (the default of
 `wiola.data.chat` when the tokenizer has none) and `add_generation_prompt=True`, and decodes the reply
 until the eos token: Wiola models on the fast decoder (`wiola.decode.StaticDecoder`, one cache
-of the model's context length, reused every turn), other models through `generate()`. When the
+of the model's context length, reused every turn) with `wiola generate`'s engine options and rule
+(`--engine auto|torch|onnx`, `--quantize`, `--compile`, `--decoding`: on CPU the model's ONNX export under
+onnxruntime when it is in the engine cache, else torch eager; `wiola.decode.choose`), other models (or
+`--decoding generate`) through `generate()`. When the
 conversation no longer fits the context, its oldest turns are left out of the prompt.
 Commands at the prompt: `/reset` forgets the conversation, `/exit` (or Ctrl-D, or Ctrl-C) ends the chat.
 Ctrl-C during a reply stops that reply and returns to the prompt (the unfinished exchange is left out
@@ -13,6 +16,7 @@ of the conversation). A line that is not valid UTF-8 is not sent, with a one-lin
 from __future__ import annotations
 
 import sys
+from typing import Literal
 
 import torch
 
@@ -47,12 +51,18 @@ def chat_command(
     seed: int = 1337,
     device: str = "auto",
     allow_changed_base: bool = False,
+    decoding: Literal["auto", "static", "generate"] = "auto",
+    compile: Literal["auto", "on", "off"] = "auto",
+    quantize: Literal["none", "int8", "int4"] = "none",
+    engine: Literal["auto", "torch", "onnx"] = "auto",
 ) -> int:
     """Chat with a model in the terminal; replies stream token by token.
 
     The conversation is rendered with the tokenizer's chat template (docs/finetune.md); type
     /reset to start over, /exit, Ctrl-D or Ctrl-C at the prompt to leave; Ctrl-C during a reply stops
-    the reply. A LoRA run's directory works too (base + adapter, merged in memory).
+    the reply. A LoRA run's directory works too (base + adapter, merged in memory). Replies decode as in
+    wiola generate, with its options: on CPU, --engine auto runs the model's ONNX export under onnxruntime when
+    it is in the engine cache (wiola train on CPU and wiola export --to onnx put it there), else torch eager.
 
     Args:
         checkpoint: a model directory (a training out/, one of its checkpoints/..., a merged LoRA model or any saved model).
@@ -66,17 +76,25 @@ def chat_command(
         device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.
         allow_changed_base: LoRA runs: use the adapter even though its base model's weights changed since it was
             trained (normally refused: the outputs are then not the trained model's; a warning is printed).
+        decoding: static = the preallocated cache and a plain loop (Wiola models only); generate = transformers'
+            generate(); auto = static for Wiola models, else generate (as wiola generate).
+        compile: compile the static decode step: auto = on CUDA, off on CPU; on / off (both: the torch engine).
+        quantize: int8 / int4 weights on CPU, as wiola generate --quantize (int4: the onnx engine only).
+        engine: what runs the static decode step on CPU, by wiola generate's rule: auto = onnx when this model's
+            export is in the engine cache and onnxruntime is installed, else torch eager (auto never exports);
+            onnx = the ONNX export under onnxruntime, exported into the cache first when missing; torch = PyTorch.
     """
     from transformers import TextStreamer
 
     from wiola.data.chat import ensure_chat_template
-    from wiola.generate import check_sampling, sampling_arguments, text_problem
+    from wiola.generate import (check_engine_options, check_sampling, sampling_arguments, static_decoder, text_problem,
+                                uses_static_decoder)
     from wiola.train.checkpoint import load_for_inference
-    from wiola.train.distributed import resolve_device
 
     check_sampling(max_new_tokens, temperature, top_k, top_p)
-    dev = resolve_device(device)
+    quantize, dev = check_engine_options(engine, quantize, compile, decoding, device)
     model, tokenizer, model_dir = load_for_inference(checkpoint, dev, allow_changed_base=allow_changed_base)
+    static = uses_static_decoder(model, engine, quantize, decoding)
     if ensure_chat_template(tokenizer):
         print(f"note: the tokenizer of {model_dir} has no chat template; using the default one (docs/finetune.md)", file=sys.stderr)
     if tokenizer.eos_token_id is None:
@@ -84,11 +102,7 @@ def chat_command(
     context = model.config.max_position_embeddings
     do_sample = not greedy and temperature > 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    decoder = None
-    if getattr(model.config, "model_type", None) == "wiola":
-        from wiola.decode import StaticDecoder
-
-        decoder = StaticDecoder(model, max_cache_len=context, compile=False)
+    decoder = static_decoder(model, context, compile, quantize, engine) if static else None
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:  # pragma: no cover - not on every platform

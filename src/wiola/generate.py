@@ -4,8 +4,8 @@ The model and tokenizer load through the Auto classes (`import wiola` registers 
 model type, so LLaMA-style and Wiola checkpoints both work). Wiola models decode on the fast path
 (`wiola.decode.StaticDecoder`: preallocated cache; the step compiled with CUDA graphs on CUDA, on CPU only
 with `--compile on`; `--quantize int8|int4` for quantized CPU decoding; on CPU `--engine auto` runs the model's
-ONNX export under onnxruntime when it is in the engine cache — made by `wiola export --to onnx` or an earlier
-`--engine onnx` / `--quantize` run —, else torch eager, `wiola.decode.onnx_backend`); other
+ONNX export under onnxruntime when it is in the engine cache — made at the end of `wiola train` on CPU, by
+`wiola export --to onnx` or by an earlier `--engine onnx` / `--quantize` run —, else torch eager, `wiola.decode.onnx_backend`); other
 models, or `--decoding generate`, go through transformers' `generate()`. On CPU the thread count is set to
 the physical cores unless OMP_NUM_THREADS says otherwise (`wiola.decode.caches`). A single sample streams to the
 terminal token by token through transformers' `TextStreamer`; several samples are drawn
@@ -66,6 +66,55 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise WiolaError(f"--top-k must be >= 0 (0: no limit), got {top_k}")
 
 
+def check_engine_options(engine: str, quantize: str | None, compile: str, decoding: str, device: str):
+    """One-line errors for the decoding-engine options that `wiola generate` and `wiola chat` share, before the model
+    loads; returns (the quantization, None for none; the device). On CPU this also sets torch's threads
+    (`wiola.cpu.cpu_threads`)."""
+    from wiola.quantize import check_quantize
+    from wiola.train.distributed import resolve_device
+
+    quantize = check_quantize(quantize)
+    if engine not in ("auto", "torch", "onnx"):
+        raise WiolaError(f"--engine must be one of auto, torch, onnx; got {engine!r}")
+    if quantize == "int4" and engine == "torch":
+        raise WiolaError("--quantize int4 runs on the onnx engine only; it does not combine with --engine torch")
+    if (engine == "onnx" or quantize == "int4") and (compile == "on" or decoding == "generate"):
+        clash = "--compile on" if compile == "on" else "--decoding generate"
+        raise WiolaError(f"--{'engine onnx' if engine == 'onnx' else 'quantize int4'} does not combine with {clash} (that runs on the torch engine)")
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        from wiola.cpu import cpu_threads
+
+        cpu_threads()
+    if quantize and dev.type != "cpu":
+        raise WiolaError(f"--quantize {quantize} runs on CPU only; add --device cpu")
+    if engine == "onnx" and dev.type != "cpu":
+        raise WiolaError(f"--engine onnx runs on CPU only (the device is {dev}); add --device cpu")
+    return quantize, dev
+
+
+def uses_static_decoder(model, engine: str, quantize: str | None, decoding: str) -> bool:
+    """Whether `model` decodes on `wiola.decode.StaticDecoder` (a Wiola model, `--decoding` auto or static), with
+    one-line errors for options that need it."""
+    is_wiola = getattr(model.config, "model_type", None) == "wiola"
+    if quantize and not (is_wiola and decoding in ("auto", "static")):
+        raise WiolaError("--quantize needs the static decoding path of a Wiola model (not --decoding generate)")
+    if engine == "onnx" and not is_wiola:
+        raise WiolaError(f"--engine onnx needs a Wiola model; this checkpoint is {model.config.model_type!r}")
+    if decoding == "static" and not is_wiola:
+        raise WiolaError(f"--decoding static needs a Wiola model; this checkpoint is {model.config.model_type!r} (use --decoding generate)")
+    return is_wiola and decoding in ("auto", "static")
+
+
+def static_decoder(model, cache_len: int, compile: str, quantize: str | None, engine: str):
+    """The `StaticDecoder` of `wiola generate` and `wiola chat`: the engine by `wiola.decode.choose`'s rule, its notes
+    on stderr."""
+    from wiola.decode import StaticDecoder
+
+    return StaticDecoder(model, max_cache_len=cache_len, compile={"on": True, "off": False}.get(compile, "auto"),
+                         quantize=quantize, verbose=True, engine=engine)
+
+
 def sampling_arguments(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None) -> dict:
     """transformers' `generate()` sampling arguments: none of them when decoding greedily."""
     return dict(do_sample=do_sample, temperature=temperature if do_sample else None,
@@ -115,8 +164,8 @@ def generate_command(
             engine cache on first use (or by wiola export --to onnx --quantize); int8 on the torch engine (--engine torch, --compile on/off, or without
             onnxruntime): PyTorch's int8. int4 runs on the onnx engine only. none = the model's own weights.
         engine: what runs the static decode step on CPU. auto = onnx when this model's export is in the
-            engine cache (~/.cache/wiola/onnx; made by wiola export --to onnx, or by an earlier --engine onnx or
-            --quantize run) and onnxruntime is installed, else torch eager; auto never exports by itself.
+            engine cache (~/.cache/wiola/onnx; made at the end of wiola train on CPU, by wiola export --to onnx,
+            or by an earlier --engine onnx or --quantize run) and onnxruntime is installed, else torch eager; auto never exports by itself.
             onnx = the model's ONNX export under onnxruntime (the tokens of the torch path), exported into the
             cache first when missing (about 10-20 s at nano size, once per set of weights); torch = PyTorch
             (eager or compiled, see --compile). Without onnxruntime or when the export fails: torch, with a
@@ -127,38 +176,13 @@ def generate_command(
     from transformers import GenerationConfig, TextStreamer, set_seed
 
     from wiola.train.checkpoint import load_for_inference
-    from wiola.train.distributed import resolve_device
 
     if num_samples <= 0:
         raise WiolaError(f"--num-samples must be positive, got {num_samples}")
     check_sampling(max_new_tokens, temperature, top_k, top_p)
-    from wiola.quantize import check_quantize
-
-    quantize = check_quantize(quantize)
-    if engine not in ("auto", "torch", "onnx"):
-        raise WiolaError(f"--engine must be one of auto, torch, onnx; got {engine!r}")
-    if quantize == "int4" and engine == "torch":
-        raise WiolaError("--quantize int4 runs on the onnx engine only; it does not combine with --engine torch")
-    if (engine == "onnx" or quantize == "int4") and (compile == "on" or decoding == "generate"):
-        clash = "--compile on" if compile == "on" else "--decoding generate"
-        raise WiolaError(f"--{'engine onnx' if engine == 'onnx' else 'quantize int4'} does not combine with {clash} (that runs on the torch engine)")
-    dev = resolve_device(device)
-    if dev.type == "cpu":
-        from wiola.cpu import cpu_threads
-
-        cpu_threads()
-    if quantize and dev.type != "cpu":
-        raise WiolaError(f"--quantize {quantize} runs on CPU only; add --device cpu")
-    if engine == "onnx" and dev.type != "cpu":
-        raise WiolaError(f"--engine onnx runs on CPU only (the device is {dev}); add --device cpu")
+    quantize, dev = check_engine_options(engine, quantize, compile, decoding, device)
     model, tokenizer, _ = load_for_inference(checkpoint, dev, allow_changed_base=allow_changed_base)
-    is_wiola = getattr(model.config, "model_type", None) == "wiola"
-    if quantize and not (is_wiola and decoding in ("auto", "static")):
-        raise WiolaError("--quantize needs the static decoding path of a Wiola model (not --decoding generate)")
-    if engine == "onnx" and not is_wiola:
-        raise WiolaError(f"--engine onnx needs a Wiola model; this checkpoint is {model.config.model_type!r}")
-    if decoding == "static" and not is_wiola:
-        raise WiolaError(f"--decoding static needs a Wiola model; this checkpoint is {model.config.model_type!r} (use --decoding generate)")
+    static = uses_static_decoder(model, engine, quantize, decoding)
     context = model.config.max_position_embeddings
     ids = encode_prompt(tokenizer, prompt, context, dev)
     room = context - ids.shape[1]
@@ -171,16 +195,11 @@ def generate_command(
     do_sample = not greedy and temperature > 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     streamer = TextStreamer(tokenizer, skip_special_tokens=True) if stream and num_samples == 1 else None
-    static = is_wiola and decoding in ("auto", "static")
     cache_len = cache_slots(ids.shape[1] + max_new_tokens, context) if static else ids.shape[1] + max_new_tokens
     batch = samples_per_batch(model.config, cache_len, num_samples)  # bounded memory for any --num-samples
     texts: list[str] = []
     if static:
-        from wiola.decode import StaticDecoder
-
-        decoder = StaticDecoder(model, max_cache_len=cache_len,
-                                compile={"on": True, "off": False}.get(compile, "auto"), quantize=quantize, verbose=True,
-                                engine=engine)
+        decoder = static_decoder(model, cache_len, compile, quantize, engine)
         for index, first in enumerate(range(0, num_samples, batch)):
             out = decoder.generate(
                 ids.expand(min(batch, num_samples - first), -1), max_new_tokens=max_new_tokens, do_sample=do_sample,

@@ -1,8 +1,9 @@
 """Decoding for Wiola models: one chooser, small backends behind one step interface, one token loop.
 
 - `choose`: which backend runs, by one rule — on CPU, `engine="auto"` decodes with onnxruntime when this
-  model's export is in the engine cache and onnxruntime is installed, otherwise with torch eager;
-  `engine="onnx"` (and `quantize`) makes the export if missing; compiling is opt-in on CPU.
+  model's export is in the engine cache and onnxruntime is installed, otherwise with torch eager; the cache is
+  filled by `wiola train` on CPU (at its end), `wiola export --to onnx`, and `engine="onnx"` (or `quantize`), which
+  makes the export if missing; compiling is opt-in on CPU.
 - `torch_backend`: the model's forward on a `WiolaStaticCache`, eager or compiled, fp32 or int8.
 - `onnx_backend`: the model's ONNX export (fp32, int8, int4 block-wise weights) under onnxruntime, cached per
   set of weights, its state in IO-bound buffers.

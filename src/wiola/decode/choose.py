@@ -1,8 +1,10 @@
 """The one chooser of `wiola.decode`: which backend runs a `StaticDecoder`, by a rule stated in two lines.
 
-On CPU, `engine="auto"` decodes with onnxruntime when this model's export is in the engine cache (made by
-`wiola export --to onnx`, or by the first `engine="onnx"` / `quantize` run) and onnxruntime is installed;
-otherwise with torch eager. `engine="onnx"` (and `quantize` on auto) makes the export if missing.
+On CPU, `engine="auto"` decodes with onnxruntime when this model's export is in the engine cache and onnxruntime
+is installed, else with torch eager; `wiola train` on CPU, `wiola export --to onnx` and `engine="onnx"` fill the cache.
+
+(In full: `wiola train` on CPU exports its final model at the end, `wiola.train.engine_cache`; `engine="onnx"`, and
+`quantize` on auto, make the export if missing; `auto` never exports.)
 
 Compiling is opt-in on CPU (`compile=True`); `compile="auto"` compiles on CUDA. `compile` True or False picks
 the torch engine; int4 weights exist only on the onnx engine. Nothing here times a run or reads a ledger.

@@ -27,8 +27,8 @@ class StaticDecoder:
     """Decode from a `WiolaForCausalLM` on a preallocated cache of `max_cache_len` slots.
 
     The engine, by one rule (`wiola.decode.choose`): on CPU, `engine="auto"` decodes on onnxruntime when this
-    model's export is in the engine cache (`wiola.decode.onnx_backend`: made by `wiola export --to onnx`, or by an
-    earlier `engine="onnx"` or `quantize` run) and onnxruntime is installed; otherwise on torch eager. `auto`
+    model's export is in the engine cache (`wiola.decode.onnx_backend`: made at the end of `wiola train` on CPU, by
+    `wiola export --to onnx`, or by an earlier `engine="onnx"` or `quantize` run) and onnxruntime is installed; otherwise on torch eager. `auto`
     itself never times, never compiles on CPU and never exports. `engine="onnx"` (CPU, float32 model) exports the
     model into the cache when its export is missing; so does `quantize` ("int8" / "int4": the export with
     block-wise 8-/4-bit weights, `wiola.export.onnx_quant`, cached beside the float32 one) on `auto`.

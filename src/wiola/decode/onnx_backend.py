@@ -6,7 +6,8 @@
 `$WIOLA_CACHE`, `$XDG_CACHE_HOME/wiola` or `~/.cache/wiola` — holds one export folder per `model_key(model)`
 (a hash of the weights, the config's content — `caches.config_content`, not the path it was loaded from —
 and dtype, and the exporter: torch's and onnxscript's versions and the graph format), written atomically. It is
-filled by `OnnxEngine.export` (the first `engine="onnx"` or `quantize` run) and by `wiola export --to onnx`
+filled by `OnnxEngine.export` (at the end of `wiola train` on CPU, `wiola.train.engine_cache`, and by the first
+`engine="onnx"` or `quantize` run) and by `wiola export --to onnx`
 (`OnnxEngine.adopt`: the folder just written, copied in). The cache keeps the `KEEP_EXPORTS` most recently used
 exports; deleting it at any time only costs re-exports.
 
@@ -28,8 +29,8 @@ no state outside the graph.
 
 **When** (`choose`). `engine="auto"` (`StaticDecoder`) runs onnxruntime when this model's export is in the cache and
 onnxruntime is installed, else torch eager: it never exports, and nothing is timed. The export is made at a known
-moment: by `wiola export --to onnx [--quantize ...]`, or by the first run that asks for the engine
-(`engine="onnx"`, or `quantize`). A cached export costs a run only the session's load (tens of ms at nano size)
+moment: at the end of `wiola train` on CPU, by `wiola export --to onnx [--quantize ...]`, or by the first run that
+asks for the engine (`engine="onnx"`, or `quantize`). A cached export costs a run only the session's load (tens of ms at nano size)
 and the hash of the weights that finds it.
 
 `OnnxEngine` is the per-model handle (key, cache folder, export, adoption, session); `OnnxRun` one generate call's state.

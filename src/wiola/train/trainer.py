@@ -62,6 +62,7 @@ class TrainResult:
     out: Path
     stopped_by: str | None = None  # "SIGINT"/"SIGTERM" when interrupted
     exit_code: int = 0
+    device: str | None = None  # what this rank trained on (cpu, cuda:0, ...)
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -320,7 +321,7 @@ class Trainer:
 
         cfg, main = self.cfg, self.dist.is_main
         log = RunLog(self.out, enabled=main, tensorboard=cfg.tensorboard)
-        result = TrainResult(step=self.step, loss=None, best_val_loss=None, out=self.out)
+        result = TrainResult(step=self.step, loss=None, best_val_loss=None, out=self.out, device=str(self.device))
         self._stop_everywhere = False
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not main, unit="step", dynamic_ncols=True, desc="train")
         window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
@@ -623,6 +624,7 @@ def train_command(
     lora_alpha: float | None = None,
     lora_dropout: float | None = None,
     lora_targets: list[str] | None = None,
+    engine_cache: bool | None = None,
 ) -> int:
     """Train a model on prepared token data; `out/` ends as a loadable model with its tokenizer.
 
@@ -632,6 +634,8 @@ def train_command(
     Writes out/log.jsonl, out/tensorboard/, out/loss.png, out/checkpoints/{latest,best,final} and a model card
     out/README.md (`wiola card`).
     SIGINT/SIGTERM save `latest` and exit; `--resume` continues exactly from it.
+    A run on CPU ends by exporting the final model into the ONNX engine's cache (when onnx, onnxscript and
+    onnxruntime are installed), so the first `wiola generate` of OUT on CPU already decodes with onnxruntime.
 
     Args:
         config: preset name (see `wiola presets`), a JSON/YAML file of model config fields
@@ -694,6 +698,11 @@ def train_command(
         lora_targets: linear layers to adapt, by name suffix (default: all attention and MLP
             projections present: q/k/v/o_proj, output_gate_proj, gate/up/down_proj, bypass_proj,
             wide_up_proj, wide_down_proj, fusion_proj).
+        engine_cache: at the end of a run on CPU, export the final model (a LoRA run: base + adapter, merged) into
+            the ONNX engine's cache (~/.cache/wiola/onnx, or $WIOLA_ONNX_CACHE), where wiola generate and wiola chat
+            (--engine auto) find it: the first generate is on the fast path (about 10-20 s at nano size; needs
+            wiola[export]; a failure is a note, not a failed run). --no-engine-cache: not (default: on, unless
+            WIOLA_TRAIN_ENGINE_CACHE=0).
     """
     options = {
         "max_steps": max_steps, "batch_size": batch_size, "micro_batch_size": micro_batch_size, "seq_len": seq_len,
@@ -710,4 +719,8 @@ def train_command(
     if result.stopped_by is None and result.loss is not None and int(os.environ.get("RANK", "0")) == 0:
         best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
         print(f"trained {result.step} steps, final loss {result.loss:.4f}{best}; model saved to {result.out}")
+    if result.stopped_by is None and result.exit_code == 0:
+        from wiola.train.engine_cache import after_training
+
+        after_training(result.out, result.device, engine_cache)
     return result.exit_code
