@@ -115,4 +115,4 @@ def test_non_llama_is_refused_in_one_line_and_nothing_written(tmp_path, char_tok
     with pytest.raises(WiolaError, match=r"norm=wiola_rmsnorm with non-zero offsets \(1 norm\(s\), e.g. model.norm.offset\)"):
         export_model(offsets, tmp_path / "out", "llama")
     assert main(["export", str(src), str(tmp_path / "out")]) == 2
-    assert "--to llama or --to onnx" in capsys.readouterr().err
+    assert "--to llama, --to onnx or --to gguf" in capsys.readouterr().err
