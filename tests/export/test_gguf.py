@@ -184,3 +184,19 @@ def test_a_failed_check_leaves_out_as_it_was(model_dir, tmp_path, monkeypatch):
         export_model(model_dir, out, "gguf", force=True, gguf_type="f32")
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert not list(tmp_path.glob(".out.convert-*"))
+
+
+def test_llama_cpp_build_is_found_where_the_build_script_puts_it(tmp_path, monkeypatch):
+    from wiola.export import llama_cpp
+
+    monkeypatch.setenv("WIOLA_LLAMA_CPP", str(tmp_path / "build"))
+    assert llama_cpp.llama_cpp_root() == tmp_path / "build" and llama_cpp.find_llama_cpp() is None
+    assert "bash scripts/build_llama_cpp.sh" in llama_cpp.missing_reason() and str(tmp_path / "build") in llama_cpp.missing_reason()
+    with pytest.raises(WiolaError, match="no llama.cpp build in"):
+        llama_cpp.binary("llama-bench")
+    (tmp_path / "build" / "bin").mkdir(parents=True)
+    (tmp_path / "build" / "VERSION").write_text("llama_cpp_python-0.3.36.tar.gz\n")
+    assert llama_cpp.find_llama_cpp() == tmp_path / "build"
+    monkeypatch.delenv("WIOLA_LLAMA_CPP")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert llama_cpp.llama_cpp_root() == tmp_path / "cache" / "wiola" / "llama.cpp"

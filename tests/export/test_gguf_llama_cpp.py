@@ -155,3 +155,15 @@ def test_llama_cpp_converter_reads_the_llama_folder_up_to_the_tokenizer(trained,
     log = done.stdout + done.stderr
     assert done.returncode != 0 and "TokenizersBackend" not in log and "token_embd.weight" in log
     assert "BPE pre-tokenizer was not recognized" in log
+
+
+def test_llama_bench_runs_on_an_export(tmp_path, char_tokenizer):
+    """What benchmarks use: one llama-bench run on a GGUF export, parsed (tiny sizes; nothing timed here)."""
+    from tests.export.conftest import save_model
+    from wiola.export.gguf import export_gguf
+
+    src = save_model(tmp_path / "model", char_tokenizer, "all-off")
+    export_gguf(src, tmp_path / "gguf", gguf_type="q8_0", quiet=True)
+    records = llama_cpp.llama_bench(tmp_path / "gguf" / "model.gguf", new_tokens=4, prompt_tokens=4, threads=1)
+    assert [(r["n_prompt"], r["n_gen"]) for r in records] == [(0, 4), (4, 4)]
+    assert all(r["avg_ts"] > 0 and "Q8_0" in r["model_type"] for r in records)

@@ -155,10 +155,9 @@ def llama_bench(gguf_path: str | Path, new_tokens: int, prompt_tokens: int = 0, 
                 timeout: float = 600) -> list[dict]:
     """Run `llama-bench -m GGUF -p 0 -n N [-pg P,N] -t T -r R -o json` and return its records (one per test:
     `n_prompt`, `n_gen`, `avg_ts` tokens/s, `stddev_ts`, ...)."""
-    command = [str(binary("llama-bench")), "-m", str(gguf_path), "-p", "0", "-n", str(new_tokens), "-t", str(threads),
-               "-r", str(repetitions), "-o", "json"]
-    if prompt_tokens:
-        command[6:6] = ["-pg", f"{prompt_tokens},{new_tokens}"]
+    command = [str(binary("llama-bench")), "-m", str(gguf_path), "-p", "0", "-n", str(new_tokens),
+               *(["-pg", f"{prompt_tokens},{new_tokens}"] if prompt_tokens else []),
+               "-t", str(threads), "-r", str(repetitions), "-o", "json"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise WiolaError(f"llama-bench failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
