@@ -115,4 +115,21 @@ def test_non_llama_is_refused_in_one_line_and_nothing_written(tmp_path, char_tok
     with pytest.raises(WiolaError, match=r"norm=wiola_rmsnorm with non-zero offsets \(1 norm\(s\), e.g. model.norm.offset\)"):
         export_model(offsets, tmp_path / "out", "llama")
     assert main(["export", str(src), str(tmp_path / "out")]) == 2
-    assert "--to llama or --to onnx" in capsys.readouterr().err
+    assert "--to llama, --to onnx or --to gguf" in capsys.readouterr().err
+
+
+def test_tokenizer_config_loads_in_transformers_4_and_the_converter_limit_is_said(exported, tmp_path, capsys):
+    """transformers 5 writes tokenizer_class "TokenizersBackend", which transformers 4 (and llama.cpp's converter,
+    pinned to it) cannot load; the export names PreTrainedTokenizerFast, under which transformers 5 loads the same
+    tokenizer. The summary says llama.cpp's converter cannot read a newly trained tokenizer."""
+    src, out = exported
+    assert json.loads((src / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    from wiola.data.tokenizer import load_tokenizer
+
+    text = "the king  greets\tÜnïcödé ☺ <|bos|>x<|eos|>"
+    ours, theirs = load_tokenizer(src), AutoTokenizer.from_pretrained(out)
+    assert theirs(text).input_ids == ours(text).input_ids and theirs.all_special_tokens == ours.all_special_tokens
+    export_model(src, tmp_path / "again", "llama")
+    summary = capsys.readouterr().out
+    assert "convert_hf_to_gguf.py cannot read this tokenizer" in summary and "use wiola export --to gguf" in summary

@@ -7,8 +7,11 @@
   `--quantize int8|int4` gives its large MatMuls block-wise weights (`wiola.export.onnx_quant`). The folder is also
   placed into the ONNX engine's cache (`wiola.decode.onnx_backend`), so the next `wiola generate` on CPU runs it
   (`--no-engine-cache`: not).
+* `--to gguf` (`wiola.export.gguf`): the models `--to llama` takes, as one GGUF file for llama.cpp
+  (`--gguf-type f32|f16|q8_0|q4_0`, default f16), with a tokenizer description under which llama.cpp tokenizes as
+  we do; `wiola.export.llama_cpp` finds a llama.cpp build to run it with.
 
-Both write into a temporary folder next to OUT first (as `wiola convert` does), so a failure leaves OUT as it was.
+All three write into a temporary folder next to OUT first (as `wiola convert` does), so a failure leaves OUT as it was.
 See docs/export.md.
 """
 
@@ -19,40 +22,61 @@ from typing import Literal
 
 from wiola.errors import WiolaError
 
+GGUF_FOR_QUANTIZE = {"int8": "q8_0", "int4": "q4_0"}  # --quantize's block-wise weights and the GGUF types of the same class
+
 
 def export_model(model_dir: str | Path, out: str | Path, to: str, force: bool = False, quiet: bool = False,
-                 quantize: str | None = None, engine_cache: bool = True) -> list[str]:
-    """Export the model in `model_dir` to `out` in format `to` ("llama" or "onnx"; `quantize` "int8" or "int4":
-    block-wise weights in the ONNX graph, `wiola.export.onnx_quant`); returns the files written. With
-    `engine_cache` an ONNX export is also copied into the ONNX engine's cache (`place_in_engine_cache`)."""
+                 quantize: str | None = None, engine_cache: bool = True, gguf_type: str | None = None) -> list[str]:
+    """Export the model in `model_dir` to `out` in format `to` ("llama", "onnx" or "gguf"; `quantize` "int8" or
+    "int4": block-wise weights in the ONNX graph, `wiola.export.onnx_quant`; `gguf_type` f32, f16 (the default),
+    q8_0 or q4_0: the GGUF file's tensor type); returns the files written. With `engine_cache` an ONNX export is
+    also copied into the ONNX engine's cache (`place_in_engine_cache`)."""
     import torch
 
     from wiola.convert import _check_destination, write_destination
     from wiola.data.lock import DirLock
     from wiola.train.checkpoint import find_model_dir, load_for_inference
 
-    if to not in ("llama", "onnx"):
-        raise WiolaError(f"unknown export target {to!r}; choose llama or onnx")
+    if to not in ("llama", "onnx", "gguf"):
+        raise WiolaError(f"unknown export target {to!r}; choose llama, onnx or gguf")
     quantize = None if quantize in (None, "", "none") else quantize
     if quantize not in (None, "int8", "int4"):
         raise WiolaError(f"--quantize must be one of none, int8, int4; got {quantize!r}")
+    if quantize and to == "gguf":
+        raise WiolaError(f"--quantize applies to --to onnx; a GGUF file takes --gguf-type ({GGUF_FOR_QUANTIZE[quantize]} is the GGUF counterpart of {quantize})")
     if quantize and to != "onnx":
         raise WiolaError(f"--quantize {quantize} applies to --to onnx (a --to llama folder keeps the model's float weights)")
+    if gguf_type is not None and to != "gguf":
+        raise WiolaError(f"--gguf-type applies to --to gguf, not --to {to}")
     if to == "onnx":
         from wiola.export.to_onnx import require_onnx
 
         require_onnx()
+    if to == "gguf":
+        from wiola.export.gguf import GGUF_TYPES, require_gguf
+
+        gguf_type = gguf_type or "f16"
+        if gguf_type not in GGUF_TYPES:
+            raise WiolaError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}; got {gguf_type!r}")
+        require_gguf()
     src, dst = find_model_dir(model_dir), Path(out).expanduser()
     _check_destination(src, dst, force)
     model, _, src = load_for_inference(src, torch.device("cpu"))
     if getattr(model.config, "model_type", None) != "wiola":
         raise WiolaError(f"{src} holds a {model.config.model_type!r} model, not a Wiola one")
-    if to == "llama":
-        from wiola.export.llama import export_llama as write_to, llama_blockers
+    if to in ("llama", "gguf"):
+        from wiola.export.llama import export_llama, llama_blockers
 
         blockers = llama_blockers(model.config, model.state_dict())
         if blockers:  # before any work: the one line that says why
-            raise WiolaError(f"not a LLaMA model: {'; '.join(blockers)} (only a model that is exactly LLaMA exports --to llama; --to onnx takes any model)")
+            raise WiolaError(f"not a LLaMA model: {'; '.join(blockers)} (only a model that is exactly LLaMA exports --to {to}; --to onnx takes any model)")
+        if to == "llama":
+            write_to = export_llama
+        else:
+            from wiola.export.gguf import export_gguf_folder
+
+            def write_to(model, src, folder):
+                return export_gguf_folder(model, src, folder, gguf_type)
     else:
         from wiola.export.to_onnx import export_onnx
 
@@ -87,9 +111,11 @@ def place_in_engine_cache(model, folder: Path, quantize: str | None) -> str:
     return f"placed in the ONNX engine's cache ({cached}), which wiola generate on CPU uses"
 
 
-def export_command(checkpoint: str, out: str, to: Literal["llama", "onnx"] | None = None, force: bool = False,
-                   quantize: Literal["none", "int8", "int4"] = "none", engine_cache: bool = True) -> None:
-    """Export a Wiola model for other inference engines: a plain LLaMA folder, or an ONNX graph with its state.
+def export_command(checkpoint: str, out: str, to: Literal["llama", "onnx", "gguf"] | None = None, force: bool = False,
+                   quantize: Literal["none", "int8", "int4"] = "none", engine_cache: bool = True,
+                   gguf_type: Literal["f32", "f16", "q8_0", "q4_0"] | None = None) -> None:
+    """Export a Wiola model for other inference engines: a plain LLaMA folder, an ONNX graph with its state, or a
+    GGUF file for llama.cpp.
 
     --to llama saves a model that is exactly LLaMA (every component off, or equal to LLaMA by value) as a
     transformers LlamaForCausalLM folder that loads without trust_remote_code (CTranslate2's
@@ -100,12 +126,14 @@ def export_command(checkpoint: str, out: str, to: Literal["llama", "onnx"] | Non
     int8|int4 stores the large MatMuls' weights block-wise in 8 or 4 bits (onnxruntime's MatMulNBits, blocks of 32,
     int8 activations: the class of llama.cpp's Q8_0/Q4_0). An ONNX export is also placed into the ONNX engine's
     cache, so that the next wiola generate of this model on CPU decodes with onnxruntime (with --quantize: the next
-    one with the same --quantize). See docs/export.md.
+    one with the same --quantize). --to gguf writes a model that --to llama takes as OUT/model.gguf for llama.cpp
+    (--gguf-type f32, f16, q8_0 or q4_0), with its tokenizer described so that llama.cpp tokenizes as wiola does.
+    See docs/export.md.
 
     Args:
         checkpoint: a model directory (a training out/, one of its checkpoints/..., or any saved Wiola model).
         out: output folder (must be empty or absent unless --force).
-        to: llama or onnx (required).
+        to: llama, onnx or gguf (required).
         force: write into a non-empty OUT: the new files replace files of the same names, files an earlier
             export wrote are removed, every other file stays.
         quantize: none, int8 or int4 (--to onnx only): block-wise 8- or 4-bit weights for the attention
@@ -113,10 +141,13 @@ def export_command(checkpoint: str, out: str, to: Literal["llama", "onnx"] | Non
             reported.
         engine_cache: --to onnx: also copy the export into the ONNX engine's cache (~/.cache/wiola/onnx, or
             $WIOLA_ONNX_CACHE), where wiola generate --engine auto (the default) finds it; --no-engine-cache: not.
+        gguf_type: --to gguf: the tensors' type: f32, f16 (default; norms stay f32), q8_0 or q4_0 (blocks of 32,
+            the GGUF counterparts of --quantize int8 / int4; a matrix whose rows are not a multiple of 32 long
+            stays f16).
     """
     if to is None:
-        raise WiolaError("say what to export to: --to llama or --to onnx")
-    export_model(checkpoint, out, to, force=force, quantize=quantize, engine_cache=engine_cache)
+        raise WiolaError("say what to export to: --to llama, --to onnx or --to gguf")
+    export_model(checkpoint, out, to, force=force, quantize=quantize, engine_cache=engine_cache, gguf_type=gguf_type)
 
 
 def __getattr__(name: str):
@@ -124,7 +155,11 @@ def __getattr__(name: str):
         from wiola.export import onnx_run
 
         return getattr(onnx_run, name)
+    if name == "export_gguf":
+        from wiola.export.gguf import export_gguf
+
+        return export_gguf
     raise AttributeError(name)
 
 
-__all__ = ["export_model", "export_command", "onnx_generate", "OnnxStepSession", "onnx_generate_text"]
+__all__ = ["export_model", "export_command", "export_gguf", "onnx_generate", "OnnxStepSession", "onnx_generate_text"]

@@ -10,9 +10,12 @@ three cases that are LLaMA by value:
 
 Anything else is refused with one line naming every component that stands in the way. Weight names are
 LLaMA's already; the norm offsets (zero) are dropped. The saved folder loads with
-`transformers.AutoModelForCausalLM` without `trust_remote_code`, and so opens CTranslate2, llama.cpp's
-converter and vLLM. Before anything is written the LLaMA model's logits are checked against the Wiola
-model's on a probe batch.
+`transformers.AutoModelForCausalLM` without `trust_remote_code`, and so opens CTranslate2 and vLLM. The
+tokenizer files are copied, with `tokenizer_config.json`'s `tokenizer_class` written as
+`PreTrainedTokenizerFast` (transformers 5 writes `TokenizersBackend`, a name transformers 4 cannot load; both
+releases load the same tokenizer under the old name). llama.cpp's `convert_hf_to_gguf.py` reads the weights
+but not a newly trained tokenizer (`CONVERTER_NOTE`; `wiola export --to gguf` writes the GGUF instead). Before
+anything is written the LLaMA model's logits are checked against the Wiola model's on a probe batch.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from wiola.errors import WiolaError
 
 # switches whose value does not change what a model computes at inference (the ATM kernel picks how, not what)
 _NOT_MATH = {"atm_kernel"}
+CONVERTER_NOTE = ("llama.cpp's convert_hf_to_gguf.py cannot read this tokenizer (it recognises a BPE tokenizer by a "
+                  "hash of its output, and a newly trained vocabulary is not among the ones it knows): for llama.cpp use "
+                  "wiola export --to gguf")
 PROBE_TOLERANCE = 1e-4  # fp32 logits (the model is loaded in fp32), LLaMA vs Wiola; they agree to ~1e-6 in practice
 
 
@@ -118,9 +124,25 @@ def export_llama(model, model_dir: Path, folder: Path) -> list[str]:
     copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file() and not (model_dir / name).is_symlink()]
     for name in copied:
         shutil.copyfile(model_dir / name, folder / name)
+    if "tokenizer_config.json" in copied:
+        portable_tokenizer_config(folder / "tokenizer_config.json")
     notes = [f"LlamaForCausalLM, {model.config.num_hidden_layers} layers, {model.config.num_attention_heads}/"
              f"{model.config.num_key_value_heads} heads, rope theta {model.config.rope_theta:g}; probe logits agree to {diff:.1e}"]
     if model.config.hidden_dropout:
         notes.append(f"hidden_dropout={model.config.hidden_dropout} is not a LLaMA field and was dropped (training only)")
     notes.append(f"tokenizer files: {', '.join(copied)}" if copied else "no tokenizer files found to copy")
+    if "tokenizer.json" in copied:
+        notes.append(CONVERTER_NOTE)
     return notes
+
+
+def portable_tokenizer_config(path: Path) -> None:
+    """Name the tokenizer class `PreTrainedTokenizerFast` where transformers 5 wrote `TokenizersBackend`: the
+    class transformers 4 (and the tools pinned to it, such as llama.cpp's converter) loads a tokenizer.json with;
+    transformers 5 maps the old name onto the same class."""
+    import json
+
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
