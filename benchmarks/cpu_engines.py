@@ -19,12 +19,18 @@ prompt, greedy tokens/s of
   ctranslate2);
 - onnxruntime: the Wiola model itself exported with `wiola.export` (`wiola export --to onnx`), run by
   `wiola.export.onnx_run.onnx_generate` (skipped with a message without onnx/onnxruntime): the same
-  export as the default path's when that row runs.
+  export as the default path's when that row runs;
+- llama.cpp F32, Q8_0 and Q4_0 of the LLaMA twin: the twin written as GGUF by `wiola.export.gguf.write_gguf`
+  (what `wiola export --to gguf --gguf-type f32|q8_0|q4_0` writes; a token list of placeholders, since nothing
+  is tokenized), timed by `llama-bench -pg PROMPT,NEW` (its prompt-then-generate test, as our rows: its tokens/s
+  counts prompt and new tokens, converted here to new tokens / wall seconds). Needs a llama.cpp build
+  (`bash scripts/build_llama_cpp.sh`, ~20-50 min once); skipped with that message without one.
 
     OMP_NUM_THREADS=2 python benchmarks/cpu_engines.py --threads 2 --shapes llama-nano wiola-nano wiola-120m \
         --batch 1 8 --prompt-len 32 --new-tokens 256 --rounds 3 --json cpu_engines.json
     python benchmarks/cpu_engines.py --tiny      # a tiny random shape, seconds: proves the script runs
 
+The CPU model and its vector extensions are printed first (a figure from one CPU does not carry to another).
 Weights are random (seed 0; speed does not depend on them); the prompt is random token ids (seed 1).
 tokens/s = batch × new tokens / wall seconds, prefill included; best of `--rounds` timed runs after one
 untimed warm-up run (which compiles). The compiled rows also give the compile seconds. Every ratio is
@@ -190,6 +196,13 @@ def measure_shape(name: str, config: WiolaConfig, batch: int, prompt_len: int, n
             kw = dict(max_length=new_tokens, min_length=new_tokens, sampling_topk=1, include_prompt_in_result=False, max_batch_size=batch)
             seconds, _ = timed(lambda: generator.generate_batch(prompts, **kw), rounds)
             add(engine, seconds)
+    wanted = [kind for kind in ("f32", "q8_0", "q4_0") if f"llama.cpp {kind}" in engines]
+    if wanted:
+        if batch != 1:
+            for kind in wanted:
+                add(f"llama.cpp {kind} (llama twin)", None, skipped="skipped: llama-bench times batch 1 only")
+        else:
+            llama_cpp_rows(llama, config.vocab_size, prompt_len, new_tokens, rounds, threads, wanted, add)
     if "onnxruntime" in engines:
         try:
             import onnxruntime  # noqa: F401
@@ -210,15 +223,65 @@ def measure_shape(name: str, config: WiolaConfig, batch: int, prompt_len: int, n
     return rows
 
 
+def llama_cpp_rows(llama, vocab_size: int, prompt_len: int, new_tokens: int, rounds: int, threads: int,
+                   types: list[str], add) -> None:
+    """llama-bench's prompt-then-generate test on the LLaMA twin written as GGUF in each of `types`."""
+    from wiola.export import llama_cpp
+
+    if llama_cpp.find_llama_cpp() is None:
+        for kind in types:
+            add(f"llama.cpp {kind} (llama twin)", None, skipped=f"skipped: {llama_cpp.missing_reason()}")
+        return
+    from wiola.export.gguf import GgufVocabulary, byte_level_alphabet, write_gguf
+
+    alphabet = list(byte_level_alphabet().values())
+    tokens = (alphabet + [f"<t{i}>" for i in range(len(alphabet), vocab_size)])[:vocab_size]
+    vocab = GgufVocabulary("bpe", tokens, [1] * len(tokens), [f"{tokens[0]} {tokens[0]}"])
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in types:
+            path = Path(tmp) / f"twin-{kind}.gguf"
+            write_gguf(llama, vocab, path, kind, "llama twin", None)
+            records = llama_cpp.llama_bench(path, new_tokens, prompt_len, threads=threads, repetitions=rounds)
+            record = next(r for r in records if r["n_prompt"] == prompt_len and r["n_gen"] == new_tokens)
+            best = max(record["samples_ts"])  # (prompt + new) tokens / s of the fastest repetition, as our best-of-rounds
+            add(f"llama.cpp {kind} (llama twin)", (prompt_len + new_tokens) / best, build=llama_cpp.build_version())
+            path.unlink()
+
+
+def cpu_model() -> str:
+    """The CPU's model name and the vector extensions that matter here, from /proc/cpuinfo (else platform)."""
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wanted = ["avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile"]
+    cores = len({line for line in info.splitlines() if line.startswith("processor")})
+    return f"{name} ({cores} logical CPUs; {' '.join(f for f in wanted if f in flags) or 'no AVX2'})"
+
+
+def llama_cpp_precision(engine: str) -> str:
+    """The llama.cpp weight type of the same class as `engine`'s: int4 -> Q4_0, int8 -> Q8_0, else F32."""
+    return "q4_0" if "int4" in engine else "q8_0" if "int8" in engine else "f32"
+
+
 def report(rows: list[dict]) -> str:
-    lines = ["| shape | batch | engine | tokens/s | × ctranslate2 int8 | note |", "|---|---:|---|---:|---:|---|"]
+    lines = ["| shape | batch | engine | tokens/s | × ctranslate2 int8 | × llama.cpp, same precision | note |",
+             "|---|---:|---|---:|---:|---:|---|"]
     for (shape, batch) in dict.fromkeys((r["shape"], r["batch"]) for r in rows):
         group = [r for r in rows if r["shape"] == shape and r["batch"] == batch]
         base = next((r.get("tokens_per_s") for r in group if r["engine"].startswith("ctranslate2 int8")), None)
         fp32 = next((r["tokens"] for r in group if r["engine"] == "wiola eager"), None)
+        anchors = {kind: next((r.get("tokens_per_s") for r in group if r["engine"] == f"llama.cpp {kind} (llama twin)"), None)
+                   for kind in ("f32", "q8_0", "q4_0")}
         for r in group:
             speed = r.get("tokens_per_s")
             ratio = f"{speed / base:.2f}" if speed and base else ""
+            anchor = anchors[llama_cpp_precision(r["engine"])]
+            versus = f"{speed / anchor:.2f}" if speed and anchor and not r["engine"].startswith("llama.cpp") else ""
             notes = [r.get("skipped", "")]
             if r.get("compile_s") is not None:
                 notes.append(f"compile {r['compile_s']:.0f} s")
@@ -226,16 +289,19 @@ def report(rows: list[dict]) -> str:
                 notes.append(f"one-off ONNX export {r['export_s']:.0f} s" if r["export_s"] >= 1 else "one-off ONNX export under 1 s")
             if r.get("path"):
                 notes.append(f"ran {r['path']}")
+            if r.get("build"):
+                notes.append(f"built from {r['build']}")
             if fp32 is not None and r.get("tokens") is not None and r["engine"] != "wiola eager":
                 same = sum(a == b for x, y in zip(r["tokens"], fp32) for a, b in zip(x, y)) / sum(len(x) for x in fp32)
                 notes.append("tokens = fp32 eager" if same == 1.0 else f"greedy agreement with fp32 eager {same:.1%}")
-            lines.append(f"| {shape} | {batch} | {r['engine']} | {f'{speed:,.0f}' if speed else '—'} | {ratio} | {'; '.join(n for n in notes if n)} |")
+            lines.append(f"| {shape} | {batch} | {r['engine']} | {f'{speed:,.0f}' if speed else '—'} | {ratio} | {versus} | "
+                         f"{'; '.join(n for n in notes if n)} |")
     return "\n".join(lines)
 
 
 ENGINES = ["wiola eager", "wiola compiled", "wiola int8 eager", "wiola int8 compiled", "wiola default", "wiola onnx",
            "wiola onnx int8", "wiola onnx int4", "hf generate",
-           "ct2 float32", "ct2 int8", "onnxruntime"]
+           "ct2 float32", "ct2 int8", "onnxruntime", "llama.cpp f32", "llama.cpp q8_0", "llama.cpp q4_0"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,7 +332,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         overrides = parse_overrides(args.set)
         shapes = {name: WiolaConfig.from_preset(name, **overrides) for name in args.shapes}
-    print(f"# CPU decoding engines: torch {torch.__version__}, {threads} threads, prompt {args.prompt_len}, "
+    print(f"# CPU decoding engines on {cpu_model()}: torch {torch.__version__}, {threads} threads, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, greedy", flush=True)
     rows = []
     previous = os.environ.get("WIOLA_ONNX_CACHE")
@@ -283,7 +349,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 os.environ["WIOLA_ONNX_CACHE"] = previous
     print(report(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({"torch": torch.__version__, "threads": threads, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "torch": torch.__version__, "threads": threads, "rows": rows}, indent=1))
     return rows
 
 

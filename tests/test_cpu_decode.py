@@ -197,3 +197,35 @@ def test_compile_cache_follows_the_wiola_cache(monkeypatch, tmp_path):
     assert caches.compile_cache_dir() == tmp_path / "xdg" / "wiola" / "compile"
     monkeypatch.setenv("WIOLA_COMPILE_CACHE", str(tmp_path / "own"))
     assert caches.compile_cache_dir() == tmp_path / "own"
+
+
+def test_cpu_engines_llama_cpp_rows_and_cpu_model(capsys, monkeypatch, tmp_path):
+    """The llama.cpp rows: skipped with the build script's name without a build; with one (where it is installed),
+    llama-bench timed on the twin's GGUF and each Wiola row set against llama.cpp at its own precision. The CPU
+    model heads the output."""
+    from wiola.export import llama_cpp
+
+    spec = importlib.util.spec_from_file_location("cpu_engines", ROOT / "benchmarks" / "cpu_engines.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["cpu_engines"] = bench
+    spec.loader.exec_module(bench)
+    assert bench.llama_cpp_precision("wiola onnx int4") == "q4_0" and bench.llama_cpp_precision("wiola int8 eager") == "q8_0"
+    assert bench.llama_cpp_precision("wiola onnx") == "f32"
+    engines = ["wiola eager", "llama.cpp f32", "llama.cpp q4_0"]
+    built = llama_cpp.find_llama_cpp()
+    monkeypatch.setenv("WIOLA_LLAMA_CPP", str(tmp_path / "none"))
+    rows = bench.main(["--tiny", "--threads", "1", "--engines", *engines])
+    printed = capsys.readouterr().out
+    assert printed.startswith("# CPU decoding engines on ") and "logical CPUs" in printed.splitlines()[0]
+    skipped = [r for r in rows if r["engine"].startswith("llama.cpp")]
+    assert len(skipped) == 4 and all("build_llama_cpp.sh" in r["skipped"] for r in skipped if r["batch"] == 1), skipped
+    assert all(r["skipped"] == "skipped: llama-bench times batch 1 only" for r in skipped if r["batch"] == 2)
+    if built is None:
+        pytest.skip(f"the rows with numbers need a llama.cpp build: {llama_cpp.missing_reason()}")
+    monkeypatch.setenv("WIOLA_LLAMA_CPP", str(built))
+    rows = bench.main(["--tiny", "--threads", "1", "--engines", *engines])
+    printed = capsys.readouterr().out
+    timed = {r["engine"]: r for r in rows if r["batch"] == 1}
+    assert timed["llama.cpp f32 (llama twin)"]["tokens_per_s"] > 0 and timed["llama.cpp q4_0 (llama twin)"]["tokens_per_s"] > 0
+    ratio = timed["wiola eager"]["tokens_per_s"] / timed["llama.cpp f32 (llama twin)"]["tokens_per_s"]
+    assert f"| tiny | 1 | wiola eager | {timed['wiola eager']['tokens_per_s']:,.0f} |  | {ratio:.2f} |" in printed

@@ -46,6 +46,12 @@ def missing_reason() -> str:
     return f"no llama.cpp build in {llama_cpp_root()} (bash {BUILD_SCRIPT} builds one; WIOLA_LLAMA_CPP names another folder)"
 
 
+def build_version() -> str | None:
+    """What the build was made from (the sdist name in its VERSION file), or None without a build."""
+    root = find_llama_cpp()
+    return None if root is None else (root / "VERSION").read_text().strip()
+
+
 def binary(name: str) -> Path:
     """Path of a llama.cpp program of the build (llama-bench, llama-quantize, llama-completion)."""
     root = find_llama_cpp()
