@@ -18,7 +18,9 @@ change what it computes. Three row operations keep the batch packed:
 With `sets=2` (the ONNX decode step, `wiola.serve.onnx_step`) a second `WiolaStaticCache` of the same shapes is
 allocated beside the first: the step reads one set and writes the other (its outputs never alias its inputs), and
 `swap()` makes the written set current. `full`, and every row operation above, act on the current set only: the
-other set's rows are overwritten whole by the next step before anything reads them.
+other set's rows are overwritten whole by the next step before anything reads them. `shared` names layer buffers
+("{i}.keys", "{i}.values") that both sets hold in one tensor: the step updates those in place (one slot per
+step instead of a copy of the whole cache), and so do the row operations, whichever set is current.
 """
 
 from __future__ import annotations
@@ -34,12 +36,16 @@ from ..cache_wiola import ATM_STATE, WiolaCache, WiolaStaticCache
 class SlotCache:
     """Preallocated rows for continuous batching on a `WiolaForCausalLM` (see the module docstring)."""
 
-    def __init__(self, model, max_batch_size: int, capacity: int, sets: int = 1):
+    def __init__(self, model, max_batch_size: int, capacity: int, sets: int = 1, shared: frozenset[str] = frozenset()):
         if sets not in (1, 2):
             raise ValueError(f"a SlotCache holds 1 or 2 buffer sets, not {sets}")
         self.model, self.rows, self.capacity = model, max_batch_size, capacity
         self.config = model.config
         self.sets = [self._allocate(model, max_batch_size, capacity) for _ in range(sets)]
+        if sets == 2:  # layer buffers both sets hold in one tensor ("{i}.keys", "{i}.values": updated in place)
+            for name in shared:
+                index, _, field = name.partition(".")
+                setattr(self.sets[1].layers[int(index)], field, getattr(self.sets[0].layers[int(index)], field))
         self.current = 0  # the set holding the state
         self._views: dict[tuple[int, int], WiolaStaticCache] = {}
 
@@ -80,11 +86,11 @@ class SlotCache:
 
     def bytes(self) -> int:
         """Memory held by the preallocated buffers (every set)."""
-        total = 0
+        every = {}
         for full in self.sets:
-            total += sum(t.numel() * t.element_size() for t in (full.key_real, full.real_count, full.position))
-            total += sum(b.numel() * b.element_size() for layer in full.layers for b in layer.buffers().values())
-        return total
+            for t in (full.key_real, full.real_count, full.position, *(b for layer in full.layers for b in layer.buffers().values())):
+                every[id(t)] = t.numel() * t.element_size()
+        return sum(every.values())
 
     def view(self, batch: int) -> WiolaStaticCache:
         """A `WiolaStaticCache` over rows 0..batch-1 of the current set's buffers (built once per batch size and set)."""
