@@ -197,3 +197,20 @@ def test_the_startup_line_and_health_name_the_engine(model_dirs, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_plain_layers_keys_and_values_are_one_tensor_updated_in_place(model_dirs):
+    """The ONNX step writes a plain layer's new slot into the very buffer it reads (the graph's ScatterElements is the
+    past keys' only reader), so both buffer sets hold those keys/values in one tensor; ATM layers' compacted
+    keys/values ping-pong between two. The cache's memory counts the shared tensors once."""
+    from wiola.serve.engine import Engine
+
+    model, tok = load(model_dirs("paper"))  # 3 layers, layer 1 merges
+    export(model)
+    engine = Engine(model, tok, max_batch_size=2, capacity=CAPACITY)
+    a, b = (full.layers for full in engine.slots.sets)
+    assert engine.engine == "onnx"
+    assert [a[i].keys is b[i].keys and a[i].values is b[i].values for i in range(3)] == [True, False, True]
+    torch_engine = Engine(model, tok, max_batch_size=2, capacity=CAPACITY, engine="torch")
+    kv = 2 * 2 * model.config.num_key_value_heads * CAPACITY * model.config.head_dim * 4  # one layer's keys + values, 2 rows
+    assert 0 < engine.slots.bytes() - torch_engine.slots.bytes() < 2 * kv  # one more copy of the ATM layer and the small state
