@@ -44,7 +44,9 @@ PASSAGE = ("To be, or not to be, that is the question: whether 'tis nobler in th
 def start_server(args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "wiola", "serve", args.model, "--port", "0", "--max-batch-size", str(args.max_batch_size),
            "--max-queue", str(args.max_queue), "--log-level", "warning", "--device", args.device,
-           "--max-request-bytes", str(args.max_request_bytes)]
+           "--max-request-bytes", str(args.max_request_bytes), "--engine", args.engine, "--quantize", args.quantize]
+    if args.max_model_len:
+        cmd += ["--max-model-len", str(args.max_model_len)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     while True:
         line = proc.stderr.readline()
@@ -136,6 +138,9 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=8, help="(with --model) the server's batch")
     p.add_argument("--max-queue", type=int, default=256, help="(with --model) the server's queue")
     p.add_argument("--device", default="auto", help="(with --model) the server's device")
+    p.add_argument("--max-model-len", type=int, help="(with --model) the server's slots per request (default: the model's context)")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"], help="(with --model) the server's decode engine")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"], help="(with --model) the server's decode weights")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--check-exact", type=int, default=0, metavar="K",
                    help="first send K prompts one by one, then all K at once (greedy), and count identical token sequences")

@@ -12,7 +12,8 @@
 - `caches`: what the package keeps on disk (torch's compile artifacts) and the identity of a model's config.
 
 Imports run one way: `decoder` → `choose`, `loop`, the backends → `caches`; no backend imports the decoder.
-`wiola serve` keeps its own loop (continuous batching, `wiola.serve.engine`) and shares `pick_next`.
+`wiola serve` keeps its own loop (continuous batching, `wiola.serve.engine`) and shares `pick_next`, `choose`'s rule
+and the `OnnxEngine` (its decode step, `wiola.serve.steps`, binds the serving cache's buffers as the ONNX state).
 """
 
 from .decoder import StaticDecoder

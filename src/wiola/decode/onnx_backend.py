@@ -351,7 +351,8 @@ class OnnxEngine:
             shutil.rmtree(old, ignore_errors=True)
         caches.remove_leftovers(root)
 
-    def start(self, batch: int, capacity: int) -> OnnxRun:
+    def session(self):
+        """The onnxruntime session over the cached export (`OnnxStepSession`, loaded once); raises when it does not load."""
         if self._session is None:
             from wiola.export.onnx_run import OnnxStepSession
 
@@ -361,4 +362,7 @@ class OnnxEngine:
                 pass
 
             self._session = OnnxStepSession(self.folder, threads=torch.get_num_threads())
-        return OnnxRun(self._session, batch, capacity)
+        return self._session
+
+    def start(self, batch: int, capacity: int) -> OnnxRun:
+        return OnnxRun(self.session(), batch, capacity)

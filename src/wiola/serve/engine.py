@@ -13,10 +13,14 @@ own seeded generator, so a seeded request draws the same tokens alone or in a ba
 compute what they compute alone (positions, means and merged groups count real tokens only), so the
 tokens of a request do not depend on what else runs.
 
-This engine keeps its own loop and cache rather than `wiola.decode`'s backends (which `wiola generate` and
-`wiola chat` share): continuous batching needs rows that join and leave between steps, each with its own
-prefill, sampling parameters and stop strings, on a `SlotCache` whose rows are filled one by one — the
-`wiola.decode` step interface runs one batch from a common prefill to its end. It shares `pick_next`.
+This engine keeps its own loop and cache rather than `wiola.decode`'s `StaticDecoder` (which runs one batch
+from a common prefill to its end): continuous batching needs rows that join and leave between steps, each with
+its own prefill, sampling parameters and stop strings, on a `SlotCache` whose rows are filled one by one. Its
+batched decode step runs on the engines `wiola generate` and `wiola chat` choose between, by the same rule
+(`wiola.serve.steps`): on CPU, `engine="auto"` runs it on onnxruntime when this model's ONNX export is in the
+engine cache and onnxruntime is installed — with the `SlotCache`'s own buffers bound as the graph's state, no
+copy per step —, otherwise on torch eager; `engine="torch"`/`"onnx"` and `quantize` as in `wiola generate`.
+Prompts are prefilled on the float32 torch model either way. It shares `pick_next`.
 
 Output goes to each sequence's `sink` (any callable; the HTTP layer passes one that hops onto the
 asyncio loop) as `Event`s carrying new text (held back while it may still become a stop string or an
@@ -41,7 +45,7 @@ import torch
 from ..cache_wiola import WiolaCache
 from ..errors import WiolaError
 from ..decode import pick_next
-from .slots import SlotCache
+from .steps import make_step
 
 
 class QueueFull(WiolaError):
@@ -117,7 +121,8 @@ class Engine:
     `max_batch_size` requests decode together on a cache of `capacity` slots per row (default: the
     model's context); up to `max_queue` more wait. `submit` raises `QueueFull` beyond that."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 8, max_queue: int = 64, capacity: int | None = None):
+    def __init__(self, model, tokenizer, max_batch_size: int = 8, max_queue: int = 64, capacity: int | None = None,
+                 engine: str = "auto", quantize: str | None = None, note: Callable[[str], None] | None = None):
         if getattr(model.config, "model_type", None) != "wiola":
             raise WiolaError(f"wiola serve needs a Wiola model; this checkpoint is {model.config.model_type!r} "
                              "(a LLaMA model serves with any OpenAI-compatible engine, e.g. vLLM)")
@@ -133,7 +138,8 @@ class Engine:
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         eos = {tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))}
         self.eos_ids = {int(t) for t in eos if t is not None}
-        self.slots = SlotCache(model, max_batch_size, self.capacity)
+        # the decode step's engine by `wiola generate`'s rule (`steps.make_step`); `note` hears its fallbacks
+        self.slots, self.decode_step, self.engine_reason = make_step(model, max_batch_size, self.capacity, engine, quantize, note)
         self.position = 0  # mirror of slots.position (the shared write slot)
         self.active: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
@@ -147,6 +153,11 @@ class Engine:
         self.shifts = 0  # rows moved right for a longer prompt, or left to reclaim slots
         self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}  # sequences ended, by finish reason
         self.tokens_after_cancel = 0  # tokens cancelled sequences got after their client went away (the step in flight)
+
+    @property
+    def engine(self) -> str:
+        """What runs the decode steps: "onnx" (onnxruntime) or "torch"."""
+        return self.decode_step.name
 
     # ------------------------------------------------------------------ public API (any thread)
     def start(self) -> "Engine":
@@ -176,7 +187,7 @@ class Engine:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"running": self._n_active, "waiting": len(self.waiting), "max_batch_size": self.max_batch_size,
+            return {"engine": self.engine, "running": self._n_active, "waiting": len(self.waiting), "max_batch_size": self.max_batch_size,
                     "max_queue": self.max_queue, "steps": self.steps,
                     "batched_rows": self.batched_rows,
                     "mean_batch": round(self.batched_rows / self.steps, 3) if self.steps else 0.0, "shifts": self.shifts,
@@ -327,8 +338,7 @@ class Engine:
     @torch.no_grad()
     def _step(self) -> None:
         batch = len(self.active)
-        tokens = torch.tensor([[s.tokens[-1]] for s in self.active], dtype=torch.long, device=self.device)
-        logits = self.model(input_ids=tokens, cache=self.slots.view(batch), use_cache=True).logits[:, -1]
+        logits = self.decode_step([s.tokens[-1] for s in self.active])
         self.position += 1
         self.steps += 1
         self.batched_rows += batch

@@ -14,6 +14,13 @@ change what it computes. Three row operations keep the batch packed:
 * `move(src, dst)`: copy a row (a finished request's row is refilled by the last running one);
 * `shift(rows, by)`: move every running row's plain-layer slots right (`by > 0`, to make room for a
   longer prompt than P) or left (`by < 0`, to reclaim slots no running row uses).
+
+With `sets=2` (the ONNX decode step, `wiola.serve.onnx_step`) a second `WiolaStaticCache` of the same shapes is
+allocated beside the first: the step reads one set and writes the other (its outputs never alias its inputs), and
+`swap()` makes the written set current. `full`, and every row operation above, act on the current set only: the
+other set's rows are overwritten whole by the next step before anything reads them. `shared` names layer buffers
+("{i}.keys", "{i}.values") that both sets hold in one tensor: the step updates those in place (one slot per
+step instead of a copy of the whole cache), and so do the row operations, whichever set is current.
 """
 
 from __future__ import annotations
@@ -29,35 +36,65 @@ from ..cache_wiola import ATM_STATE, WiolaCache, WiolaStaticCache
 class SlotCache:
     """Preallocated rows for continuous batching on a `WiolaForCausalLM` (see the module docstring)."""
 
-    def __init__(self, model, max_batch_size: int, capacity: int):
+    def __init__(self, model, max_batch_size: int, capacity: int, sets: int = 1, shared: frozenset[str] = frozenset()):
+        if sets not in (1, 2):
+            raise ValueError(f"a SlotCache holds 1 or 2 buffer sets, not {sets}")
         self.model, self.rows, self.capacity = model, max_batch_size, capacity
         self.config = model.config
-        self.full = WiolaStaticCache(self.config, max_cache_len=capacity)
+        self.sets = [self._allocate(model, max_batch_size, capacity) for _ in range(sets)]
+        if sets == 2:  # layer buffers both sets hold in one tensor ("{i}.keys", "{i}.values": updated in place)
+            for name in shared:
+                index, _, field = name.partition(".")
+                setattr(self.sets[1].layers[int(index)], field, getattr(self.sets[0].layers[int(index)], field))
+        self.current = 0  # the set holding the state
+        self._views: dict[tuple[int, int], WiolaStaticCache] = {}
+
+    def _allocate(self, model, max_batch_size: int, capacity: int) -> WiolaStaticCache:
+        full = WiolaStaticCache(self.config, max_cache_len=capacity)
         device = next(model.parameters()).device
         start = self.config.bos_token_id if self.config.bos_token_id is not None else 0
         with torch.no_grad():  # a one-token prefill of every row allocates the buffers and the rotary table
-            model(input_ids=torch.full((max_batch_size, 1), start, dtype=torch.long, device=device), cache=self.full, use_cache=True,
+            model(input_ids=torch.full((max_batch_size, 1), start, dtype=torch.long, device=device), cache=full, use_cache=True,
                   logits_to_keep=1)
-        for layer in self.full.layers:
+        for layer in full.layers:
             for buf in layer.buffers().values():
                 buf.zero_()
-        self.full.key_real.zero_()
-        self.full.real_count.zero_()
-        self.full.position.zero_()
-        self._views: dict[int, WiolaStaticCache] = {}
+        full.key_real.zero_()
+        full.real_count.zero_()
+        full.position.zero_()
+        return full
+
+    @property
+    def full(self) -> WiolaStaticCache:
+        """The current buffer set (the whole `max_batch_size` rows)."""
+        return self.sets[self.current]
+
+    @property
+    def spare(self) -> WiolaStaticCache | None:
+        """The other buffer set (`sets=2`): where the next ONNX step writes."""
+        return self.sets[1 - self.current] if len(self.sets) == 2 else None
+
+    def swap(self) -> None:
+        """Make the spare set current (after a step wrote the state there)."""
+        if len(self.sets) != 2:
+            raise ValueError("swap needs a SlotCache of 2 buffer sets")
+        self.current = 1 - self.current
 
     @property
     def position(self) -> torch.Tensor:
         return self.full.position
 
     def bytes(self) -> int:
-        """Memory held by the preallocated buffers."""
-        total = sum(t.numel() * t.element_size() for t in (self.full.key_real, self.full.real_count))
-        return total + sum(b.numel() * b.element_size() for layer in self.full.layers for b in layer.buffers().values())
+        """Memory held by the preallocated buffers (every set)."""
+        every = {}
+        for full in self.sets:
+            for t in (full.key_real, full.real_count, full.position, *(b for layer in full.layers for b in layer.buffers().values())):
+                every[id(t)] = t.numel() * t.element_size()
+        return sum(every.values())
 
     def view(self, batch: int) -> WiolaStaticCache:
-        """A `WiolaStaticCache` over rows 0..batch-1 of the shared buffers (built once per batch size)."""
-        if batch not in self._views:
+        """A `WiolaStaticCache` over rows 0..batch-1 of the current set's buffers (built once per batch size and set)."""
+        if (self.current, batch) not in self._views:
             view = WiolaStaticCache(self.config, max_cache_len=self.capacity)
             full = self.full
             view.ready, view.position, view.rotary = True, full.position, full.rotary
@@ -69,8 +106,8 @@ class SlotCache:
                         setattr(dst, name, buf[:batch])
                 dst.sums = {name: buf[:batch] for name, buf in src.sums.items()}
                 dst.is_initialized, dst.dtype, dst.device = True, src.dtype, src.device
-            self._views[batch] = view
-        return self._views[batch]
+            self._views[self.current, batch] = view
+        return self._views[self.current, batch]
 
     def set_position(self, value: int) -> None:
         self.full.position.fill_(value)
