@@ -73,53 +73,52 @@ def _other(node, name: str) -> str:
     return node.input[1] if node.input[0] == name else node.input[0]
 
 
-def _match_rms(graph, index: _Index, recip) -> dict | None:
-    """The RMSNorm around the `Reciprocal` node `recip`: x, ε, the weight and the nodes it spans (or None)."""
-    sqrt = index.made_by(recip.input[0], "Sqrt")
-    add = sqrt and index.made_by(sqrt.input[0], "Add")
-    if add is None:
+def _fold_rms(graph, index: _Index, rms) -> dict | None:
+    """`Mul(weight, RMSNormalization(x, ConstantOfShape(Shape(x))))` around the node `rms`: x, the weight, ε and the
+    nodes it spans (or None). The exporter gives `F.rms_norm` without a weight a scale of ones the size of x."""
+    ones = index.made_by(rms.input[1], "ConstantOfShape") if len(rms.input) > 1 else None
+    shape_of = ones and index.made_by(ones.input[0], "Shape")
+    if shape_of is None or shape_of.input[0] != rms.input[0] or any(a.name in ("start", "end") and a.i != 0 for a in shape_of.attribute):
         return None
-    mean = next((index.producer.get(i) for i in add.input if index.made_by(i, "ReduceMean")), None)
-    if mean is None:
+    fill = next((a.t for a in ones.attribute if a.name == "value"), None)
+    if fill is None or _constant_of(fill) != 1.0 or next((a.i for a in rms.attribute if a.name == "axis"), -1) not in (-1, _rank(index, rms.input[0]) - 1):
         return None
-    eps = _constant(graph, _other(add, mean.output[0]))
-    pow_ = index.made_by(mean.input[0], "Pow")
-    if eps is None or eps.size != 1 or pow_ is None:
+    weigh = index.only_reader(rms.output[0])
+    if weigh is None or weigh.op_type != "Mul" or len(rms.output) != 1:
         return None
-    exponent = _constant(graph, pow_.input[1])
-    axes = _constant(graph, mean.input[1]) if len(mean.input) > 1 else None
-    keepdims = next((a.i for a in mean.attribute if a.name == "keepdims"), 1)
-    x = pow_.input[0]
-    shape = index.shape(x)
-    if shape is None or exponent is None or exponent.size != 1 or float(exponent.reshape(-1)[0]) != 2.0 or keepdims != 1:
-        return None
-    if axes is None or list(axes.reshape(-1)) not in ([-1], [len(shape) - 1]):
-        return None
-    scale = index.only_reader(recip.output[0])
-    if scale is None or scale.op_type != "Mul" or _other(scale, recip.output[0]) != x:
-        return None
-    weigh = index.only_reader(scale.output[0])
-    if weigh is None or weigh.op_type != "Mul":
-        return None
-    weight = _other(weigh, scale.output[0])
+    weight = _other(weigh, rms.output[0])
     value = _constant(graph, weight)
-    if value is None or value.shape != shape[-1:] or value.dtype != np.float32:
+    x_shape = index.shape(rms.input[0])
+    if value is None or x_shape is None or value.shape != x_shape[-1:] or value.dtype != np.float32:
         return None
-    chain = [pow_, mean, add, sqrt, recip, scale]
-    if any(index.only_reader(n.output[0]) is None for n in chain):  # an intermediate read elsewhere: leave it
+    if index.only_reader(ones.output[0]) is not rms or index.only_reader(shape_of.output[0]) is not ones:
         return None
-    return {"x": x, "eps": float(eps.reshape(-1)[0]), "weight": weight, "nodes": chain + [weigh], "out": weigh.output[0]}
+    eps = next((a.f for a in rms.attribute if a.name == "epsilon"), 1e-5)
+    return {"x": rms.input[0], "eps": eps, "weight": weight, "nodes": [shape_of, ones, rms, weigh], "out": weigh.output[0]}
+
+
+def _constant_of(tensor) -> float | None:
+    from onnx import numpy_helper
+
+    value = numpy_helper.to_array(tensor).reshape(-1)
+    return float(value[0]) if value.size == 1 else None
+
+
+def _rank(index: _Index, name: str) -> int:
+    shape = index.shape(name)
+    return len(shape) if shape is not None else 0
 
 
 def fuse_rms_norms(model) -> int:
-    """Rewrite each exported RMSNorm (see the module docstring) as one `SimplifiedLayerNormalization`; returns how many."""
+    """Rewrite each exported RMSNorm times its weight (see the module docstring) as one
+    `SimplifiedLayerNormalization(x, weight)`; returns how many."""
     from onnx import helper
 
     graph = model.graph
     fused = 0
     while True:
         index = _Index(graph)
-        found = next((m for node in graph.node if node.op_type == "Reciprocal" for m in [_match_rms(graph, index, node)] if m), None)
+        found = next((m for node in graph.node if node.op_type == "RMSNormalization" for m in [_fold_rms(graph, index, node)] if m), None)
         if found is None:
             return fused
         at = min(list(graph.node).index(n) for n in found["nodes"])
@@ -164,6 +163,135 @@ def fuse_skip_norms(model) -> int:
     return fused
 
 
+def _repeated(index: _Index, graph, name: str) -> str | None:
+    """The key/value buffer `[B, H_kv, L, d]` that `repeat_kv` expanded into `name` (`Reshape(Expand(Unsqueeze(kv, 2)))`), or None."""
+    reshape = index.made_by(name, "Reshape")
+    expand = reshape and index.made_by(reshape.input[0], "Expand")
+    unsqueeze = expand and index.made_by(expand.input[0], "Unsqueeze")
+    if unsqueeze is None:
+        return None
+    axes = _constant(graph, unsqueeze.input[1]) if len(unsqueeze.input) > 1 else None
+    kv, out = index.shape(unsqueeze.input[0]), index.shape(name)
+    if axes is None or list(axes.reshape(-1)) != [2] or kv is None or out is None or len(kv) != 4 or len(out) != 4:
+        return None
+    heads, kv_heads = out[1], kv[1]
+    if not (isinstance(heads, int) and isinstance(kv_heads, int) and heads > kv_heads > 0 and heads % kv_heads == 0 and out[3] == kv[3]):
+        return None
+    return unsqueeze.input[0]
+
+
+def attend_grouped(model) -> int:
+    """Feed each `Attention` the key/value buffers before `repeat_kv` copied their heads: opset 23's Attention groups
+    query head h with key/value head h // (H / H_kv) itself, as `repeat_kv` does, so every step no longer copies each
+    layer's whole cache n_rep times. Returns the number of Attention nodes rewired (the copies are pruned)."""
+    graph = model.graph
+    index = _Index(graph)
+    rewired = 0
+    for node in graph.node:
+        if node.op_type != "Attention" or node.domain not in ("", "ai.onnx") or len(node.input) < 3:
+            continue
+        key, value = _repeated(index, graph, node.input[1]), _repeated(index, graph, node.input[2])
+        if key is None or value is None or any(a.name in ("q_num_heads", "kv_num_heads") for a in node.attribute):
+            continue
+        node.input[1], node.input[2] = key, value
+        rewired += 1
+    return rewired
+
+
+def _ints(graph, name: str) -> list[int] | None:
+    value = _constant(graph, name) if name else None
+    return None if value is None else [int(v) for v in value.reshape(-1)]
+
+
+def _half_table(graph, index: _Index, name: str, negated: bool) -> str | None:
+    """The `[B, T, d_h/2]` table c behind a rotary operand `Unsqueeze(Concat(c, c), 1)` (`negated`:
+    `Unsqueeze(Concat(Neg(c), c), 1)`), or None."""
+    unsqueeze = index.made_by(name, "Unsqueeze")
+    concat = unsqueeze and index.made_by(unsqueeze.input[0], "Concat")
+    if concat is None or _ints(graph, unsqueeze.input[1]) != [1] or len(concat.input) != 2:
+        return None
+    first, second = concat.input
+    half = index.shape(second)
+    if half is None or len(half) != 3 or next(a.i for a in concat.attribute if a.name == "axis") not in (-1, 2):
+        return None
+    if negated:
+        neg = index.made_by(first, "Neg")
+        return second if neg is not None and neg.input[0] == second else None
+    return second if first == second else None
+
+
+def _rolled_half(graph, index: _Index, name: str) -> str | None:
+    """x when `name` is `Concat(x[..., h:], x[..., :h])` along the last axis with h = d_h/2 (torch.roll by half), else None."""
+    concat = index.made_by(name, "Concat")
+    if concat is None or len(concat.input) != 2:
+        return None
+    upper, lower = (index.made_by(i, "Slice") for i in concat.input)
+    if upper is None or lower is None or upper.input[0] != lower.input[0]:
+        return None
+    x = upper.input[0]
+    shape = index.shape(x)
+    if shape is None or len(shape) != 4 or not isinstance(shape[3], int) or shape[3] % 2:
+        return None
+    d, h = shape[3], shape[3] // 2
+    if next(a.i for a in concat.attribute if a.name == "axis") not in (-1, 3):
+        return None
+    def span(node):
+        steps = _ints(graph, node.input[4]) if len(node.input) > 4 else [1]
+        return _ints(graph, node.input[1]), _ints(graph, node.input[2]), _ints(graph, node.input[3]) if len(node.input) > 3 else None, steps
+    (s1, e1, a1, t1), (s2, e2, a2, t2) = span(upper), span(lower)
+    if None in (s1, e1, a1, s2, e2, a2) or a1 not in ([-1], [3]) or a2 not in ([-1], [3]) or t1 != [1] or t2 != [1]:
+        return None
+    return x if s1 == [h] and e1[0] >= d and s2 == [0] and e2 == [h] else None
+
+
+def fuse_rotary(model) -> int:
+    """Rewrite each `apply_rotary` — `x·cos + roll(x, d_h/2)·sin` with the tables `[c, c]` and `[−s, s]` — as one
+    opset-23 `RotaryEmbedding(x, c, s)` (rotate-half, `x1·c − x2·s`, `x2·c + x1·s`: the same products); returns how many."""
+    from onnx import helper
+
+    graph = model.graph
+    index = _Index(graph)
+    fused = 0
+    for add in [n for n in graph.node if n.op_type == "Add"]:
+        muls = [index.made_by(i, "Mul") for i in add.input]
+        if None in muls:
+            continue
+        found = None
+        for straight, turned in (muls, muls[::-1]):
+            for x_at in (0, 1):
+                x, cos = straight.input[x_at], straight.input[1 - x_at]
+                for roll_at in (0, 1):
+                    if _rolled_half(graph, index, turned.input[roll_at]) != x:
+                        continue
+                    c, s = _half_table(graph, index, cos, False), _half_table(graph, index, turned.input[1 - roll_at], True)
+                    if c is not None and s is not None:
+                        found = (x, c, s)
+        if found is None or index.only_reader(muls[0].output[0]) is not add or index.only_reader(muls[1].output[0]) is not add:
+            continue
+        rotary = helper.make_node("RotaryEmbedding", list(found), [add.output[0]], name=f"wiola_rotary_{fused}", interleaved=0)
+        graph.node.insert(list(graph.node).index(add), rotary)
+        graph.node.remove(add)
+        fused += 1
+    return fused
+
+
+def prune(model) -> int:
+    """Remove the nodes whose outputs nothing reads (left by the rewrites); returns how many."""
+    graph = model.graph
+    removed = 0
+    while True:
+        used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+        dead = [node for node in graph.node if not any(o in used for o in node.output if o)]
+        if not dead:
+            return removed
+        for node in dead:
+            graph.node.remove(node)
+        removed += len(dead)
+
+
 def fuse(model) -> dict[str, int]:
     """Every rewrite above, in place; returns the count of each."""
-    return {"rms_norm": fuse_rms_norms(model), "skip_rms_norm": fuse_skip_norms(model)}
+    counts = {"rms_norm": fuse_rms_norms(model), "skip_rms_norm": fuse_skip_norms(model), "grouped_attention": attend_grouped(model),
+              "rotary": fuse_rotary(model)}
+    prune(model)
+    return counts

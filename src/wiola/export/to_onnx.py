@@ -30,6 +30,7 @@ from wiola.export.onnx_step import OnnxStep, empty_state, state_spec
 METADATA = "wiola_onnx.json"
 GRAPH = "model.onnx"
 FORMAT = "wiola-onnx-step/2"  # 2: fused operators (onnx_fuse); bump when the graph changes (the engine cache key holds it)
+OPSET = 23  # the ONNX opset of the step graph: 23 has Attention (and RMSNormalization, which onnx_fuse replaces)
 CHECK_TOLERANCE = 1e-3  # fp32 logits, onnxruntime vs PyTorch on the export's own check (they agree to ~1e-6)
 
 
@@ -92,7 +93,7 @@ def export_program(model):
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.onnx.export(
-                step, (ids, mask, *state), dynamo=True, dynamic_shapes=_dynamic_shapes(spec), verbose=False,
+                step, (ids, mask, *state), dynamo=True, dynamic_shapes=_dynamic_shapes(spec), verbose=False, opset_version=OPSET,
                 input_names=["input_ids", "attention_mask"] + ["past." + n for n in names],
                 output_names=["logits"] + ["present." + n for n in names],
             )
