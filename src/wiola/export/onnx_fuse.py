@@ -1,19 +1,24 @@
-"""Fused operators for the exported step graph (`wiola export --to onnx`, graph format 2): rewrites of the ONNX
-graph that `torch.onnx.export` writes, run before it is saved. The torch model is untouched; the rewritten
+"""Fused operators for the exported step graph (`wiola export --to onnx`, graph format 2): rewrites of the opset-23
+ONNX graph that `torch.onnx.export` writes, run before it is saved. The torch model is untouched; the rewritten
 graph computes the same function with fewer, larger onnxruntime kernels (at batch-1 decoding a step is mostly
 per-operator overhead, so the node count is what costs).
 
-* `fuse_rms_norms`: the exporter writes `F.rms_norm(x) * weight` (`WiolaRMSNorm`) as
-  `Pow → ReduceMean → Add(ε) → Sqrt → Reciprocal → Mul(x, ·) → Mul(weight, ·)`; it becomes one
+* `fuse_rms_norms`: `F.rms_norm(x) * weight` (`WiolaRMSNorm`) is exported as `RMSNormalization(x, ones)` with a
+  scale of ones the size of x (`ConstantOfShape(Shape(x))`), then `Mul(weight, ·)`; it becomes one
   `SimplifiedLayerNormalization(x, weight)` (onnxruntime's RMSNorm, registered in the ONNX domain, statistics in
-  float32). onnxruntime's own optimizer does not match this form (it expects a `Div`).
+  float32).
 * `fuse_skip_norms`: a residual `Add(a, b)` whose sum feeds such a norm becomes onnxruntime's
   `SkipSimplifiedLayerNormalization(a, b, weight)` (com.microsoft), whose fourth output is the sum itself for
   the rest of the graph (the next residual).
+* `attend_grouped`: opset 23's `Attention` (what the exporter makes of `scaled_dot_product_attention`) is fed the
+  key/value buffers before `repeat_kv` copied their heads (it groups query heads itself).
+* `fuse_rotary`: `apply_rotary` (`x·cos + roll(x, d_h/2)·sin`, tables `[c, c]` and `[−s, s]`) becomes opset 23's
+  `RotaryEmbedding(x, c, s)`.
+* `prune`: the nodes and initializers left unread.
 
-Only exact shapes of the pattern are rewritten (fp32 statistics, the last axis, a 1-D weight, no other reader of
-an intermediate); anything else — `wiola_rmsnorm`'s offset is fused without the skip, the HLN norms not at all —
-stays as exported. The rewritten graph is checked against PyTorch by the export's usual check.
+Only exact shapes of each pattern are rewritten (float32, the last axis, a 1-D weight, no other reader of an
+intermediate); anything else — `wiola_rmsnorm`'s offset is fused without the skip, the HLN norms, ATM and GCLA not
+at all — stays as exported. The rewritten graph is checked against PyTorch by the export's usual check.
 """
 
 from __future__ import annotations
@@ -276,13 +281,18 @@ def fuse_rotary(model) -> int:
 
 
 def prune(model) -> int:
-    """Remove the nodes whose outputs nothing reads (left by the rewrites); returns how many."""
+    """Remove the nodes whose outputs nothing reads (left by the rewrites), then the initializers nothing reads;
+    returns how many nodes."""
     graph = model.graph
+    if any(a.type in (a.GRAPH, a.GRAPHS) for node in graph.node for a in node.attribute):
+        return 0  # (a subgraph may read outer values by name: not scanned here, so nothing is removed)
     removed = 0
     while True:
         used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
         dead = [node for node in graph.node if not any(o in used for o in node.output if o)]
         if not dead:
+            for init in [i for i in graph.initializer if i.name not in used]:
+                graph.initializer.remove(init)
             return removed
         for node in dead:
             graph.node.remove(node)
