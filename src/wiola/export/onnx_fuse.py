@@ -280,6 +280,41 @@ def fuse_rotary(model) -> int:
     return fused
 
 
+def merge_matmuls(model) -> int:
+    """Give the MatMuls that read one input with constant 2-D weights of one K (q/k/v projections, an MLP's gate and
+    up) one MatMul over the weights side by side `[K, N1 + N2 + …]`, and `Split` its output back: each output column
+    is the same dot product, the input is read (and, quantized, its blocks quantized) once. Returns the MatMuls
+    removed."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    weights = {i.name: i for i in graph.initializer}
+    groups: dict[str, list] = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and node.input[1] in weights and len(weights[node.input[1]].dims) == 2:
+            groups.setdefault(node.input[0], []).append(node)
+    removed = 0
+    for x, nodes in groups.items():
+        k = {tuple(weights[n.input[1]].dims)[0] for n in nodes}
+        if len(nodes) < 2 or len(k) != 1 or len({weights[n.input[1]].data_type for n in nodes}) != 1:
+            continue
+        arrays = [numpy_helper.to_array(weights[n.input[1]]) for n in nodes]
+        name = f"wiola_merged_{removed}_" + "+".join(n.input[1] for n in nodes)[:120]
+        graph.initializer.append(numpy_helper.from_array(np.concatenate(arrays, axis=1), name))
+        sizes = numpy_helper.from_array(np.array([a.shape[1] for a in arrays], dtype=np.int64), name + "_sizes")
+        graph.initializer.append(sizes)
+        at = min(list(graph.node).index(n) for n in nodes)
+        product = name + "_product"
+        merged = helper.make_node("MatMul", [x, name], [product], name=name + "_matmul")
+        split = helper.make_node("Split", [product, sizes.name], [n.output[0] for n in nodes], name=name + "_split", axis=-1)
+        for node in nodes:
+            graph.node.remove(node)
+        graph.node.insert(at, split)
+        graph.node.insert(at, merged)
+        removed += len(nodes) - 1
+    return removed
+
+
 def prune(model) -> int:
     """Remove the nodes whose outputs nothing reads (left by the rewrites), then the initializers nothing reads;
     returns how many nodes."""
@@ -302,6 +337,6 @@ def prune(model) -> int:
 def fuse(model) -> dict[str, int]:
     """Every rewrite above, in place; returns the count of each."""
     counts = {"rms_norm": fuse_rms_norms(model), "skip_rms_norm": fuse_skip_norms(model), "grouped_attention": attend_grouped(model),
-              "rotary": fuse_rotary(model)}
+              "rotary": fuse_rotary(model), "merged_matmuls": merge_matmuls(model)}
     prune(model)
     return counts
