@@ -1,7 +1,8 @@
 """Where one decode step's time goes on the ONNX engine (docs/benchmarks.md, "One ONNX step, profiled"):
 a preset (default llama-nano), random weights, batch 1, a 32-token prompt then 128 steps, 1 thread, for fp32,
 int8 and int4 weights, with and without IO binding: the step's wall time, the time inside onnxruntime's run and
-the Python around it; then onnxruntime's own profile (kernel time per operator type per step).
+the Python around it; then the graph's node count after onnxruntime's optimizations and onnxruntime's own profile
+(kernel time per operator type per step).
 
     OMP_NUM_THREADS=1 python benchmarks/onnx_step_profile.py
     OMP_NUM_THREADS=1 python benchmarks/onnx_step_profile.py --preset wiola-120m --set vocab_size=8192 --quantize int4
@@ -58,6 +59,13 @@ for quantize in [None if q == "fp32" else q for q in args.quantize]:
     options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "p")
     meta = json.loads((engine.folder / "wiola_onnx.json").read_text())
     from wiola.export.onnx_run import OnnxStepSession
+    optimized = os.path.join(tempfile.mkdtemp(), "optimized.onnx")
+    counting = ort.SessionOptions(); counting.intra_op_num_threads = args.threads; counting.optimized_model_filepath = optimized
+    counting.log_severity_level = 3  # (a warning that the saved graph is specific to this CPU)
+    ort.InferenceSession(str(engine.folder / "model.onnx"), counting, providers=["CPUExecutionProvider"])
+    import onnx
+    nodes = collections.Counter(n.op_type for n in onnx.load(optimized).graph.node)
+    print(quantize or "fp32", "nodes after onnxruntime's optimizations:", sum(nodes.values()), dict(nodes.most_common(10)), flush=True)
     s = OnnxStepSession(engine.folder, threads=args.threads); s.session = ort.InferenceSession(str(engine.folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
     state = s.empty_state(1, 32 + STEPS + 1)
     out, state = s(ids.numpy(), torch.ones_like(ids).numpy(), state)

@@ -1,8 +1,10 @@
 """`wiola export --to onnx`: the model's step function (`onnx_step.OnnxStep`) as one ONNX graph, with its metadata.
 
 Exported with `torch.onnx.export(..., dynamo=True)` (torch.export + onnxscript; the TorchScript exporter has no
-ONNX op for `aten::rms_norm`). The graph has dynamic batch, chunk length and capacity, so one file serves the
-prompt (a chunk of any length, left padding allowed) and every decode step (a chunk of one). The folder gets
+ONNX op for `aten::rms_norm`), then rewritten with onnxruntime's fused operators where the exported pattern is
+standard (`onnx_fuse`: RMSNorm, residual + RMSNorm; graph format 2). The graph has dynamic batch, chunk length
+and capacity, so one file serves the prompt (a chunk of any length, left padding allowed) and every decode step
+(a chunk of one). The folder gets
 
 * `model.onnx` (weights inside; in `model.onnx.data` beside it past 2 GB),
 * `wiola_onnx.json`: the input, output and state names, the state's dtypes and symbolic shapes, the token ids
@@ -27,7 +29,8 @@ from wiola.export.onnx_step import OnnxStep, empty_state, state_spec
 
 METADATA = "wiola_onnx.json"
 GRAPH = "model.onnx"
-FORMAT = "wiola-onnx-step/1"
+FORMAT = "wiola-onnx-step/2"  # 2: fused operators (onnx_fuse); bump when the graph changes (the engine cache key holds it)
+OPSET = 23  # the ONNX opset of the step graph: 23 has Attention (and RMSNormalization, which onnx_fuse replaces)
 CHECK_TOLERANCE = 1e-3  # fp32 logits, onnxruntime vs PyTorch on the export's own check (they agree to ~1e-6)
 
 
@@ -38,6 +41,7 @@ def require_onnx() -> None:
         raise WiolaError(f"wiola export --to onnx needs {', '.join(missing)}: pip install 'wiola[export]'")
 
 
+EXTERNAL_AT = 1 << 31  # graphs past 2 GB keep their weights in GRAPH + ".data"
 MAX_DIM = 1 << 30  # batch, sequence and cache sizes the graph accepts
 
 
@@ -89,12 +93,27 @@ def export_program(model):
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.onnx.export(
-                step, (ids, mask, *state), dynamo=True, dynamic_shapes=_dynamic_shapes(spec), verbose=False,
+                step, (ids, mask, *state), dynamo=True, dynamic_shapes=_dynamic_shapes(spec), verbose=False, opset_version=OPSET,
                 input_names=["input_ids", "attention_mask"] + ["past." + n for n in names],
                 output_names=["logits"] + ["present." + n for n in names],
             )
     finally:
         onnx_log.setLevel(level)
+
+
+def save_graph(program, path: Path) -> dict[str, int]:
+    """Write the exported program's graph to `path` with the fused operators of `onnx_fuse`; returns the fusion counts."""
+    import onnx
+
+    from wiola.export.onnx_fuse import fuse
+
+    program.save(str(path))  # (weights past 2 GB go to a .data file: onnx.load reads them back)
+    model = onnx.load(str(path))
+    counts = fuse(model)
+    Path(str(path) + ".data").unlink(missing_ok=True)
+    big = model.ByteSize() >= EXTERNAL_AT
+    onnx.save_model(model, str(path), save_as_external_data=big, location=Path(path).name + ".data" if big else None)
+    return counts
 
 
 def check_against_torch(model, folder: Path, relative: bool = False) -> float:
@@ -131,7 +150,7 @@ def export_onnx(model, model_dir: Path, folder: Path, quantize: str | None = Non
 
     require_onnx()
     program = export_program(model)
-    program.save(str(folder / GRAPH))
+    save_graph(program, folder / GRAPH)
     (folder / METADATA).write_text(json.dumps(metadata(model), indent=1) + "\n")
     diff = check_against_torch(model, folder)
     if not diff <= CHECK_TOLERANCE:
