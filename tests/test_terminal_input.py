@@ -9,7 +9,6 @@ import pty
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -71,8 +70,11 @@ def test_chat_ctrl_c_stops_the_reply_not_the_chat(model_dir):
         os.write(master, b"What does the king do?\n")
         start = len(seen)
         _read_until(master, b"bot> ", seen, start)
-        time.sleep(0.5)  # the reply is being decoded (900 tokens: seconds)
+        reply = seen.index(b"bot> ", start) + len(b"bot> ")
+        while len(seen) == reply:  # the first bytes of the reply are out: it is being decoded (no fixed sleep: a fast
+            seen += os.read(master, 4096)  # engine decodes the 900 tokens in well under a second)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert b"you> " not in seen[reply:], "the reply ended before Ctrl-C was sent"
         _read_until(master, b"(reply stopped", seen, start)
         _read_until(master, b"you> ", seen, seen.index(b"(reply stopped", start))
         os.write(master, b"/reset\n")
