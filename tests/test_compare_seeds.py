@@ -503,3 +503,25 @@ def test_a_seed_table_is_found_under_its_heading_past_code_blocks():
     assert set(rows) == {"a", "b"}
     with pytest.raises(Exception, match="found 0"):
         seed_table_rows(md, "a comment")
+
+
+def test_issue28_interim_figures_are_recomputed_from_their_seed_table():
+    """docs/results.md's interim table "Against a same-budget LLaMA" states paired and Welch p for each pair;
+    they must be what scipy gives on the per-seed values printed above it (the seeds both entrants finished)."""
+    from wiola.compare.same_budget import seed_table_rows
+
+    text = (REPO / "docs" / "results.md").read_text(encoding="utf-8")
+    rows = {name: [float(v) for v in cells[2].split(" / ")] for name, cells in
+            ((c[0], c) for c in ([x.strip() for x in line.strip("|").split("|")]
+                                 for line in text.split("### Interim: five seeds")[1].split("Against a same-budget")[0].splitlines()
+                                 if line.startswith("| ") and " / " in line))}
+    assert set(seed_table_rows(text, "Interim: five seeds")) == set(rows)
+    section = text.split("### Interim: five seeds")[1].split("\n### ")[0]
+    for entrant, llama in (("paper:mlp=swiglu", "llama@paper:mlp=swiglu"),
+                           ("llama-arch:cross_layer_context=gcla", "llama@llama-arch:cross_layer_context=gcla"),
+                           ("paper:mlp=swiglu:cross_layer_context=none", "llama@paper:mlp=swiglu:cross_layer_context=none")):
+        n = min(len(rows[entrant]), len(rows[llama]))
+        paired = stats.ttest_rel(rows[entrant][:n], rows[llama][:n]).pvalue
+        welch = stats.ttest_ind(rows[entrant], rows[llama], equal_var=False).pvalue
+        line = next(l for l in section.splitlines() if l.startswith(f"| `{entrant}` | `{llama}` |"))
+        assert f"| {welch:.3f} | {paired:.3f} ({n}) |" in line, (line, welch, paired)
