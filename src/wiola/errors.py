@@ -8,6 +8,12 @@ class WiolaError(Exception):
     """An error caused by the user's input; the CLI prints its message on one line and exits 2."""
 
 
+def reason(exc: BaseException, fallback: str = "") -> str:
+    """The first non-empty line of `exc`'s message (at most 200 characters), else `fallback`: the reason part of a
+    one-line note such as "the ONNX export failed (TypeError: ...)"."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), fallback)[:200]
+
+
 def check_seed(seed, what: str = "--seed") -> int:
     """`seed` itself when it is an integer in 0 .. 2**32 - 1; else a one-line `WiolaError`."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 
 from ..cache_wiola import WiolaStaticCache
-from ..errors import WiolaError
+from ..errors import WiolaError, reason
 from ..quantize import check_quantize, torchao_available
 from . import choose, onnx_backend
 from .loop import decode_loop
@@ -115,10 +115,10 @@ class StaticDecoder:
             return False
         cached = self.onnx.cached()
         if not cached and self.onnx.stale is not None:  # a cached folder that was not this model's export: removed
-            reason, self.onnx.stale = self.onnx.stale, None
+            why, self.onnx.stale = self.onnx.stale, None
             then = f"exporting it again (about {onnx_backend.COLD_EXPORT_S:.0f} s)" if self._insisted() else \
                 "decoding on torch (wiola export --to onnx, or --engine onnx, makes it again)"
-            self._note(f"note: the cached ONNX export {self.onnx.folder} is not this model's ({reason}); {then}", always=True)
+            self._note(f"note: the cached ONNX export {self.onnx.folder} is not this model's ({why}); {then}", always=True)
             return self._insisted() and self._export(announce=False)
         plan = choose.use_onnx(cached, self.engine, self.quantize)
         return plan == "onnx" or (plan == "export" and self._export())
@@ -137,8 +137,7 @@ class StaticDecoder:
         try:
             self.onnx.export()
         except Exception as exc:
-            reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:200]
-            self._fall_back(f"the ONNX export failed ({type(exc).__name__}: {reason})")
+            self._fall_back(f"the ONNX export failed ({type(exc).__name__}: {reason(exc, type(exc).__name__)})")
             return False
         return True
 
@@ -156,8 +155,7 @@ class StaticDecoder:
         try:
             return self.onnx.start(batch, self.cache.capacity)
         except Exception as exc:
-            reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:200]
-            self._fall_back(f"onnxruntime could not load {self.onnx.folder} ({type(exc).__name__}: {reason})",
+            self._fall_back(f"onnxruntime could not load {self.onnx.folder} ({type(exc).__name__}: {reason(exc)})",
                             " (delete that folder to export again)")
             return None
 

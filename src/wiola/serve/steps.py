@@ -28,7 +28,7 @@ import torch
 
 from ..cache_wiola import ATM_STATE, WiolaStaticCache
 from ..decode import choose, onnx_backend
-from ..errors import WiolaError
+from ..errors import WiolaError, reason
 from .slots import SlotCache
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.bool: np.bool_, torch.int64: np.int64}
@@ -233,18 +233,14 @@ def _onnx_session(model, engine: str, quantize: str | None, insisted: bool, note
         try:
             onnx.export()
         except Exception as exc:
-            why = f"the ONNX export failed ({type(exc).__name__}: {_first_line(exc)})"
+            why = f"the ONNX export failed ({type(exc).__name__}: {reason(exc, type(exc).__name__)})"
             note(f"note: {why}; decode steps run on torch")
             return None, why
     try:
         session = onnx.session()
     except Exception as exc:
-        why = f"onnxruntime could not load {onnx.folder} ({type(exc).__name__}: {_first_line(exc)})"
+        why = f"onnxruntime could not load {onnx.folder} ({type(exc).__name__}: {reason(exc, type(exc).__name__)})"
         note(f"note: {why}; decode steps run on torch (delete that folder to export again)")
         return None, why
     made = "exported just now" if plan == "export" else "in the engine cache"
     return session, f"this model's ONNX export{kind} is {made}"
-
-
-def _first_line(exc: Exception) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:200]

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from wiola.errors import reason
+
 ENV = "WIOLA_TRAIN_ENGINE_CACHE"  # "0" (or false/no/off): `wiola train` does not export (the test suite sets it)
 
 
@@ -55,8 +57,7 @@ def cache_final_model(out: str | Path, device: str | None) -> str | None:
             return f"the final model's ONNX export is already in the CPU engine's cache ({engine.folder})"
         engine.export()
     except Exception as exc:  # noqa: BLE001 - any failure of the export: the trained model is saved regardless
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:200]
-        return (f"note: the ONNX export for the CPU engine failed ({type(exc).__name__}: {reason}); the model is saved, "
+        return (f"note: the ONNX export for the CPU engine failed ({type(exc).__name__}: {reason(exc)}); the model is saved, "
                 "and wiola generate decodes it on torch")
     return (f"exported the final model to ONNX for the CPU engine in {time.perf_counter() - start:.1f} s ({engine.folder}): "
             "wiola generate on CPU decodes with onnxruntime from the first token (--no-engine-cache skips this)")
