@@ -6,6 +6,10 @@ the Python around it; then the graph's node count after onnxruntime's optimizati
 
     OMP_NUM_THREADS=1 python benchmarks/onnx_step_profile.py
     OMP_NUM_THREADS=1 python benchmarks/onnx_step_profile.py --preset wiola-120m --set vocab_size=8192 --quantize int4
+
+With `--format-ab`, instead: the decode step on the export (graph format 3: the one-token body under an `If`)
+against the same export's any-length body alone (what graph format 2 ran for every step), on one session each,
+interleaved, best of 3 rounds of --steps steps, and whether both decode the same tokens.
 """
 import argparse, json, os, sys, time, tempfile, collections
 import torch
@@ -21,6 +25,7 @@ cli.add_argument("--set", nargs="+", default=[], help="config overrides, key=val
 cli.add_argument("--quantize", nargs="+", default=["fp32", "int8", "int4"], choices=["fp32", "int8", "int4"])
 cli.add_argument("--threads", type=int, default=1)
 cli.add_argument("--steps", type=int, default=128)
+cli.add_argument("--format-ab", action="store_true", help="time the joined graph against its any-length body alone")
 args = cli.parse_args()
 torch.set_num_threads(args.threads)
 config = WiolaConfig.from_preset(args.preset, **parse_overrides(args.set))
@@ -28,9 +33,43 @@ torch.manual_seed(0)
 model = WiolaForCausalLM(config).eval()
 ids = torch.randint(3, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
 STEPS = args.steps
+
+
+def format_ab(engine, quantize):
+    """Decode steps on the joined graph and on its any-length body alone (see the docstring)."""
+    import shutil
+    import onnx
+    from wiola.export.onnx_branch import split
+    from wiola.export.onnx_run import OnnxStepSession
+    alone = os.path.join(tempfile.mkdtemp(), "any-length-body")
+    shutil.copytree(engine.folder, alone)
+    onnx.save_model(split(onnx.load(str(engine.folder / "model.onnx")))[0], os.path.join(alone, "model.onnx"))
+    runs = {name: onnx_backend.OnnxRun(OnnxStepSession(folder, threads=args.threads), 1, 32 + 4 + 3 * STEPS + 1)
+            for name, folder in (("any-length body alone", alone), ("joined (one-token body)", engine.folder))}
+    tokens, best = {}, {}
+    for name, run in runs.items():
+        logits, seq = run.prefill(ids, None), []
+        for _ in range(4):
+            seq.append(int(pick_next(logits, False)))
+            logits = run(torch.tensor([seq[-1]]))
+        tokens[name] = seq
+    for _ in range(3):
+        for name, run in runs.items():
+            token, start = torch.tensor([5]), time.perf_counter()
+            for _ in range(STEPS):
+                run(token)
+            best[name] = min(best.get(name, 1e9), (time.perf_counter() - start) / STEPS * 1000)
+    alone_ms, joined_ms = best.values()
+    print(json.dumps(dict(quantize=quantize or "fp32", threads=args.threads, **{k + " ms": round(v, 2) for k, v in best.items()},
+                          speedup=round(alone_ms / joined_ms, 3), same_tokens=len(set(map(tuple, tokens.values()))) == 1)), flush=True)
+
+
 for quantize in [None if q == "fp32" else q for q in args.quantize]:
     engine = onnx_backend.OnnxEngine(model, quantize)
     engine.export()
+    if args.format_ab:
+        format_ab(engine, quantize)
+        continue
     for bind in (True, False):
         onnx_backend.IO_BINDING = bind
         run = engine.start(1, 32 + STEPS + 1)
@@ -64,8 +103,10 @@ for quantize in [None if q == "fp32" else q for q in args.quantize]:
     counting.log_severity_level = 3  # (a warning that the saved graph is specific to this CPU)
     ort.InferenceSession(str(engine.folder / "model.onnx"), counting, providers=["CPUExecutionProvider"])
     import onnx
-    nodes = collections.Counter(n.op_type for n in onnx.load(optimized).graph.node)
-    print(quantize or "fp32", "nodes after onnxruntime's optimizations:", sum(nodes.values()), dict(nodes.most_common(10)), flush=True)
+    from wiola.export.onnx_branch import bodies
+    for body, graph in zip(("any-length body", "one-token body"), bodies(onnx.load(optimized))):
+        nodes = collections.Counter(n.op_type for n in graph.node)
+        print(quantize or "fp32", body, "nodes after onnxruntime's optimizations:", sum(nodes.values()), dict(nodes.most_common(10)), flush=True)
     s = OnnxStepSession(engine.folder, threads=args.threads); s.session = ort.InferenceSession(str(engine.folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
     state = s.empty_state(1, 32 + STEPS + 1)
     out, state = s(ids.numpy(), torch.ones_like(ids).numpy(), state)
@@ -76,7 +117,7 @@ for quantize in [None if q == "fp32" else q for q in args.quantize]:
     by = collections.Counter()
     runs = 0
     for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["args"]["op_name"] != "If":  # (If: its body's total)
             by[e["args"]["op_name"]] += e["dur"]
         if e.get("cat") == "Session" and e["name"] == "model_run":
             runs += 1

@@ -153,6 +153,14 @@ def _fixed_chunk(q, k, v, x, real, threshold: float, n_rep: int, implementation:
     `[B, H_kv, L, d]` (the first `lengths[b]` slots are the row's groups), `lengths`, `last_x`, `last_real`,
     `last_taken`; they are replaced by new tensors (nothing is written in place). Zero lengths and a false
     `last_real` are the empty state, which computes what the uncached path computes."""
+    t = k.shape[2]
+    if isinstance(t, int) and t == 1:  # one token (in the export: the step traced with a static chunk length of one)
+        return _fixed_token(q, k, v, x, real, threshold, n_rep, implementation, cache)
+    return _fixed_any(q, k, v, x, real, threshold, n_rep, implementation, cache)
+
+
+def _fixed_any(q, k, v, x, real, threshold: float, n_rep: int, implementation: str, cache):
+    """`_fixed_chunk` for a chunk of any length (the export's any-chunk body)."""
     b, h_kv, t, d = k.shape
     device = k.device
     prev_x = torch.cat([cache.last_x[:, None].to(x.dtype), x[:, :-1]], dim=1)
@@ -184,6 +192,29 @@ def _fixed_chunk(q, k, v, x, real, threshold: float, n_rep: int, implementation:
     cache.lengths = lengths + slot_valid.long().sum(dim=1)
     cache.last_x, cache.last_real, cache.last_taken = x[:, -1], real[:, -1], joins[:, -1]
     return out, joins & real
+
+
+def _fixed_token(q, k, v, x, real, threshold: float, n_rep: int, implementation: str, cache):
+    """`_fixed_chunk` for a chunk of one token, written for a graph traced at that length: the token is stored
+    first (as `_static_step` stores it, without writing in place) and then attends over the stored groups, so no
+    step concatenates the cache with the chunk. A real token joins the last group iff it is similar enough to the
+    previous token, which was real and did not itself join (`take_edges` for one edge); it then replaces slot
+    `lengths − 1` by the pair's mean, else it is written at slot `lengths` and counted. A padding token is
+    written at slot `lengths` uncounted: this step alone sees it (its own raw entry), the next overwrites it."""
+    b, h_kv, _, d = k.shape
+    rho = F.cosine_similarity(cache.last_x[:, None].to(x.dtype).float(), x.float(), dim=-1)[:, 0]
+    real = real[:, 0]
+    join = (rho > threshold) & real & cache.last_real & ~cache.last_taken  # [B]
+    lengths = cache.lengths
+    slot = (lengths - join.long())[:, None, None, None].expand(b, h_kv, 1, d)
+    sel = join[:, None, None, None]
+    cache.keys = cache.keys.scatter(2, slot, torch.where(sel, (cache.keys.gather(2, slot) + k) * 0.5, k))
+    cache.values = cache.values.scatter(2, slot, torch.where(sel, (cache.values.gather(2, slot) + v) * 0.5, v))
+    visible = torch.arange(cache.keys.shape[2], device=k.device)[None, :] < (lengths + (~join).long())[:, None]
+    cache.lengths = lengths + (real & ~join).long()
+    cache.last_x, cache.last_real, cache.last_taken = x[:, -1], real, join
+    out = attend(q, repeat_kv(cache.keys, n_rep), repeat_kv(cache.values, n_rep), visible[:, None, None, :], False, implementation)
+    return out, join[:, None]
 
 
 def _store(cache, k_slot, v_slot, slot_valid, ck, cv, cache_valid) -> None:

@@ -133,32 +133,45 @@ def test_runner_stops_at_eos_like_generate_and_decodes_text(exports):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_step_graph_has_fused_operators(exports, family):
-    """Graph format 2 (`wiola.export.onnx_fuse`): the standard parts run as single onnxruntime kernels — every
-    `WiolaRMSNorm` as (Skip)SimplifiedLayerNormalization, the plain layers' attention as opset-23 Attention reading
-    the cache buffers themselves (GQA without the repeat_kv copies), the rotation as RotaryEmbedding, the projections
-    of one input as one MatMul — and nothing of their decomposed forms is left; HLN norms stay decomposed. (The decoding test above holds the numbers.)"""
+    """Graph formats 2 and 3: the standard parts run as single onnxruntime kernels (`wiola.export.onnx_fuse`) —
+    every `WiolaRMSNorm` as (Skip)SimplifiedLayerNormalization, the plain layers' attention as opset-23 Attention
+    reading the cache buffers themselves (GQA without the repeat_kv copies), the rotation as RotaryEmbedding, the
+    projections of one input as one MatMul — and nothing of their decomposed forms is left; HLN norms stay
+    decomposed. Both bodies of the `If` (`wiola.export.onnx_branch`) are fused; the one-token body rotates q and k
+    in one RotaryEmbedding and is the shorter; the weights are stored once. (The decoding test above holds the numbers.)"""
     for name in ("onnx", "onnxscript", "onnxruntime"):
         pytest.importorskip(name, reason=f"{name} is not installed (wiola[export]): ONNX export not tested")
     import onnx
 
+    from wiola.export.onnx_branch import CHUNK, TOKEN, bodies
+
     src, out = exports(family)
-    config = WiolaForCausalLM.from_pretrained(src).config
-    graph = onnx.load(str(out / "model.onnx")).graph
-    ops = [node.op_type for node in graph.node]
+    model = WiolaForCausalLM.from_pretrained(src)
+    config = model.config
+    full = onnx.load(str(out / "model.onnx"))
+    assert json.loads((out / "wiola_onnx.json").read_text())["format"] == "wiola-onnx-step/3"
+    assert [node.op_type for node in full.graph.node][-1] == "If"
+    stored = sum(onnx.numpy_helper.to_array(init).nbytes for init in full.graph.initializer)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert params <= stored < 1.2 * params  # once, not once per body (plus small tables and merged copies' slack)
+    weights = {init.name for init in full.graph.initializer}
     layers, plain = config.num_hidden_layers, config.num_hidden_layers - len(config.merge_layers if config.atm_threshold < 1.0 else [])
-    assert json.loads((out / "wiola_onnx.json").read_text())["format"] == "wiola-onnx-step/2"
-    norms = ops.count("SimplifiedLayerNormalization") + ops.count("SkipSimplifiedLayerNormalization")
-    assert norms == (0 if config.norm == "hln" else 2 * layers + 1)
-    assert "RMSNormalization" not in ops
-    if config.norm == "rmsnorm":  # (wiola_rmsnorm adds its offset first: no residual to fold in)
-        assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers
-    assert ops.count("RotaryEmbedding") == 2 * layers
-    attention = [node for node in graph.node if node.op_type == "Attention"]
-    assert len(attention) >= plain and "IsNaN" not in ops
-    assert config.num_key_value_heads < config.num_attention_heads
-    fed = {f"present.{i}.keys" for i in range(layers)} | {f"present.{i}.values" for i in range(layers)}
-    assert sum(node.input[1] in fed and node.input[2] in fed for node in attention) == plain
-    # the MatMuls reading one input (q/k/v and GCLA's output gate; an MLP's gate and up) are one MatMul and a Split
-    weights = {init.name for init in graph.initializer}
-    readers = collections.Counter(node.input[0] for node in graph.node if node.op_type == "MatMul" and node.input[1] in weights)
-    assert max(readers.values()) == 1 and ops.count("Split") >= layers
+    chunk, token = bodies(full)
+    assert len(token.node) < len(chunk.node)
+    # one token: ATM layers too attend over their stored groups (store, then attend)
+    for graph, prefix, rotations, on_cache in ((chunk, CHUNK, 2 * layers, plain), (token, TOKEN, layers, layers)):
+        ops = [node.op_type for node in graph.node]
+        norms = ops.count("SimplifiedLayerNormalization") + ops.count("SkipSimplifiedLayerNormalization")
+        assert norms == (0 if config.norm == "hln" else 2 * layers + 1)
+        assert "RMSNormalization" not in ops and not graph.initializer
+        if config.norm == "rmsnorm":  # (wiola_rmsnorm adds its offset first: no residual to fold in)
+            assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers
+        assert ops.count("RotaryEmbedding") == rotations
+        attention = [node for node in graph.node if node.op_type == "Attention"]
+        assert len(attention) >= plain and "IsNaN" not in ops
+        assert config.num_key_value_heads < config.num_attention_heads
+        fed = {f"{prefix}present.{i}.keys" for i in range(layers)} | {f"{prefix}present.{i}.values" for i in range(layers)}
+        assert sum(node.input[1] in fed and node.input[2] in fed for node in attention) == on_cache
+        # the MatMuls reading one input (q/k/v and GCLA's output gate; an MLP's gate and up) are one MatMul and a Split
+        readers = collections.Counter(node.input[0] for node in graph.node if node.op_type == "MatMul" and node.input[1] in weights)
+        assert max(readers.values()) == 1 and ops.count("Split") >= layers

@@ -64,9 +64,15 @@ def test_quantized_decoding_is_close_to_float32(exports, family, monkeypatch):
         meta = json.loads((folder / "wiola_onnx.json").read_text())
         import onnx
 
-        nodes = [n for n in onnx.load(str(folder / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
-        bits = {a.i for n in nodes for a in n.attribute if a.name == "bits"}
-        assert meta["quantize"] == kind and bits == {8 if kind == "int8" else 4} and len(nodes) == meta["quantization"]["matmuls"] >= 5
+        from wiola.export.onnx_branch import bodies
+
+        graph = onnx.load(str(folder / "model.onnx"))
+        for body in bodies(graph):  # the any-chunk body and the one-token body: each quantized alike
+            nodes = [n for n in body.node if n.op_type == "MatMulNBits"]
+            bits = {a.i for n in nodes for a in n.attribute if a.name == "bits"}
+            assert meta["quantize"] == kind and bits == {8 if kind == "int8" else 4} and len(nodes) == meta["quantization"]["matmuls"] >= 5
+            outer = {i.name: list(i.dims) for i in graph.graph.initializer}  # no 2-D weight with K >= 32 left float32
+            assert not any(n.op_type == "MatMul" and len(outer.get(n.input[1], [])) == 2 and outer[n.input[1]][0] >= 32 for n in body.node)
         logits = teacher_forced_logits(folder, fp32)
         rel = np.linalg.norm(logits - reference, axis=-1) / np.linalg.norm(reference, axis=-1)
         errors[kind] = rel.mean()
@@ -202,7 +208,10 @@ def test_export_command_writes_a_quantized_folder(char_tokenizer, tmp_path, caps
     assert "int4 weights (MatMulNBits, blocks of 32) in " in out and "of PyTorch's float32" in out
     meta = json.loads((tmp_path / "int4" / "wiola_onnx.json").read_text())
     assert meta["quantize"] == "int4" and meta["quantization"]["block_size"] == 32
-    assert sum(n.op_type == "MatMulNBits" for n in onnx.load(str(tmp_path / "int4" / "model.onnx")).graph.node) == meta["quantization"]["matmuls"]
+    from wiola.export.onnx_branch import bodies
+
+    for body in bodies(onnx.load(str(tmp_path / "int4" / "model.onnx"))):
+        assert sum(n.op_type == "MatMulNBits" for n in body.node) == meta["quantization"]["matmuls"]
     ids = prompts()[0]
     tokens, logits = onnx_generate(tmp_path / "int4", ids.numpy(), max_new_tokens=8, return_logits=True)
     with torch.no_grad():

@@ -158,3 +158,37 @@ def test_flex_kernel_takes_mixed_dtypes_from_autocast():
     assert mixed.dtype == torch.float32 and torch.equal(mixed, same)
     out16 = _flex_attention(q.to(torch.bfloat16), k, v)  # the output follows the query
     assert out16.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.0, 0.5])
+def test_one_token_path_equals_the_any_length_path_on_fixed_state(threshold):
+    """`_fixed_token` (a chunk of one, store then attend: the export's one-token body) computes what `_fixed_any`
+    (the any-length chunk) computes for that token — output, joins and the whole new state — on rows that cover
+    every case: an empty state, a previous token that was padding or had itself joined, a padding token now, a
+    token that joins and one that does not (the slots past a row's groups hold garbage, as after a padding step)."""
+    from types import SimpleNamespace
+
+    from wiola.merging_wiola import _fixed_any, _fixed_token
+
+    g = torch.Generator().manual_seed(0)
+    b, h, h_kv, d, dim, cap = 8, 4, 2, 8, 16, 10
+    x_last = torch.randn(b, dim, generator=g)
+    x = torch.where(torch.arange(b)[:, None] % 2 == 0, x_last + 0.05 * torch.randn(b, dim, generator=g), torch.randn(b, dim, generator=g))[:, None]
+    lengths = torch.tensor([0, 3, 5, 2, 9, 4, 1, 6])
+    real = torch.tensor([[True], [True], [False], [True], [True], [False], [True], [True]])
+    state = dict(keys=torch.randn(b, h_kv, cap, d, generator=g), values=torch.randn(b, h_kv, cap, d, generator=g), lengths=lengths,
+                 last_x=x_last, last_real=torch.tensor([False, True, True, True, False, True, True, True]),
+                 last_taken=torch.tensor([False, False, False, True, False, False, True, False]))
+    q, k, v = torch.randn(b, h, 1, d, generator=g), torch.randn(b, h_kv, 1, d, generator=g), torch.randn(b, h_kv, 1, d, generator=g)
+    one, anyl = SimpleNamespace(**state), SimpleNamespace(**state)
+    out_one, join_one = _fixed_token(q, k, v, x, real, threshold, h // h_kv, "eager", one)
+    out_any, join_any = _fixed_any(q, k, v, x, real, threshold, h // h_kv, "eager", anyl)
+    assert torch.equal(join_one, join_any) and torch.allclose(out_one, out_any, atol=1e-6)
+    assert torch.equal(one.lengths, anyl.lengths) and torch.equal(one.last_real, anyl.last_real) and torch.equal(one.last_taken, anyl.last_taken)
+    assert torch.equal(one.last_x, anyl.last_x)
+    stored = torch.arange(cap)[None, :] < one.lengths[:, None]  # the groups; past them neither path promises anything
+    for name in ("keys", "values"):
+        assert torch.allclose(getattr(one, name)[stored[:, None, :, None].expand(-1, h_kv, -1, d)],
+                              getattr(anyl, name)[stored[:, None, :, None].expand(-1, h_kv, -1, d)], atol=1e-6)
+    if threshold == -1.0:
+        assert join_one.any() and (~join_one & real).any()

@@ -23,9 +23,11 @@ under this key, an int8 folder under the float32 name, an edited initializer, a 
 removed and the model exported again, with a one-line note — never another model's text.
 
 **Per-step overhead.** `OnnxRun` keeps the state in two preallocated sets of buffers and binds them with
-onnxruntime's IO binding, the step reading one set and writing the other (ping-pong: the graph's outputs never
-alias its inputs), with the token, mask and logits in bound buffers too: a step allocates nothing and copies
-no state outside the graph.
+onnxruntime's IO binding, the step reading one set and writing the other (ping-pong), with the token, mask and
+logits in bound buffers too: a step allocates nothing and copies no state outside the graph. The keys/values of
+plain layers, which the graph reads only in the ScatterElements writing the new slot (`in_place_state`, recorded
+by the export), are one buffer in both sets: onnxruntime writes the slot in place instead of copying the whole
+cache into the other set every step (a cost that grows with the capacity).
 
 **When** (`choose`). `engine="auto"` (`StaticDecoder`) runs onnxruntime when this model's export is in the cache and
 onnxruntime is installed, else torch eager: it never exports, and nothing is timed. The export is made at a known
@@ -174,6 +176,24 @@ def _holds_exports(root: Path) -> bool:
         return False
 
 
+def in_place_state(folder, session, prefill: bool = True) -> frozenset[str]:
+    """The keys/values state tensors a step may update in place (`wiola.export.onnx_branch.in_place_names`): as the
+    export recorded them in its metadata, else read from the graph (empty when it cannot be read: no `onnx`).
+    `prefill`: prompt chunks run on the same buffers as the decode steps."""
+    recorded = session.meta.get("in_place")
+    if recorded is not None:
+        return frozenset(recorded["prefill" if prefill else "decode"])
+    try:
+        import onnx
+
+        from wiola.export.onnx_branch import in_place_names
+
+        model = onnx.load(str(Path(folder) / session.meta["graph"]), load_external_data=False)
+    except Exception:
+        return frozenset()
+    return in_place_names(model, session.meta, prefill)
+
+
 class OnnxRun:
     """One generate call on onnxruntime: `prefill(ids, mask)` (a chunk, once), then a call per token `[B, 1]`, each
     returning the last position's logits `[B, V]` as a torch tensor (`pick_next` samples from them as from torch's).
@@ -193,7 +213,10 @@ class OnnxRun:
         from onnxruntime import OrtValue
 
         session, run = self.session, self.session.session
-        sets = [self.state, session.empty_state(batch, capacity)]
+        # plain layers' keys/values are one buffer in both sets, written in place (`in_place_state`): no step copies them
+        shared = in_place_state(getattr(session, "folder", None), session)
+        names = [s["name"] for s in session.meta["state"]]
+        sets = [self.state, [mine if name in shared else other for name, mine, other in zip(names, self.state, session.empty_state(batch, capacity))]]
         self.token = np.zeros((batch, 1), dtype=np.int64)
         ones = np.ones((batch, 1), dtype=np.int64)
         self.logits = [np.empty((batch, 1, session.meta["vocab_size"]), dtype=np.float32) for _ in range(2)]

@@ -10,6 +10,9 @@ gate, K < `BLOCK_SIZE`) and everything else (embedding table, norms, attention o
 A tied LM head is exported as `MatMul(x, Transpose(embedding))`: its transposed copy becomes a constant first
 (`untie_head`), so the largest MatMul of a small model is quantized too and no step transposes the table.
 
+A graph of two bodies (graph format 3, `onnx_branch`) is split, each body quantized alone, and joined again: the
+weights they share are quantized the same way, so they are still stored once.
+
 The quantized folder is the float32 export with its graph replaced and `"quantize": "int8"|"int4"` in
 `wiola_onnx.json`; `onnx_run` runs it unchanged (onnxruntime's CPU provider implements `MatMulNBits`).
 """
@@ -22,6 +25,7 @@ import shutil
 from pathlib import Path
 
 from wiola.errors import WiolaError
+from wiola.export.onnx_branch import join, joined, split
 
 BITS = {"int8": 8, "int4": 4}
 BLOCK_SIZE = 32  # as llama.cpp's Q8_0 / Q4_0
@@ -95,6 +99,25 @@ def _quantizer():
     return MatMulNBitsQuantizer
 
 
+def _quantize(model, kind: str, quantizer_class) -> tuple:
+    """`model` (one plain step graph) with `kind` weights, and the number of MatMuls quantized."""
+    untie_head(model)
+    names = targets(model)
+    if not names:
+        raise WiolaError("the graph has no MatMul with a constant weight to quantize")
+    quiet = logging.getLogger("onnxruntime.quantization")  # one INFO line per node otherwise
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        quantizer = quantizer_class(model, bits=BITS[kind], block_size=BLOCK_SIZE, is_symmetric=True,
+                                    accuracy_level=ACCURACY_LEVEL, nodes_to_include=names, op_types_to_quantize=("MatMul",))
+        quantizer.process()
+    finally:
+        quiet.setLevel(level)
+    quantized = quantizer.model.model
+    return quantized, sum(node.op_type == "MatMulNBits" for node in quantized.graph.node)
+
+
 def quantize_folder(source: Path, dest: Path, kind: str) -> int:
     """Write into `dest` the export in `source` with `kind` ("int8" or "int4") weights; `dest` may be `source`
     (quantized in place). Returns the number of MatMuls quantized."""
@@ -108,21 +131,11 @@ def quantize_folder(source: Path, dest: Path, kind: str) -> int:
     if meta.get("quantize"):
         raise WiolaError(f"{source} is already quantized ({meta['quantize']}); quantize the float32 export")
     model = onnx.load(str(source / meta["graph"]))
-    untie_head(model)
-    names = targets(model)
-    if not names:
-        raise WiolaError("the graph has no MatMul with a constant weight to quantize")
-    quiet = logging.getLogger("onnxruntime.quantization")  # one INFO line per node otherwise
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)
-    try:
-        quantizer = MatMulNBitsQuantizer(model, bits=BITS[kind], block_size=BLOCK_SIZE, is_symmetric=True,
-                                         accuracy_level=ACCURACY_LEVEL, nodes_to_include=names, op_types_to_quantize=("MatMul",))
-        quantizer.process()
-    finally:
-        quiet.setLevel(level)
-    quantized = quantizer.model.model
-    done = sum(node.op_type == "MatMulNBits" for node in quantized.graph.node)
+    if joined(model):  # graph format 3: quantize each body alone, then share what they have in common again
+        (chunk, done), (token, _) = (_quantize(body, kind, MatMulNBitsQuantizer) for body in split(model))
+        quantized = join(chunk, token)
+    else:
+        quantized, done = _quantize(model, kind, MatMulNBitsQuantizer)
     if source != dest:
         dest.mkdir(parents=True, exist_ok=True)
         for path in source.iterdir():  # the tokenizer files (the graph and metadata are written below)

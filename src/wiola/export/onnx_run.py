@@ -34,7 +34,7 @@ class OnnxStepSession:
     def __init__(self, folder: str | Path, threads: int | None = None, providers: list[str] | None = None):
         import onnxruntime as ort
 
-        folder = Path(folder)
+        self.folder = folder = Path(folder)
         try:
             self.meta = json.loads((folder / METADATA).read_text())
         except (OSError, ValueError) as exc:

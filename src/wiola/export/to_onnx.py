@@ -2,9 +2,11 @@
 
 Exported with `torch.onnx.export(..., dynamo=True)` (torch.export + onnxscript; the TorchScript exporter has no
 ONNX op for `aten::rms_norm`), then rewritten with onnxruntime's fused operators where the exported pattern is
-standard (`onnx_fuse`: RMSNorm, residual + RMSNorm; graph format 2). The graph has dynamic batch, chunk length
-and capacity, so one file serves the prompt (a chunk of any length, left padding allowed) and every decode step
-(a chunk of one). The folder gets
+standard (`onnx_fuse`: RMSNorm, residual + RMSNorm; graph format 2). The step is traced twice, for a chunk of
+any length and for a chunk of one token, and the two bodies are joined under one `If` on the chunk length
+(`onnx_branch`, graph format 3; the weights are stored once). The graph has dynamic batch, chunk length and
+capacity, so one file serves the prompt (a chunk of any length, left padding allowed) and every decode step (a
+chunk of one, on the shorter body). The folder gets
 
 * `model.onnx` (weights inside; in `model.onnx.data` beside it past 2 GB),
 * `wiola_onnx.json`: the input, output and state names, the state's dtypes and symbolic shapes, the token ids
@@ -29,7 +31,8 @@ from wiola.export.onnx_step import OnnxStep, empty_state, state_spec
 
 METADATA = "wiola_onnx.json"
 GRAPH = "model.onnx"
-FORMAT = "wiola-onnx-step/2"  # 2: fused operators (onnx_fuse); bump when the graph changes (the engine cache key holds it)
+FORMAT = "wiola-onnx-step/3"  # 2: fused operators (onnx_fuse); 3: a one-token body (onnx_branch). Bump when the graph
+# changes (the engine cache key holds it)
 OPSET = 23  # the ONNX opset of the step graph: 23 has Attention (and RMSNormalization, which onnx_fuse replaces)
 CHECK_TOLERANCE = 1e-3  # fp32 logits, onnxruntime vs PyTorch on the export's own check (they agree to ~1e-6)
 
@@ -45,11 +48,11 @@ EXTERNAL_AT = 1 << 31  # graphs past 2 GB keep their weights in GRAPH + ".data"
 MAX_DIM = 1 << 30  # batch, sequence and cache sizes the graph accepts
 
 
-def _dynamic_shapes(spec):
+def _dynamic_shapes(spec, one_token: bool = False):
     # explicit upper bounds: torch 2.6's export otherwise guards each size against int64's max and refuses
     dims = {"batch": torch.export.Dim("batch", min=1, max=MAX_DIM), "seq": torch.export.Dim("seq", min=1, max=MAX_DIM),
             "capacity": torch.export.Dim("capacity", min=1, max=MAX_DIM)}
-    tokens = {0: dims["batch"], 1: dims["seq"]}
+    tokens = {0: dims["batch"]} if one_token else {0: dims["batch"], 1: dims["seq"]}
     return (tokens, dict(tokens), tuple({i: dims[s] for i, s in enumerate(t.shape) if isinstance(s, str)} for t in spec))
 
 
@@ -74,15 +77,16 @@ def metadata(model) -> dict:
     }
 
 
-def export_program(model):
-    """The `torch.onnx.ONNXProgram` of `model`'s step (traced on a small example; every axis that varies is dynamic)."""
+def export_program(model, one_token: bool = False):
+    """The `torch.onnx.ONNXProgram` of `model`'s step (traced on a small example; every axis that varies is dynamic),
+    or with `one_token` of its step on a chunk of one token (the chunk length static)."""
     import logging
     import warnings
 
     step = OnnxStep(model).eval()
     spec = state_spec(model.config)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (2, 3), generator=g)
+    ids = torch.randint(0, model.config.vocab_size, (2, 1 if one_token else 3), generator=g)
     mask = torch.ones_like(ids)
     state = empty_state(model.config, 2, 5, dtype=next(model.parameters()).dtype)
     names = [s.name for s in spec]
@@ -93,7 +97,7 @@ def export_program(model):
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.onnx.export(
-                step, (ids, mask, *state), dynamo=True, dynamic_shapes=_dynamic_shapes(spec), verbose=False, opset_version=OPSET,
+                step, (ids, mask, *state), dynamo=True, dynamic_shapes=_dynamic_shapes(spec, one_token), verbose=False, opset_version=OPSET,
                 input_names=["input_ids", "attention_mask"] + ["past." + n for n in names],
                 output_names=["logits"] + ["present." + n for n in names],
             )
@@ -101,16 +105,25 @@ def export_program(model):
         onnx_log.setLevel(level)
 
 
-def save_graph(program, path: Path) -> dict[str, int]:
-    """Write the exported program's graph to `path` with the fused operators of `onnx_fuse`; returns the fusion counts."""
+def save_graph(chunk_program, token_program, path: Path, meta: dict | None = None) -> dict[str, int]:
+    """Write the two exported programs (any chunk, one token) to `path` as one graph (`onnx_branch.join`), each with
+    the fused operators of `onnx_fuse`; returns the any-chunk body's fusion counts. With the folder's metadata
+    `meta`, records in it the state a step may update in place (`"in_place"`)."""
     import onnx
 
+    from wiola.export.onnx_branch import in_place_names, join
     from wiola.export.onnx_fuse import fuse
 
-    program.save(str(path))  # (weights past 2 GB go to a .data file: onnx.load reads them back)
-    model = onnx.load(str(path))
-    counts = fuse(model)
-    Path(str(path) + ".data").unlink(missing_ok=True)
+    bodies = []
+    for program in (chunk_program, token_program):
+        program.save(str(path))  # (weights past 2 GB go to a .data file: onnx.load reads them back)
+        body = onnx.load(str(path))
+        bodies.append((body, fuse(body)))
+        Path(str(path) + ".data").unlink(missing_ok=True)
+    model = join(bodies[0][0], bodies[1][0])
+    counts = dict(bodies[0][1])
+    if meta is not None:  # what a step may update in place (`onnx_branch.in_place_names`), recorded for the runtimes
+        meta["in_place"] = {"prefill": in_place_names(model, meta, True), "decode": in_place_names(model, meta, False)}
     big = model.ByteSize() >= EXTERNAL_AT
     onnx.save_model(model, str(path), save_as_external_data=big, location=Path(path).name + ".data" if big else None)
     return counts
@@ -149,9 +162,9 @@ def export_onnx(model, model_dir: Path, folder: Path, quantize: str | None = Non
     from wiola.convert import TOKENIZER_FILES
 
     require_onnx()
-    program = export_program(model)
-    save_graph(program, folder / GRAPH)
-    (folder / METADATA).write_text(json.dumps(metadata(model), indent=1) + "\n")
+    meta = metadata(model)
+    save_graph(export_program(model), export_program(model, one_token=True), folder / GRAPH, meta)
+    (folder / METADATA).write_text(json.dumps(meta, indent=1) + "\n")
     diff = check_against_torch(model, folder)
     if not diff <= CHECK_TOLERANCE:
         raise WiolaError(f"onnxruntime's logits differ from PyTorch's by {diff:.3g} on the export check; nothing written")
@@ -167,6 +180,6 @@ def export_onnx(model, model_dir: Path, folder: Path, quantize: str | None = Non
         error = check_against_torch(model, folder, relative=True)
         notes.append(f"{quantize} weights (MatMulNBits, blocks of {BLOCK_SIZE}) in {count} MatMuls; "
                      f"logits within {error:.1%} of PyTorch's float32 (largest difference over the largest logit) on the export check")
-    return [f"{GRAPH}: one step graph (prompt chunk or decode step), {len(state)} state tensors in and out; "
+    return [f"{GRAPH}: one step graph (prompt chunk, or decode step on its one-token body), {len(state)} state tensors in and out; "
             f"onnxruntime agrees with PyTorch to {diff:.1e} on the export check", *notes,
             f"tokenizer files: {', '.join(copied)}" if copied else "no tokenizer files found to copy"]

@@ -73,34 +73,6 @@ def layout_problem(session, slots: SlotCache) -> str | None:
     return None
 
 
-def in_place_state(folder, session) -> frozenset[str]:
-    """The keys/values state tensors the step may update in place: those whose past tensor is read by exactly one
-    node of the graph, the one that writes the present tensor (a ScatterElements writing the new slot: it reads
-    every element before writing it, so input and output may be one buffer). Other state, ATM layers' compacted
-    keys/values among it, ping-pongs between the two sets. Empty when the graph cannot be read (no `onnx`)."""
-    try:
-        import onnx
-
-        graph = onnx.load(str(Path(folder) / session.meta["graph"]), load_external_data=False).graph
-    except Exception:
-        return frozenset()
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    writer = {out: node for node in graph.node for out in node.output}
-    past, present = session.meta["past_prefix"], session.meta["present_prefix"]
-    shared = set()
-    for s in session.meta["state"]:
-        name = s["name"]
-        if not name.endswith((".keys", ".values")):
-            continue
-        node = writer.get(present + name)
-        if node is not None and node.op_type == "ScatterElements" and readers.get(past + name) == [node] and node.input[0] == past + name:
-            shared.add(name)
-    return frozenset(shared)
-
-
 class TorchSlotStep:
     """The decode step on torch eager: the model (or its int8 copy) on a view of the `SlotCache`'s first B rows."""
 
@@ -185,7 +157,7 @@ def make_step(model, max_batch_size: int, capacity: int, engine: str = "auto", q
     if choose.considers_onnx(engine, "auto", device, dtype):
         session, why = _onnx_session(model, engine, quantize, insisted, note)
     if session is not None:
-        slots = SlotCache(model, max_batch_size, capacity, sets=2, shared=in_place_state(onnx_backend.OnnxEngine(model, quantize).folder, session))
+        slots = SlotCache(model, max_batch_size, capacity, sets=2, shared=onnx_backend.in_place_state(onnx_backend.OnnxEngine(model, quantize).folder, session, prefill=False))
         problem = layout_problem(session, slots)
         if problem is None:
             return slots, OnnxSlotStep(session, slots), why
