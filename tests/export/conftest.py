@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,12 @@ def exports(tmp_path_factory, char_tokenizer):
         if family not in made:
             root = tmp_path_factory.mktemp(f"onnx-{family}")
             src = save_model(root / "model", char_tokenizer, family)
-            export_model(src, root / "onnx", "onnx", quiet=True, engine_cache=False)  # tests place it in the cache themselves
+            saved = os.environ.get("WIOLA_ONNX_ONE_TOKEN_BODY")
+            os.environ["WIOLA_ONNX_ONE_TOKEN_BODY"] = "1"  # what users get: both bodies (tests/conftest.py turns it off)
+            try:
+                export_model(src, root / "onnx", "onnx", quiet=True, engine_cache=False)  # tests place it in the cache themselves
+            finally:
+                os.environ["WIOLA_ONNX_ONE_TOKEN_BODY"] = saved if saved is not None else "0"
             made[family] = src, root / "onnx"
         return made[family]
 

@@ -196,6 +196,7 @@ def test_export_command_writes_a_quantized_folder(char_tokenizer, tmp_path, caps
     from wiola import WiolaConfig
     from wiola.export.onnx_run import onnx_generate
 
+    monkeypatch.setenv("WIOLA_ONNX_ONE_TOKEN_BODY", "1")  # what users get (tests/conftest.py turns it off): both bodies quantized
     torch.manual_seed(0)
     model = WiolaForCausalLM(WiolaConfig(**{**TINY_MODEL, "vocab_size": VOCAB, "max_position_embeddings": CONTEXT,
                                             "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2})).eval()
@@ -210,7 +211,9 @@ def test_export_command_writes_a_quantized_folder(char_tokenizer, tmp_path, caps
     assert meta["quantize"] == "int4" and meta["quantization"]["block_size"] == 32
     from wiola.export.onnx_branch import bodies
 
-    for body in bodies(onnx.load(str(tmp_path / "int4" / "model.onnx"))):
+    graphs = bodies(onnx.load(str(tmp_path / "int4" / "model.onnx")))
+    assert len(graphs) == 2 and meta["format"] == "wiola-onnx-step/3"  # the any-length and one-token bodies, each quantized
+    for body in graphs:
         assert sum(n.op_type == "MatMulNBits" for n in body.node) == meta["quantization"]["matmuls"]
     ids = prompts()[0]
     tokens, logits = onnx_generate(tmp_path / "int4", ids.numpy(), max_new_tokens=8, return_logits=True)

@@ -91,13 +91,13 @@ def onnx_cache_dir() -> Path:
 def _exporter() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    from wiola.export.to_onnx import FORMAT
+    from wiola.export.to_onnx import graph_format
 
     try:
         onnxscript = version("onnxscript")
     except PackageNotFoundError:
         onnxscript = None
-    return f"{FORMAT} torch {torch.__version__} onnxscript {onnxscript}"
+    return f"{graph_format()} torch {torch.__version__} onnxscript {onnxscript}"
 
 
 def model_key(model) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -33,6 +34,18 @@ METADATA = "wiola_onnx.json"
 GRAPH = "model.onnx"
 FORMAT = "wiola-onnx-step/3"  # 2: fused operators (onnx_fuse); 3: a one-token body (onnx_branch). Bump when the graph
 # changes (the engine cache key holds it)
+SINGLE_FORMAT = "wiola-onnx-step/2"  # the any-length trace alone (WIOLA_ONNX_ONE_TOKEN_BODY=0)
+ONE_TOKEN_BODY_ENV = "WIOLA_ONNX_ONE_TOKEN_BODY"
+
+
+def one_token_body() -> bool:
+    """Whether exports hold the one-token body (default yes; `WIOLA_ONNX_ONE_TOKEN_BODY=0` exports the any-length
+    trace alone, graph format 2: half the export time, slower decode steps; the test suite sets it)."""
+    return os.environ.get(ONE_TOKEN_BODY_ENV, "1") != "0"
+
+
+def graph_format() -> str:
+    return FORMAT if one_token_body() else SINGLE_FORMAT
 OPSET = 23  # the ONNX opset of the step graph: 23 has Attention (and RMSNormalization, which onnx_fuse replaces)
 CHECK_TOLERANCE = 1e-3  # fp32 logits, onnxruntime vs PyTorch on the export's own check (they agree to ~1e-6)
 
@@ -60,7 +73,7 @@ def metadata(model) -> dict:
     config = model.config
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return {
-        "format": FORMAT,
+        "format": graph_format(),
         "graph": GRAPH,
         "inputs": ["input_ids", "attention_mask"],
         "outputs": ["logits"],
@@ -107,7 +120,8 @@ def export_program(model, one_token: bool = False):
 
 def save_graph(chunk_program, token_program, path: Path, meta: dict | None = None) -> dict[str, int]:
     """Write the two exported programs (any chunk, one token) to `path` as one graph (`onnx_branch.join`), each with
-    the fused operators of `onnx_fuse`; returns the any-chunk body's fusion counts. With the folder's metadata
+    the fused operators of `onnx_fuse` (`token_program` None: the any-chunk graph alone, format 2); returns the
+    any-chunk body's fusion counts. With the folder's metadata
     `meta`, records in it the state a step may update in place (`"in_place"`)."""
     import onnx
 
@@ -115,12 +129,12 @@ def save_graph(chunk_program, token_program, path: Path, meta: dict | None = Non
     from wiola.export.onnx_fuse import fuse
 
     bodies = []
-    for program in (chunk_program, token_program):
+    for program in [p for p in (chunk_program, token_program) if p is not None]:
         program.save(str(path))  # (weights past 2 GB go to a .data file: onnx.load reads them back)
         body = onnx.load(str(path))
         bodies.append((body, fuse(body)))
         Path(str(path) + ".data").unlink(missing_ok=True)
-    model = join(bodies[0][0], bodies[1][0])
+    model = join(bodies[0][0], bodies[1][0]) if len(bodies) == 2 else bodies[0][0]
     counts = dict(bodies[0][1])
     if meta is not None:  # what a step may update in place (`onnx_branch.in_place_names`), recorded for the runtimes
         meta["in_place"] = {"prefill": in_place_names(model, meta, True), "decode": in_place_names(model, meta, False)}
@@ -163,7 +177,7 @@ def export_onnx(model, model_dir: Path, folder: Path, quantize: str | None = Non
 
     require_onnx()
     meta = metadata(model)
-    save_graph(export_program(model), export_program(model, one_token=True), folder / GRAPH, meta)
+    save_graph(export_program(model), export_program(model, one_token=True) if one_token_body() else None, folder / GRAPH, meta)
     (folder / METADATA).write_text(json.dumps(meta, indent=1) + "\n")
     diff = check_against_torch(model, folder)
     if not diff <= CHECK_TOLERANCE:
