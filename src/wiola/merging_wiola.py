@@ -124,18 +124,25 @@ def merged_attention(q, k, v, x, real, threshold: float, n_rep: int, implementat
     return out, joins & real
 
 
+def _token_slot(k, v, x, threshold: float, cache, real):
+    """Where one token goes in an ATM layer's stored groups (`_static_step` and `_fixed_token`): whether it joins
+    the last group `[B]` (similar enough to the previous token, which was real and did not itself join; `real`: the
+    token is real, a `[B]` bool or True), the slot `[B, H_kv, 1, d]` it writes (`lengths − 1` when it joins, else
+    `lengths`) and the keys/values it writes there (the pair's mean when it joins, else its own)."""
+    b, h_kv, _, d = k.shape
+    rho = F.cosine_similarity(cache.last_x[:, None].to(x.dtype).float(), x.float(), dim=-1)[:, 0]
+    join = (rho > threshold) & real & cache.last_real & ~cache.last_taken
+    slot = (cache.lengths - join.long())[:, None, None, None].expand(b, h_kv, 1, d)
+    sel = join[:, None, None, None]
+    return join, slot, torch.where(sel, (cache.keys.gather(2, slot) + k) * 0.5, k), torch.where(sel, (cache.values.gather(2, slot) + v) * 0.5, v)
+
+
 def _static_step(q, k, v, x, threshold: float, n_rep: int, implementation: str, cache):
     """One decode step on a `WiolaStaticLayer` (one real token per row): the arithmetic of the cached
     path above for T = 1, written in place. The token joins the last group iff it is similar enough to the
     previous token, which was real and did not itself join; then slot `lengths − 1` becomes the pair's
     mean, else the token is written at slot `lengths`."""
-    b, h_kv, _, d = k.shape
-    rho = F.cosine_similarity(cache.last_x[:, None].to(x.dtype).float(), x.float(), dim=-1)[:, 0]
-    join = (rho > threshold) & cache.last_real & ~cache.last_taken  # [B]
-    slot = (cache.lengths - join.long())[:, None, None, None].expand(b, h_kv, 1, d)
-    sel = join[:, None, None, None]
-    new_k = torch.where(sel, (cache.keys.gather(2, slot) + k) * 0.5, k)
-    new_v = torch.where(sel, (cache.values.gather(2, slot) + v) * 0.5, v)
+    join, slot, new_k, new_v = _token_slot(k, v, x, threshold, cache, real=True)
     cache.keys.scatter_(2, slot, new_k)
     cache.values.scatter_(2, slot, new_v)
     cache.lengths.add_((~join).long())
@@ -201,15 +208,11 @@ def _fixed_token(q, k, v, x, real, threshold: float, n_rep: int, implementation:
     previous token, which was real and did not itself join (`take_edges` for one edge); it then replaces slot
     `lengths − 1` by the pair's mean, else it is written at slot `lengths` and counted. A padding token is
     written at slot `lengths` uncounted: this step alone sees it (its own raw entry), the next overwrites it."""
-    b, h_kv, _, d = k.shape
-    rho = F.cosine_similarity(cache.last_x[:, None].to(x.dtype).float(), x.float(), dim=-1)[:, 0]
     real = real[:, 0]
-    join = (rho > threshold) & real & cache.last_real & ~cache.last_taken  # [B]
     lengths = cache.lengths
-    slot = (lengths - join.long())[:, None, None, None].expand(b, h_kv, 1, d)
-    sel = join[:, None, None, None]
-    cache.keys = cache.keys.scatter(2, slot, torch.where(sel, (cache.keys.gather(2, slot) + k) * 0.5, k))
-    cache.values = cache.values.scatter(2, slot, torch.where(sel, (cache.values.gather(2, slot) + v) * 0.5, v))
+    join, slot, new_k, new_v = _token_slot(k, v, x, threshold, cache, real)
+    cache.keys = cache.keys.scatter(2, slot, new_k)
+    cache.values = cache.values.scatter(2, slot, new_v)
     visible = torch.arange(cache.keys.shape[2], device=k.device)[None, :] < (lengths + (~join).long())[:, None]
     cache.lengths = lengths + (real & ~join).long()
     cache.last_x, cache.last_real, cache.last_taken = x[:, -1], real, join

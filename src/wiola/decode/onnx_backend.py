@@ -214,7 +214,7 @@ class OnnxRun:
 
         session, run = self.session, self.session.session
         # plain layers' keys/values are one buffer in both sets, written in place (`in_place_state`): no step copies them
-        shared = in_place_state(getattr(session, "folder", None), session)
+        shared = in_place_state(session.folder, session)
         names = [s["name"] for s in session.meta["state"]]
         sets = [self.state, [mine if name in shared else other for name, mine, other in zip(names, self.state, session.empty_state(batch, capacity))]]
         self.token = np.zeros((batch, 1), dtype=np.int64)

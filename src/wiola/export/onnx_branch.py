@@ -98,22 +98,23 @@ def join(chunk, token):
     if [i.name for i in chunk.graph.input] != [i.name for i in token.graph.input] or \
             [o.name for o in chunk.graph.output] != [o.name for o in token.graph.output]:
         raise ValueError("the two step graphs differ in their inputs or outputs")
-    outer_inits, by_key = [], {}
+    outer_inits, by_key, taken = [], {}, set()
     renames = []
     for model, prefix in ((chunk, CHUNK), (token, TOKEN)):
         rename = {}
         for init in model.graph.initializer:
             key = _key(init)
             if key not in by_key:
-                name = init.name if not any(i.name == init.name for i in outer_inits) else prefix + init.name
+                name = prefix + init.name if init.name in taken else init.name
                 copy = type(init)()
                 copy.CopyFrom(init)
                 copy.name = name
                 outer_inits.append(copy)
+                taken.add(name)
                 by_key[key] = name
             rename[init.name] = by_key[key]
         renames.append(rename)
-    outer = {i.name for i in chunk.graph.input} | {i.name for i in outer_inits}
+    outer = {i.name for i in chunk.graph.input} | taken
     else_body = _body(chunk.graph, CHUNK, outer, renames[0])
     then_body = _body(token.graph, TOKEN, outer, renames[1])
     nodes = [

@@ -121,8 +121,8 @@ def export_program(model, one_token: bool = False):
 def save_graph(chunk_program, token_program, path: Path, meta: dict | None = None) -> dict[str, int]:
     """Write the two exported programs (any chunk, one token) to `path` as one graph (`onnx_branch.join`), each with
     the fused operators of `onnx_fuse` (`token_program` None: the any-chunk graph alone, format 2); returns the
-    any-chunk body's fusion counts. With the folder's metadata
-    `meta`, records in it the state a step may update in place (`"in_place"`)."""
+    any-chunk body's fusion counts. With the folder's metadata `meta`, records in it the state a step may update in
+    place (`"in_place"`)."""
     import onnx
 
     from wiola.export.onnx_branch import in_place_names, join

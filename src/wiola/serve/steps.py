@@ -21,8 +21,6 @@ as before, and the request's first token is the torch path's. `quantize` sets th
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
