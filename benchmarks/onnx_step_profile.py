@@ -10,10 +10,14 @@ the Python around it; then the graph's node count after onnxruntime's optimizati
 With `--format-ab`, instead: the decode step on the export (graph format 3: the one-token body under an `If`)
 against the same export's any-length body alone (what graph format 2 ran for every step), on one session each,
 interleaved, best of 3 rounds of --steps steps, and whether both decode the same tokens.
+
+With `--block-ab` (int8 / int4), instead: the decode step with the weights in today's blocks (`onnx_quant.BLOCK_SIZE`,
+128 where K >= 128) against the same float32 export quantized in blocks of 32 everywhere (llama.cpp's Q8_0 / Q4_0
+block), timed the same way (the tokens may differ: the weights do).
 """
 import argparse, json, os, sys, time, tempfile, collections
 import torch
-os.environ["WIOLA_ONNX_CACHE"] = tempfile.mkdtemp()
+os.environ.setdefault("WIOLA_ONNX_CACHE", tempfile.mkdtemp())  # (a cache of your own: its exports are reused)
 from wiola.configuration_wiola import WiolaConfig
 from wiola.modeling_wiola import WiolaForCausalLM
 from wiola.decode import onnx_backend
@@ -26,6 +30,7 @@ cli.add_argument("--quantize", nargs="+", default=["fp32", "int8", "int4"], choi
 cli.add_argument("--threads", type=int, default=1)
 cli.add_argument("--steps", type=int, default=128)
 cli.add_argument("--format-ab", action="store_true", help="time the joined graph against its any-length body alone")
+cli.add_argument("--block-ab", action="store_true", help="time today's weight blocks against blocks of 32 (int8 / int4)")
 args = cli.parse_args()
 torch.set_num_threads(args.threads)
 config = WiolaConfig.from_preset(args.preset, **parse_overrides(args.set))
@@ -35,17 +40,11 @@ ids = torch.randint(3, config.vocab_size, (1, 32), generator=torch.Generator().m
 STEPS = args.steps
 
 
-def format_ab(engine, quantize):
-    """Decode steps on the joined graph and on its any-length body alone (see the docstring)."""
-    import shutil
-    import onnx
-    from wiola.export.onnx_branch import split
+def time_pair(folders: dict, quantize) -> None:
+    """Decode steps on two exported folders, one session each, interleaved, best of 3 rounds; prints one JSON line."""
     from wiola.export.onnx_run import OnnxStepSession
-    alone = os.path.join(tempfile.mkdtemp(), "any-length-body")
-    shutil.copytree(engine.folder, alone)
-    onnx.save_model(split(onnx.load(str(engine.folder / "model.onnx")))[0], os.path.join(alone, "model.onnx"))
     runs = {name: onnx_backend.OnnxRun(OnnxStepSession(folder, threads=args.threads), 1, 32 + 4 + 3 * STEPS + 1)
-            for name, folder in (("any-length body alone", alone), ("joined (one-token body)", engine.folder))}
+            for name, folder in folders.items()}
     tokens, best = {}, {}
     for name, run in runs.items():
         logits, seq = run.prefill(ids, None), []
@@ -59,16 +58,42 @@ def format_ab(engine, quantize):
             for _ in range(STEPS):
                 run(token)
             best[name] = min(best.get(name, 1e9), (time.perf_counter() - start) / STEPS * 1000)
-    alone_ms, joined_ms = best.values()
+    before, after = best.values()
     print(json.dumps(dict(quantize=quantize or "fp32", threads=args.threads, **{k + " ms": round(v, 2) for k, v in best.items()},
-                          speedup=round(alone_ms / joined_ms, 3), same_tokens=len(set(map(tuple, tokens.values()))) == 1)), flush=True)
+                          speedup=round(before / after, 3), same_tokens=len(set(map(tuple, tokens.values()))) == 1)), flush=True)
+
+
+def format_ab(engine, quantize):
+    """Decode steps on the joined graph and on its any-length body alone (see the docstring)."""
+    import shutil
+    import onnx
+    from wiola.export.onnx_branch import split
+    alone = os.path.join(tempfile.mkdtemp(), "any-length-body")
+    shutil.copytree(engine.folder, alone)
+    onnx.save_model(split(onnx.load(str(engine.folder / "model.onnx")))[0], os.path.join(alone, "model.onnx"))
+    time_pair({"any-length body alone": alone, "joined (one-token body)": engine.folder}, quantize)
+
+
+def block_ab(engine, quantize):
+    """Decode steps with blocks of 32 everywhere and with today's blocks (see the docstring)."""
+    from wiola.export import onnx_quant
+    if not quantize:
+        return
+    plain = onnx_backend.OnnxEngine(model)  # the float32 export (cached beside the quantized one)
+    small = os.path.join(tempfile.mkdtemp(), "blocks-of-32")
+    today, onnx_quant.BLOCK_SIZE = onnx_quant.BLOCK_SIZE, onnx_quant.SMALL_BLOCK
+    try:
+        onnx_quant.quantize_folder(plain.folder, small, quantize)
+    finally:
+        onnx_quant.BLOCK_SIZE = today
+    time_pair({"blocks of 32": small, f"blocks of {today} (32 where K < {today})": engine.folder}, quantize)
 
 
 for quantize in [None if q == "fp32" else q for q in args.quantize]:
     engine = onnx_backend.OnnxEngine(model, quantize)
     engine.export()
-    if args.format_ab:
-        format_ab(engine, quantize)
+    if args.format_ab or args.block_ab:
+        (format_ab if args.format_ab else block_ab)(engine, quantize)
         continue
     for bind in (True, False):
         onnx_backend.IO_BINDING = bind

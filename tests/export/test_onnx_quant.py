@@ -19,6 +19,7 @@ from wiola import WiolaForCausalLM
 from wiola.decode import onnx_backend
 from wiola.cli import main
 from wiola.errors import WiolaError
+from wiola.export import onnx_quant
 from wiola.export.onnx_run import OnnxStepSession
 from wiola.decode import StaticDecoder
 
@@ -71,6 +72,8 @@ def test_quantized_decoding_is_close_to_float32(exports, family, monkeypatch):
             nodes = [n for n in body.node if n.op_type == "MatMulNBits"]
             bits = {a.i for n in nodes for a in n.attribute if a.name == "bits"}
             assert meta["quantize"] == kind and bits == {8 if kind == "int8" else 4} and len(nodes) == meta["quantization"]["matmuls"] >= 5
+            sizes = {n.name: {a.name: a.i for a in n.attribute} for n in nodes}  # each node's block follows the rule of K
+            assert all(a["block_size"] == onnx_quant.block_size(a["K"]) for a in sizes.values())
             outer = {i.name: list(i.dims) for i in graph.graph.initializer}  # no 2-D weight with K >= 32 left float32
             assert not any(n.op_type == "MatMul" and len(outer.get(n.input[1], [])) == 2 and outer[n.input[1]][0] >= 32 for n in body.node)
         logits = teacher_forced_logits(folder, fp32)
@@ -206,9 +209,10 @@ def test_export_command_writes_a_quantized_folder(char_tokenizer, tmp_path, caps
     capsys.readouterr()
     assert main(["export", str(tmp_path / "model"), str(tmp_path / "int4"), "--to", "onnx", "--quantize", "int4"]) == 0
     out = capsys.readouterr().out
-    assert "int4 weights (MatMulNBits, blocks of 32) in " in out and "of PyTorch's float32" in out
+    assert "int4 weights (MatMulNBits, blocks of 128, 32 where K < 128) in " in out and "of PyTorch's float32" in out
     meta = json.loads((tmp_path / "int4" / "wiola_onnx.json").read_text())
-    assert meta["quantize"] == "int4" and meta["quantization"]["block_size"] == 32
+    assert meta["quantize"] == "int4" and meta["quantization"]["block_size"] == 128
+    assert meta["quantization"]["matmuls_by_block_size"] == {"32": meta["quantization"]["matmuls"]}  # hidden 32: every K < 128
     from wiola.export.onnx_branch import bodies
 
     graphs = bodies(onnx.load(str(tmp_path / "int4" / "model.onnx")))
@@ -230,3 +234,57 @@ def test_export_command_writes_a_quantized_folder(char_tokenizer, tmp_path, caps
     assert main(["generate", str(tmp_path / "model"), "the king", "--greedy", "--max-new-tokens", "8", "--device", "cpu",
                  "--quantize", "int4"]) == 0
     assert starts == [engine.name]
+
+
+def test_block_size_follows_the_reduced_axis(tmp_path):
+    """A graph of three MatMuls with K = 16, 64 and 256: the first stays float32, the second gets blocks of 32 and the
+    third blocks of 128 (`onnx_quant.block_size`); onnxruntime runs the result within int4's error of the float
+    products."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+
+    rng = np.random.default_rng(0)
+    ks, n = (16, 64, 256), 48
+    weights = {k: rng.standard_normal((k, n)).astype(np.float32) for k in ks}
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", [f"x{k}", f"w{k}"], [f"y{k}"], name=f"mm{k}") for k in ks], "g",
+        [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in ks],
+        [helper.make_tensor_value_info(f"y{k}", TensorProto.FLOAT, [1, n]) for k in ks],
+        [numpy_helper.from_array(w, f"w{k}") for k, w in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert onnx_quant.targets(model) == {32: ["mm64"], 128: ["mm256"]}
+    quantized, counts = onnx_quant._quantize(model, "int4", onnx_quant._quantizer())
+    assert counts == {32: 1, 128: 1}
+    blocks = {n.output[0]: {a.name: a.i for a in n.attribute}["block_size"] for n in quantized.graph.node if n.op_type == "MatMulNBits"}
+    assert blocks == {"y64": 32, "y256": 128} and [n.op_type for n in quantized.graph.node if n.output[0] == "y16"] == ["MatMul"]
+    session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {f"x{k}": rng.standard_normal((1, k)).astype(np.float32) for k in ks}
+    for k, y in zip(ks, session.run([f"y{k}" for k in ks], feeds)):
+        exact = feeds[f"x{k}"] @ weights[k]
+        error = np.linalg.norm(y - exact) / np.linalg.norm(exact)
+        assert error == 0 if k == 16 else 0 < error < 0.2, (k, error)
+
+
+def test_a_cached_export_in_other_blocks_is_quantized_again(exports, monkeypatch):
+    """An int8 folder in the cache whose weights are in blocks other than today's `BLOCK_SIZE` (an export of an
+    older wiola, sealed as it was written) is not reused: `mismatch` names the block sizes."""
+
+    _, model = cached(exports, "seed")
+    engine = onnx_backend.OnnxEngine(model, "int8")
+    if not engine.cached():
+        StaticDecoder(model, max_cache_len=CAPACITY, quantize="int8").generate(*prompts(), max_new_tokens=2)
+    folder = engine.folder
+    assert onnx_backend.mismatch(folder, engine.key, "int8") is None
+    meta_path = folder / "wiola_onnx.json"
+    written = meta_path.read_text()
+    meta = json.loads(written)
+    meta["quantization"]["block_size"] = 32
+    try:
+        meta_path.write_text(json.dumps(meta))
+        onnx_backend.seal(folder, engine.key, "int8")
+        assert onnx_backend.mismatch(folder, engine.key, "int8") == f"its int8 weights are in blocks of 32, not {onnx_quant.BLOCK_SIZE}"
+    finally:  # the shared cache as it was, for the other tests
+        meta_path.write_text(written)
+        onnx_backend.seal(folder, engine.key, "int8")

@@ -159,13 +159,18 @@ def mismatch(folder: Path, key: str, quantize: str | None = None) -> str | None:
             return f"{name} is missing"
     try:
         meta = json.loads((folder / "wiola_onnx.json").read_text())
-        graph, kind = meta.get("graph"), meta.get("quantize")
+        graph, kind, blocks = meta.get("graph"), meta.get("quantize"), (meta.get("quantization") or {}).get("block_size")
     except (OSError, ValueError, AttributeError):
-        graph = kind = None
+        graph = kind = blocks = None
     if graph not in hashes:
         return f"its graph {graph!r} is not among the exported files"
     if kind != quantize:
         return f"its graph is the {_kind(kind)} export, not the {_kind(quantize)} one"
+    if quantize:
+        from wiola.export.onnx_quant import BLOCK_SIZE
+
+        if blocks != BLOCK_SIZE:
+            return f"its {quantize} weights are in blocks of {blocks}, not {BLOCK_SIZE}"
     return None
 
 
@@ -359,9 +364,10 @@ class OnnxEngine:
             try:
                 os.replace(tmp, self.folder)
                 self._verified = True
-            except OSError:  # another process exported the same key first
-                if not self.cached():
-                    raise
+            except OSError:  # the folder exists: another process exported the same key first, or it is stale
+                if not self.cached():  # stale (`cached` removed it): take its place
+                    os.replace(tmp, self.folder)
+                    self._verified = True
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self._prune(root)

@@ -123,8 +123,8 @@ def export_command(checkpoint: str, out: str, to: Literal["llama", "onnx", "gguf
     that prevent it. --to onnx saves any model as one ONNX graph of a step function (prompt chunk or decode
     step) whose attention mask and whole state (keys/values, GSA and GCLA running sums, ATM groups) are inputs
     and outputs, checked against PyTorch with onnxruntime; run it with wiola.export.onnx_run. --to onnx --quantize
-    int8|int4 stores the large MatMuls' weights block-wise in 8 or 4 bits (onnxruntime's MatMulNBits, blocks of 32,
-    int8 activations: the class of llama.cpp's Q8_0/Q4_0). An ONNX export is also placed into the ONNX engine's
+    int8|int4 stores the large MatMuls' weights block-wise in 8 or 4 bits (onnxruntime's MatMulNBits, blocks of 128,
+    32 where K < 128, int8 activations: the class of llama.cpp's Q8_0/Q4_0). An ONNX export is also placed into the ONNX engine's
     cache, so that the next wiola generate of this model on CPU decodes with onnxruntime (with --quantize: the next
     one with the same --quantize). --to gguf writes a model that --to llama takes as OUT/model.gguf for llama.cpp
     (--gguf-type f32, f16, q8_0 or q4_0), with its tokenizer described so that llama.cpp tokenizes as wiola does.

@@ -1,12 +1,15 @@
 """Block-wise int8 / int4 weights for the ONNX step graph (`wiola export --to onnx --quantize`, the ONNX engine's
 `quantize`): the Q8_0 / Q4_0 class of llama.cpp, on onnxruntime's `MatMulNBits` contrib operator.
 
-Every MatMul of the exported float32 graph whose second input is a constant weight `[K, N]` with K ≥ `BLOCK_SIZE`
+Every MatMul of the exported float32 graph whose second input is a constant weight `[K, N]` with K ≥ `SMALL_BLOCK`
 (the attention projections, the MLPs, the LM head) becomes a `MatMulNBits`: the weight is stored in blocks of
-`BLOCK_SIZE` values along K, each block symmetric (no zero point) with one float32 scale, as 8- or 4-bit integers.
-`ACCURACY_LEVEL` 4 lets onnxruntime quantize the activations to int8 per block too, so the product runs on the
-CPU's integer dot products (AVX2/AVX-VNNI/AVX-512); that is where the speed comes from. Smaller MatMuls (a head-sized
-gate, K < `BLOCK_SIZE`) and everything else (embedding table, norms, attention over the cache) stay float32.
+`BLOCK_SIZE` (128) values along K — `SMALL_BLOCK` (32, llama.cpp's Q8_0 / Q4_0 block) where K < 128 — each block
+symmetric (no zero point) with one float32 scale, as 8- or 4-bit integers. Blocks of 128 are the usual group size of
+int4 weights (GPTQ, AWQ), and onnxruntime's kernels ran a 120M model's step products 1.2× (int8) and 1.5× (int4)
+faster with them than with blocks of 32 (docs/benchmarks.md, "Blocks of 128"). `ACCURACY_LEVEL` 4 lets onnxruntime
+quantize the activations to int8 per block too, so the product runs on the CPU's integer dot products
+(AVX2/AVX-VNNI/AVX-512); that is where the speed comes from. Smaller MatMuls (a head-sized gate, K < `SMALL_BLOCK`)
+and everything else (embedding table, norms, attention over the cache) stay float32.
 A tied LM head is exported as `MatMul(x, Transpose(embedding))`: its transposed copy becomes a constant first
 (`untie_head`), so the largest MatMul of a small model is quantized too and no step transposes the table.
 
@@ -28,7 +31,8 @@ from wiola.errors import WiolaError
 from wiola.export.onnx_branch import join, joined, split
 
 BITS = {"int8": 8, "int4": 4}
-BLOCK_SIZE = 32  # as llama.cpp's Q8_0 / Q4_0
+BLOCK_SIZE = 128  # values per block along K (the scale's group), where K >= 128
+SMALL_BLOCK = 32  # where 32 <= K < 128 (llama.cpp's Q8_0 / Q4_0 block); smaller K stays float32
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (per block), integer dot products
 GRAPH = "model.onnx"
 METADATA = "wiola_onnx.json"
@@ -73,15 +77,20 @@ def untie_head(model) -> int:
     return rewired
 
 
-def targets(model) -> list[str]:
-    """The names of the MatMul nodes to quantize: a constant 2-D weight with K ≥ `BLOCK_SIZE`."""
+def block_size(k: int) -> int | None:
+    """The block size for a weight with `k` rows (the reduced axis), None when it stays float32."""
+    return BLOCK_SIZE if k >= BLOCK_SIZE else SMALL_BLOCK if k >= SMALL_BLOCK else None
+
+
+def targets(model) -> dict[int, list[str]]:
+    """The MatMul nodes to quantize (a constant 2-D weight with K ≥ `SMALL_BLOCK`), by block size: their names."""
     weights = _weights(model.graph)
-    chosen = []
+    chosen: dict[int, list[str]] = {}
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.input[1] in weights:
             dims = list(weights[node.input[1]].dims)
-            if len(dims) == 2 and dims[0] >= BLOCK_SIZE:
-                chosen.append(node.name)
+            if len(dims) == 2 and block_size(dims[0]):
+                chosen.setdefault(block_size(dims[0]), []).append(node.name)
     return chosen
 
 
@@ -100,22 +109,25 @@ def _quantizer():
 
 
 def _quantize(model, kind: str, quantizer_class) -> tuple:
-    """`model` (one plain step graph) with `kind` weights, and the number of MatMuls quantized."""
+    """`model` (one plain step graph) with `kind` weights, and the number of MatMuls quantized per block size."""
     untie_head(model)
-    names = targets(model)
-    if not names:
+    chosen = targets(model)
+    if not chosen:
         raise WiolaError("the graph has no MatMul with a constant weight to quantize")
     quiet = logging.getLogger("onnxruntime.quantization")  # one INFO line per node otherwise
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:
-        quantizer = quantizer_class(model, bits=BITS[kind], block_size=BLOCK_SIZE, is_symmetric=True,
-                                    accuracy_level=ACCURACY_LEVEL, nodes_to_include=names, op_types_to_quantize=("MatMul",))
-        quantizer.process()
+        for block, names in sorted(chosen.items()):  # one pass per block size (the quantizer takes one)
+            # the quantizer takes every MatMul of op_types_to_quantize: the ones of other passes are excluded
+            others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in names]
+            quantizer = quantizer_class(model, bits=BITS[kind], block_size=block, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
+                                        nodes_to_include=names, nodes_to_exclude=others, op_types_to_quantize=("MatMul",))
+            quantizer.process()
+            model = quantizer.model.model
     finally:
         quiet.setLevel(level)
-    quantized = quantizer.model.model
-    return quantized, sum(node.op_type == "MatMulNBits" for node in quantized.graph.node)
+    return model, {block: len(names) for block, names in sorted(chosen.items())}
 
 
 def quantize_folder(source: Path, dest: Path, kind: str) -> int:
@@ -145,6 +157,7 @@ def quantize_folder(source: Path, dest: Path, kind: str) -> int:
     big = quantized.ByteSize() >= EXTERNAL_AT
     onnx.save_model(quantized, str(dest / GRAPH), save_as_external_data=big, location=GRAPH + ".data" if big else None)
     meta.update(graph=GRAPH, quantize=kind, quantization={"op": "MatMulNBits", "bits": BITS[kind], "block_size": BLOCK_SIZE,
-                                                           "symmetric": True, "accuracy_level": ACCURACY_LEVEL, "matmuls": done})
+                                                           "small_block_size": SMALL_BLOCK, "symmetric": True, "accuracy_level": ACCURACY_LEVEL,
+                                                           "matmuls": sum(done.values()), "matmuls_by_block_size": {str(b): n for b, n in done.items()}})
     (dest / METADATA).write_text(json.dumps(meta, indent=1) + "\n")
-    return done
+    return sum(done.values())

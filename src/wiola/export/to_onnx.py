@@ -188,11 +188,11 @@ def export_onnx(model, model_dir: Path, folder: Path, quantize: str | None = Non
     state = state_spec(model.config)
     notes = []
     if quantize:
-        from wiola.export.onnx_quant import BLOCK_SIZE, quantize_folder
+        from wiola.export.onnx_quant import BLOCK_SIZE, SMALL_BLOCK, quantize_folder
 
         count = quantize_folder(folder, folder, quantize)
         error = check_against_torch(model, folder, relative=True)
-        notes.append(f"{quantize} weights (MatMulNBits, blocks of {BLOCK_SIZE}) in {count} MatMuls; "
+        notes.append(f"{quantize} weights (MatMulNBits, blocks of {BLOCK_SIZE}, {SMALL_BLOCK} where K < {BLOCK_SIZE}) in {count} MatMuls; "
                      f"logits within {error:.1%} of PyTorch's float32 (largest difference over the largest logit) on the export check")
     return [f"{GRAPH}: one step graph (prompt chunk, or decode step on its one-token body), {len(state)} state tensors in and out; "
             f"onnxruntime agrees with PyTorch to {diff:.1e} on the export check", *notes,
