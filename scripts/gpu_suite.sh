@@ -14,14 +14,15 @@
 #   bash scripts/gpu_suite.sh presets [PRESET ...]         # wiola bench --no-decode: micro, small, 360m, 700m, 1.5b
 #   bash scripts/gpu_suite.sh compare-char [ENTRANT ...]   # wiola compare, char-level Shakespeare (resumable)
 #   bash scripts/gpu_suite.sh compare-bpe  [ENTRANT ...]   # wiola compare, BPE Shakespeare (resumable)
+#   bash scripts/gpu_suite.sh compare-candidate [ENTRANT ...]  # issue 28's result at nanoGPT's GPU setting, 3 seeds
 # A comparison resumes where it stopped, so a stage cut off at 10 minutes continues on the next call while
 # the machine stays warm (runs/ survives between calls); its reports are copied to $OUT after each call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_suite.sh prep|presets|compare-char|compare-bpe [presets or entrants...]}
+stage=${1:?usage: gpu_suite.sh prep|presets|compare-char|compare-bpe|compare-candidate [presets or entrants...]}
 shift
 case $stage in
-  prep | presets | compare-char | compare-bpe) ;;
+  prep | presets | compare-char | compare-bpe | compare-candidate) ;;
   *) echo "gpu_suite: unknown stage '$stage' (bench, atm and main moved to one call of scripts/gpu_check.sh)" >&2; exit 2 ;;
 esac
 
@@ -70,5 +71,8 @@ case $stage in
     ;;
   compare-bpe)
     compare configs/compare/shakespeare_bpe.yaml shakespeare_bpe "$@"
+    ;;
+  compare-candidate)
+    compare configs/compare/candidate_gpu.yaml candidate_gpu "$@"
     ;;
 esac

@@ -507,23 +507,48 @@ def test_a_seed_table_is_found_under_its_heading_past_code_blocks():
         seed_table_rows(md, "a comment")
 
 
-def test_issue28_interim_figures_are_recomputed_from_their_seed_table():
-    """docs/results.md's interim table "Against a same-budget LLaMA" states paired and Welch p for each pair;
-    they must be what scipy gives on the per-seed values printed above it (the seeds both entrants finished)."""
+@pytest.mark.parametrize("heading", ["five seeds against a same-budget LLaMA", "Learning rate: 5e-4", "A second setting: BPE"])
+def test_issue28_figures_are_recomputed_from_their_seed_tables(heading):
+    """Each issue-28 section of docs/results.md states, for every entrant against its same-budget LLaMA, the
+    difference of the means, Welch's p and the paired p: they must be what scipy gives on the per-seed values of the
+    seed table printed above them, and the verdict must follow the rule (both p < 0.05)."""
     from wiola.compare.same_budget import seed_table_rows
 
     text = (REPO / "docs" / "results.md").read_text(encoding="utf-8")
-    rows = {name: [float(v) for v in cells[2].split(" / ")] for name, cells in
-            ((c[0], c) for c in ([x.strip() for x in line.strip("|").split("|")]
-                                 for line in text.split("### Interim: five seeds")[1].split("Against a same-budget")[0].splitlines()
-                                 if line.startswith("| ") and " / " in line))}
-    assert set(seed_table_rows(text, "Interim: five seeds")) == set(rows)
-    section = text.split("### Interim: five seeds")[1].split("\n### ")[0]
-    for entrant, llama in (("paper:mlp=swiglu", "llama@paper:mlp=swiglu"),
-                           ("llama-arch:cross_layer_context=gcla", "llama@llama-arch:cross_layer_context=gcla"),
-                           ("paper:mlp=swiglu:cross_layer_context=none", "llama@paper:mlp=swiglu:cross_layer_context=none")):
-        n = min(len(rows[entrant]), len(rows[llama]))
-        paired = stats.ttest_rel(rows[entrant][:n], rows[llama][:n]).pvalue
-        welch = stats.ttest_ind(rows[entrant], rows[llama], equal_var=False).pvalue
-        line = next(l for l in section.splitlines() if l.startswith(f"| `{entrant}` | `{llama}` |"))
-        assert f"| {welch:.3f} | {paired:.3f} ({n}) |" in line, (line, welch, paired)
+    issue = text.split("## Issue 28")[1]
+    section = next(part for part in issue.split("\n### ") if heading in part.splitlines()[0])
+    rows = seed_table_rows(text.split("## Issue 28")[1], heading)
+    values = {name: row["best_val_losses"] for name, row in rows.items()}
+    pairs = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("| `")]
+    assert pairs
+    for cells in pairs:
+        entrant, llama = cells[0].strip("`"), cells[2].strip("`")
+        a, b = values[entrant], values[llama]
+        n = min(len(a), len(b))
+        welch = stats.ttest_ind(a, b, equal_var=False).pvalue
+        paired = stats.ttest_rel(a[:n], b[:n]).pvalue
+        delta = sum(a) / len(a) - sum(b) / len(b)
+        assert abs(float(cells[3].replace("−", "-")) - delta) <= 0.00005 + 1e-9, (cells, delta)
+        assert cells[4] == f"{welch:.3f}" and cells[5] == f"{paired:.3f} ({n})", (cells, welch, paired)
+        called = welch < 0.05 and paired < 0.05
+        assert cells[6].startswith("better" if called and delta < 0 else "worse" if called else "no difference called"), cells
+
+
+def test_the_gpu_candidate_spec_is_nanogpts_gpu_setting_with_the_preset():
+    """configs/compare/candidate_gpu.yaml (scripts/gpu_suite.sh compare-candidate): shakespeare_char.yaml's data,
+    training and shape with three seeds; its control is that spec's `llama-arch`, and the `wiola-120m-swiglu`
+    preset at this shape is that spec's `paper:mlp=swiglu` (the very model), tested against a LLaMA of its size."""
+    char = load_spec(REPO / "configs" / "compare" / "shakespeare_char.yaml")
+    gpu = load_spec(REPO / "configs" / "compare" / "candidate_gpu.yaml")
+    assert gpu.data == char.data and gpu.shape == char.shape and gpu.seeds == [1337, 1338, 1339]
+    assert {k: v for k, v in gpu.train.items() if k != "seed"} == {k: v for k, v in char.train.items() if k != "seed"}
+    by = {e.name: e for e in resolve_entrants(gpu, CHAR_FIELDS)}
+    earlier = {e.name: e for e in resolve_entrants(char, CHAR_FIELDS)}
+    assert set(by) == {"llama-arch", "wiola-120m-swiglu", "wiola-120m-swiglu:cross_layer_context=none",
+                       "llama@wiola-120m-swiglu", "llama@wiola-120m-swiglu:cross_layer_context=none"}
+    assert by["llama-arch"].parameters == earlier["llama-arch"].parameters
+    assert by["wiola-120m-swiglu"].shape == earlier["paper:mlp=swiglu"].shape
+    assert by["wiola-120m-swiglu"].parameters == earlier["paper:mlp=swiglu"].parameters == earlier["paper"].parameters
+    for name in ("wiola-120m-swiglu", "wiola-120m-swiglu:cross_layer_context=none"):
+        llama = by[by[name].same_budget]
+        assert llama.kind == "llama" and abs(llama.parameters / by[name].parameters - 1) < 0.02, name

@@ -45,7 +45,7 @@ def test_every_wiola_command_line_parses():
         assert args.command == command[0]
 
 
-@pytest.mark.parametrize("stage", ["presets", "compare-char", "compare-bpe"])
+@pytest.mark.parametrize("stage", ["presets", "compare-char", "compare-bpe", "compare-candidate"])
 def test_a_stage_without_the_carried_folder_stops_clearly(tmp_path, stage):
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)

@@ -217,6 +217,9 @@ PRESETS: dict[str, dict] = {
     # the news article's 1.3B (docs/architecture.md §6.5): the paper's components, and the same shape with the article's
     "wiola-1.3b": dict(_PAPER, hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8, intermediate_size=2048, dsff_wide_size=8192),
     "wiola-1.3b-article": dict(_PAPER, mlp="f3n", f3n_gate="agu", norm="hln", hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8, intermediate_size=8192),
+    # issue 28's result (docs/results.md): the paper's components with SwiGLU in place of the Dual-Stream FFN; width 3328
+    # holds wiola-120m's FFN weights exactly (3·768·3328 = 3·768² + 2·768·3072 + 2·768² per layer)
+    "wiola-120m-swiglu": dict(_PAPER, mlp="swiglu", hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, intermediate_size=3328),
 }
 
 
