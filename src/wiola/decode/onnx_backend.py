@@ -181,10 +181,11 @@ def _holds_exports(root: Path) -> bool:
         return False
 
 
-def in_place_state(folder, session, prefill: bool = True) -> frozenset[str]:
-    """The keys/values state tensors a step may update in place (`wiola.export.onnx_branch.in_place_names`): as the
-    export recorded them in its metadata, else read from the graph (empty when it cannot be read: no `onnx`).
-    `prefill`: prompt chunks run on the same buffers as the decode steps."""
+def in_place_state(session, prefill: bool = True) -> frozenset[str]:
+    """The keys/values state tensors a step of `session` (an `OnnxStepSession`) may update in place
+    (`wiola.export.onnx_branch.in_place_names`): as the export recorded them in its metadata, else read from its
+    graph (empty when it cannot be read: no `onnx`). `prefill`: prompt chunks run on the same buffers as the decode
+    steps."""
     recorded = session.meta.get("in_place")
     if recorded is not None:
         return frozenset(recorded["prefill" if prefill else "decode"])
@@ -193,7 +194,7 @@ def in_place_state(folder, session, prefill: bool = True) -> frozenset[str]:
 
         from wiola.export.onnx_branch import in_place_names
 
-        model = onnx.load(str(Path(folder) / session.meta["graph"]), load_external_data=False)
+        model = onnx.load(str(session.folder / session.meta["graph"]), load_external_data=False)
     except Exception:
         return frozenset()
     return in_place_names(model, session.meta, prefill)
@@ -219,7 +220,7 @@ class OnnxRun:
 
         session, run = self.session, self.session.session
         # plain layers' keys/values are one buffer in both sets, written in place (`in_place_state`): no step copies them
-        shared = in_place_state(session.folder, session)
+        shared = in_place_state(session)
         names = [s["name"] for s in session.meta["state"]]
         sets = [self.state, [mine if name in shared else other for name, mine, other in zip(names, self.state, session.empty_state(batch, capacity))]]
         self.token = np.zeros((batch, 1), dtype=np.int64)

@@ -150,6 +150,7 @@ def split(model) -> tuple:
         raise ValueError("not a joined step graph")
     branches = {a.name: a.g for a in _if_node(model).attribute}
     inits = {i.name: i for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
     out = []
     for body, prefix in ((branches["else_branch"], CHUNK), (branches["then_branch"], TOKEN)):
         taken = set(inits) | {i.name for i in model.graph.input}  # a body may read an outer name its prefix hides
@@ -174,7 +175,7 @@ def split(model) -> tuple:
             read.update(node.input)
         graph.initializer.extend(inits[name] for name in sorted(read & inits.keys()))
         for info in body.value_info:
-            if info.name in strip and strip[info.name] not in {o.name for o in model.graph.output}:
+            if info.name in strip and strip[info.name] not in outputs:
                 copy = graph.value_info.add()
                 copy.CopyFrom(info)
                 copy.name = strip[info.name]

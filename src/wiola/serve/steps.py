@@ -155,7 +155,7 @@ def make_step(model, max_batch_size: int, capacity: int, engine: str = "auto", q
     if choose.considers_onnx(engine, "auto", device, dtype):
         session, why = _onnx_session(model, engine, quantize, insisted, note)
     if session is not None:
-        slots = SlotCache(model, max_batch_size, capacity, sets=2, shared=onnx_backend.in_place_state(onnx_backend.OnnxEngine(model, quantize).folder, session, prefill=False))
+        slots = SlotCache(model, max_batch_size, capacity, sets=2, shared=onnx_backend.in_place_state(session, prefill=False))
         problem = layout_problem(session, slots)
         if problem is None:
             return slots, OnnxSlotStep(session, slots), why
