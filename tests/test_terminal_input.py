@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 import pty
+import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,17 +67,47 @@ def test_chat_does_not_send_a_line_that_is_not_utf8(model_dir):
         _read_until(master, b"(conversation cleared)\r\nyou> ", seen, len(seen))
 
 
+def _frozen(proc) -> bool:
+    """Whether the process is stopped (state T in /proc), i.e. SIGSTOP has landed."""
+    stat = Path(f"/proc/{proc.pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] in "Tt"
+
+
+def _drain(fd: int, seen: bytearray) -> None:
+    """Read what the terminal holds into `seen`, until it has been quiet for 0.2 s."""
+    while select.select([fd], [], [], 0.2)[0]:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return
+        seen += chunk
+
+
 def test_chat_ctrl_c_stops_the_reply_not_the_chat(model_dir):
+    """Ctrl-C while a reply streams. Timing-proof: the chat is frozen (SIGSTOP) once its reply starts and its output
+    drained, so the test knows whether the reply is still running; Ctrl-C goes in while it is frozen and lands on
+    SIGCONT, mid-reply. A reply that ended before the freeze (a tiny model on a loaded machine) is asked again."""
     with chat(model_dir) as (master, seen, proc):
-        os.write(master, b"What does the king do?\n")
-        start = len(seen)
-        _read_until(master, b"bot> ", seen, start)
-        reply = seen.index(b"bot> ", start) + len(b"bot> ")
-        while len(seen) == reply:  # the first bytes of the reply are out: it is being decoded (no fixed sleep: a fast
-            seen += os.read(master, 4096)  # engine decodes the 900 tokens in well under a second)
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        assert b"you> " not in seen[reply:], "the reply ended before Ctrl-C was sent"
-        _read_until(master, b"(reply stopped", seen, start)
-        _read_until(master, b"you> ", seen, seen.index(b"(reply stopped", start))
+        for _attempt in range(5):
+            start = len(seen)
+            os.write(master, b"What does the king do?\n")
+            _read_until(master, b"bot> ", seen, start)
+            reply = seen.index(b"bot> ", start) + len(b"bot> ")
+            while len(seen) == reply:  # wait for the reply's first bytes: it is being decoded
+                seen += os.read(master, 4096)
+            proc.send_signal(signal.SIGSTOP)
+            deadline = time.monotonic() + 10
+            while not _frozen(proc):
+                assert time.monotonic() < deadline, "the chat did not stop on SIGSTOP"
+                time.sleep(0.01)
+            _drain(master, seen)
+            if b"you> " not in seen[reply:]:
+                break  # frozen mid-reply
+            proc.send_signal(signal.SIGCONT)  # the reply had ended: ask again
+        else:
+            pytest.fail("every reply ended before the chat could be frozen mid-reply")
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends; pending until the chat runs again
+        proc.send_signal(signal.SIGCONT)
+        _read_until(master, b"(reply stopped", seen, reply)
+        _read_until(master, b"you> ", seen, seen.index(b"(reply stopped", reply))
         os.write(master, b"/reset\n")
         _read_until(master, b"(conversation cleared)\r\nyou> ", seen, start)
