@@ -9,6 +9,8 @@ weights loaded by any path share one cache entry; killed exports' leftovers are 
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 
 import pytest
@@ -283,6 +285,39 @@ def test_an_edited_cached_graph_is_exported_again(exports, capsys):
     assert len(err) == 1 and err[0].startswith(f"wiola: note: the cached ONNX export {engine.folder} is not this model's "
                                                "(model.onnx changed after the export); exporting it again (about "), err
     assert onnx_backend.mismatch(engine.folder, engine.key) is None  # exported afresh
+
+
+def test_an_unchanged_cached_folder_is_not_hashed_again(exports, monkeypatch):
+    """The check of a cached folder reads each file's identity (size, times, inode) against its record, and hashes
+    only the files whose identity changed: none here."""
+    _, model = cached(exports, "all-off")
+    engine = onnx_backend.OnnxEngine(model)
+    record = json.loads((engine.folder / onnx_backend.RECORD).read_text())
+    assert set(record["identity"]) == set(record["sha256"]) and "model.onnx" in record["identity"]
+    hashed = []
+    real = onnx_backend._sha256
+    monkeypatch.setattr(onnx_backend, "_sha256", lambda path: hashed.append(path.name) or real(path))
+    assert onnx_backend.mismatch(engine.folder, engine.key) is None and hashed == []
+    (engine.folder / "wiola_onnx.json").touch()  # a new modification time: that file alone is hashed again (same bytes)
+    assert onnx_backend.mismatch(engine.folder, engine.key) is None and hashed == ["wiola_onnx.json"]
+
+
+def test_an_edit_with_its_times_set_back_is_still_caught(exports):
+    """An initializer edited in place, same size, with the file's modification time set back to the recorded one:
+    the change time moved (no program can set it back), so the file is hashed and the edit found."""
+    _, model = cached(exports, "all-off")
+    engine = onnx_backend.OnnxEngine(model)
+    graph = engine.folder / "model.onnx"
+    before = graph.stat()
+    with open(graph, "r+b") as f:  # one byte of the weights, flipped in place
+        f.seek(before.st_size // 2)
+        byte = f.read(1)[0]
+        f.seek(before.st_size // 2)
+        f.write(bytes([byte ^ 0x80]))
+    os.utime(graph, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = graph.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    assert onnx_backend.mismatch(engine.folder, engine.key) == "model.onnx changed after the export"
 
 
 def test_another_models_cached_export_is_exported_again(exports, char_tokenizer, tmp_path, capsys):

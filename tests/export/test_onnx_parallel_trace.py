@@ -1,0 +1,69 @@
+"""`wiola export --to onnx` traces its one-token body in a forked child while it traces the other
+(`to_onnx._TokenTrace`): the joined graph is the one the two traces make one after the other, and a child that
+fails costs only time."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (wiola[export]): ONNX export not tested")
+import onnx  # noqa: E402
+
+from tests.export.conftest import save_model  # noqa: E402
+from wiola import WiolaForCausalLM  # noqa: E402
+from wiola.export import to_onnx  # noqa: E402
+from wiola.export.onnx_branch import bodies  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                                reason="the parallel trace needs Linux and two cores")
+
+
+def _export(model, folder, monkeypatch, parallel: bool) -> tuple[list, int]:
+    """Export `model` with both bodies into `folder`; returns (each body's operators in order, the weights by content)
+    and how many traces this process ran."""
+    monkeypatch.setenv("WIOLA_ONNX_ONE_TOKEN_BODY", "1")
+    monkeypatch.setenv(to_onnx.PARALLEL_TRACE_ENV, "1" if parallel else "0")
+    traced = []
+    real = to_onnx.export_program
+    monkeypatch.setattr(to_onnx, "export_program", lambda m, one_token=False: traced.append(one_token) or real(m, one_token))
+    folder.mkdir()
+    to_onnx.export_onnx(model, folder / "no-tokenizer", folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "wiola_onnx.json"]  # the child's files are gone
+    graph = onnx.load(str(folder / "model.onnx"))
+    ops = [[node.op_type for node in body.node] for body in bodies(graph)]
+    weights = sorted(hashlib.sha256(init.raw_data).hexdigest() for init in graph.graph.initializer)
+    return (ops, weights), len(traced)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, char_tokenizer):
+    src = save_model(tmp_path_factory.mktemp("parallel") / "seed", char_tokenizer, "seed")
+    return WiolaForCausalLM.from_pretrained(src).eval()
+
+
+@pytest.fixture(scope="module")
+def one_by_one(model, tmp_path_factory):
+    """The graph of the two traces run in turn in this process."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        graph, traces = _export(model, tmp_path_factory.mktemp("sequential") / "onnx", monkeypatch, parallel=False)
+    assert traces == 2
+    return graph
+
+
+def test_the_forked_trace_gives_the_graph_of_two_traces_in_turn(model, one_by_one, tmp_path, monkeypatch):
+    both, traces = _export(model, tmp_path / "parallel", monkeypatch, parallel=True)
+    assert traces == 1  # the one-token body came from the child
+    assert both == one_by_one  # the same operators in each body, the same weights, stored once
+
+
+def test_a_failed_child_costs_time_not_the_export(model, one_by_one, tmp_path, monkeypatch):
+    def fail(model, path):
+        raise RuntimeError("the child fails")
+
+    monkeypatch.setattr(to_onnx, "_trace_token_body", fail)  # (the fork runs the patched function)
+    fallback, traces = _export(model, tmp_path / "fallback", monkeypatch, parallel=True)
+    assert traces == 2 and fallback == one_by_one
+    assert to_onnx.check_against_torch(model, tmp_path / "fallback") <= to_onnx.CHECK_TOLERANCE
