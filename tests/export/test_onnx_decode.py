@@ -300,6 +300,14 @@ def test_an_unchanged_cached_folder_is_not_hashed_again(exports, monkeypatch):
     assert onnx_backend.mismatch(engine.folder, engine.key) is None and hashed == []
     (engine.folder / "wiola_onnx.json").touch()  # a new modification time: that file alone is hashed again (same bytes)
     assert onnx_backend.mismatch(engine.folder, engine.key) is None and hashed == ["wiola_onnx.json"]
+    assert onnx_backend.mismatch(engine.folder, engine.key) is None and hashed == ["wiola_onnx.json"]  # its new identity kept
+    old = json.loads((engine.folder / onnx_backend.RECORD).read_text())
+    del old["identity"]  # a record from before identities were kept: every file hashed once, then recorded
+    (engine.folder / onnx_backend.RECORD).write_text(json.dumps(old))
+    hashed.clear()
+    assert onnx_backend.mismatch(engine.folder, engine.key) is None and sorted(hashed) == sorted(record["sha256"])
+    assert onnx_backend.mismatch(engine.folder, engine.key) is None and sorted(hashed) == sorted(record["sha256"])
+    assert sorted(p.name for p in engine.folder.iterdir()) == sorted([*record["sha256"], onnx_backend.RECORD])
 
 
 def test_an_edit_with_its_times_set_back_is_still_caught(exports):

@@ -148,7 +148,8 @@ def _kind(quantize: str | None) -> str:
 
 def mismatch(folder: Path, key: str, quantize: str | None = None) -> str | None:
     """Why `folder` does not hold the export of the model keyed `key` with `quantize` weights, as it was written
-    (None: it does)."""
+    (None: it does). Files whose identity is not the recorded one are hashed; when the folder passes, their
+    identities are recorded, so that the next check only reads them."""
     try:
         record = json.loads((folder / RECORD).read_text())
     except FileNotFoundError:
@@ -164,12 +165,16 @@ def mismatch(folder: Path, key: str, quantize: str | None = None) -> str | None:
     if record.get("quantize") != quantize:
         return f"it holds the {_kind(record.get('quantize'))} export, not the {_kind(quantize)} one"
     identities = record.get("identity") if isinstance(record.get("identity"), dict) else {}
+    fresh = {}  # files hashed now that did not change while hashed: their identities, for the next check
     for name, digest in hashes.items():
         try:
-            if identities.get(name) == _identity(folder / name):
+            before = _identity(folder / name)
+            if identities.get(name) == before:
                 continue  # not written, replaced or copied over since it was hashed: the same bytes
             if _sha256(folder / name) != digest:
                 return f"{name} changed after the export"
+            if _identity(folder / name) == before:
+                fresh[name] = before
         except OSError:
             return f"{name} is missing"
     try:
@@ -186,6 +191,14 @@ def mismatch(folder: Path, key: str, quantize: str | None = None) -> str | None:
 
         if blocks != BLOCK_SIZE:
             return f"its {quantize} weights are in blocks of {blocks}, not {BLOCK_SIZE}"
+    if fresh:  # (a record written before identities were kept, or a file touched since: hashed once, not again)
+        record["identity"] = {**identities, **fresh}
+        try:
+            tmp = folder / f".{RECORD}.{os.getpid()}"
+            tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, folder / RECORD)
+        except OSError:  # a read-only cache: checked by hash every time, as before
+            pass
     return None
 
 
