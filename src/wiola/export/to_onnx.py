@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -100,7 +101,6 @@ def export_program(model, one_token: bool = False):
     """The `torch.onnx.ONNXProgram` of `model`'s step (traced on a small example; every axis that varies is dynamic),
     or with `one_token` of its step on a chunk of one token (the chunk length static)."""
     import logging
-    import warnings
 
     step = OnnxStep(model).eval()
     spec = state_spec(model.config)
@@ -149,7 +149,9 @@ class _TokenTrace:
             return
         self.start = time.perf_counter()
         self.process = multiprocessing.get_context("fork").Process(target=_trace_token_body, args=(model, self.path), daemon=True)
-        self.process.start()
+        with warnings.catch_warnings():  # Python 3.12+: "this process is multi-threaded, use of fork() may lead to
+            warnings.simplefilter("ignore", DeprecationWarning)  # deadlocks in the child": `result` bounds that wait
+            self.process.start()
 
     def result(self) -> str | None:
         if self.process is None:
