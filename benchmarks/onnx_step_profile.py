@@ -14,6 +14,10 @@ interleaved, best of 3 rounds of --steps steps, and whether both decode the same
 With `--block-ab` (int8 / int4), instead: the decode step with the weights in today's blocks (`onnx_quant.BLOCK_SIZE`,
 128 where K >= 128) against the same float32 export quantized in blocks of 32 everywhere (llama.cpp's Q8_0 / Q4_0
 block), timed the same way (the tokens may differ: the weights do).
+
+With `--atm-ab`, instead: the decode step with ATM layers' keys/values updated in place (today) against the
+same session with them ping-ponging between two buffers (before), at a cache of `--capacity` slots, timed the same
+way, and whether both decode the same tokens.
 """
 import argparse, json, os, sys, time, tempfile, collections
 import torch
@@ -31,6 +35,8 @@ cli.add_argument("--threads", type=int, default=1)
 cli.add_argument("--steps", type=int, default=128)
 cli.add_argument("--format-ab", action="store_true", help="time the joined graph against its any-length body alone")
 cli.add_argument("--block-ab", action="store_true", help="time today's weight blocks against blocks of 32 (int8 / int4)")
+cli.add_argument("--atm-ab", action="store_true", help="time ATM keys/values updated in place against ping-pong")
+cli.add_argument("--capacity", type=int, default=None, help="cache slots for --atm-ab (default: prompt + steps)")
 args = cli.parse_args()
 torch.set_num_threads(args.threads)
 config = WiolaConfig.from_preset(args.preset, **parse_overrides(args.set))
@@ -40,11 +46,14 @@ ids = torch.randint(3, config.vocab_size, (1, 32), generator=torch.Generator().m
 STEPS = args.steps
 
 
-def time_pair(folders: dict, quantize) -> None:
-    """Decode steps on two exported folders, one session each, interleaved, best of 3 rounds; prints one JSON line."""
+def time_pair(folders: dict, quantize, capacity=None, ping_pong=()) -> None:
+    """Decode steps on two exported folders, one session each, interleaved, best of 3 rounds; prints one JSON line.
+    Runs named in `ping_pong` keep ATM layers' keys/values in two buffers (as before they were updated in place)."""
     from wiola.export.onnx_run import OnnxStepSession
-    runs = {name: onnx_backend.OnnxRun(OnnxStepSession(folder, threads=args.threads), 1, 32 + 4 + 3 * STEPS + 1)
+    runs = {name: onnx_backend.OnnxRun(OnnxStepSession(folder, threads=args.threads), 1, capacity or 32 + 4 + 3 * STEPS + 1)
             for name, folder in folders.items()}
+    for name in ping_pong:
+        runs[name].late = []
     tokens, best = {}, {}
     for name, run in runs.items():
         logits, seq = run.prefill(ids, None), []
@@ -89,11 +98,16 @@ def block_ab(engine, quantize):
     time_pair({"blocks of 32": small, f"blocks of {today} (32 where K < {today})": engine.folder}, quantize)
 
 
+def atm_ab(engine, quantize):
+    """Decode steps with ATM keys/values ping-ponging and updated in place (see the docstring)."""
+    time_pair({"ATM ping-pong": engine.folder, "ATM in place": engine.folder}, quantize, args.capacity, ping_pong=["ATM ping-pong"])
+
+
 for quantize in [None if q == "fp32" else q for q in args.quantize]:
     engine = onnx_backend.OnnxEngine(model, quantize)
     engine.export()
-    if args.format_ab or args.block_ab:
-        (format_ab if args.format_ab else block_ab)(engine, quantize)
+    if args.format_ab or args.block_ab or args.atm_ab:
+        (format_ab if args.format_ab else block_ab if args.block_ab else atm_ab)(engine, quantize)
         continue
     for bind in (True, False):
         onnx_backend.IO_BINDING = bind

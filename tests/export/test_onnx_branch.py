@@ -85,3 +85,61 @@ def test_graphs_with_different_interfaces_are_refused():
     other.graph.node[2].output[0] = "present.m"
     with pytest.raises(ValueError, match="differ in their inputs or outputs"):
         join(chunk_model(), other)
+
+
+def _cache_step(reader: str | None, before_write: bool = True):
+    """A one-token step over a cache `past.0.keys` [1, 4] (slot 1 written): present = ScatterElements(past, slot 1,
+    update), with the update 2·x, or, with a `reader` op, reader(past)[slot 0]·x + x (the ATM-like case: the
+    last group read, merged with the new value); `before_write` False: the reader's value feeds only the logits,
+    so it may run after the write."""
+    f, i = TensorProto.FLOAT, TensorProto.INT64
+    nodes = [helper.make_node("Constant", [], ["idx"], value=numpy_helper.from_array(np.array([[1]], np.int64)))]
+    if reader is None:
+        nodes.append(helper.make_node("Add", ["x", "x"], ["upd"]))
+        logits = "upd"
+    else:
+        nodes.append(helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array([[0]], np.int64))))
+        if reader == "GatherElements":
+            nodes.append(helper.make_node("GatherElements", ["past.0.keys", "zero"], ["old"], axis=1))
+        else:  # a Reshape: onnxruntime may hand back a view of its input
+            nodes.append(helper.make_node("Constant", [], ["shape"], value=numpy_helper.from_array(np.array([1, 4], np.int64))))
+            nodes.append(helper.make_node("Reshape", ["past.0.keys", "shape"], ["view"]))
+            nodes.append(helper.make_node("GatherElements", ["view", "zero"], ["old"], axis=1))
+        nodes.append(helper.make_node("Mul", ["old", "x"], ["merged"]))
+        nodes.append(helper.make_node("Add", ["merged", "x"], ["upd" if before_write else "logits_in"]))
+        if not before_write:
+            nodes.append(helper.make_node("Add", ["x", "x"], ["upd"]))
+        logits = "upd" if before_write else "logits_in"
+    nodes.append(helper.make_node("ScatterElements", ["past.0.keys", "idx", "upd"], ["present.0.keys"], axis=1))
+    nodes.append(helper.make_node("Identity", [logits], ["logits"]))
+    graph = helper.make_graph(nodes, "step", [helper.make_tensor_value_info("x", f, [1, 1]), helper.make_tensor_value_info("past.0.keys", f, [1, 4])],
+                              [helper.make_tensor_value_info("logits", f, [1, 1]), helper.make_tensor_value_info("present.0.keys", f, [1, 4])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+META = {"past_prefix": "past.", "present_prefix": "present.", "state": [{"name": "0.keys"}]}
+
+
+@pytest.mark.parametrize("reader, before_write, in_place", [(None, True, True), ("GatherElements", True, True),
+                                                            ("GatherElements", False, False), ("Reshape", True, False)])
+def test_a_cache_is_updated_in_place_only_when_every_other_reader_copies_it_before_the_write(reader, before_write, in_place):
+    from wiola.export.onnx_branch import in_place_names
+
+    model = _cache_step(reader, before_write)
+    assert in_place_names(model, META) == (["0.keys"] if in_place else [])
+    if not in_place:
+        return
+    # and onnxruntime agrees: the step run on one buffer bound as past and present gives the two-buffer result
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x, past = np.array([[3.0]], np.float32), np.array([[2.0, 5.0, 7.0, 0.0]], np.float32)
+    want = session.run(None, {"x": x, "past.0.keys": past.copy()})
+    buffer = past.copy()
+    value = ort.OrtValue.ortvalue_from_numpy(buffer)
+    binding = session.io_binding()
+    binding.bind_cpu_input("x", x)
+    binding.bind_ortvalue_input("past.0.keys", value)
+    binding.bind_output("logits", "cpu")
+    binding.bind_ortvalue_output("present.0.keys", value)
+    session.run_with_iobinding(binding)
+    np.testing.assert_array_equal(binding.get_outputs()[0].numpy(), want[0])
+    np.testing.assert_array_equal(buffer, want[1])

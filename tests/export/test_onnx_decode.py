@@ -90,6 +90,12 @@ def test_onnx_engine_decodes_the_torch_tokens(exports, family, monkeypatch):
     # auto, the export cached: onnxruntime from the prompt on
     auto = StaticDecoder(model, max_cache_len=CAPACITY)
     assert torch.equal(auto.generate(ids, mask, max_new_tokens=NEW, **SAMPLING), sampled) and auto.last_path == "onnx"
+    # every layer's keys/values are updated in place by the decode steps (ATM layers': from the first step after
+    # the prompt on, their prompt chunk writing the other buffer), so the tokens above came from in-place steps
+    session = onnx_backend.OnnxEngine(model).session()
+    merging = {f"{i}.{f}" for i in model.config.merge_layers for f in ("keys", "values")} if model.config.atm_threshold < 1.0 else set()
+    decode, both = onnx_backend.in_place_state(session, prefill=False), onnx_backend.in_place_state(session)
+    assert len(decode) == 2 * model.config.num_hidden_layers and set(decode) - set(both) == merging
 
 
 def counting_exports(monkeypatch) -> list:

@@ -27,10 +27,13 @@ program can set back) or its inode, and a 492 MB graph then costs a `stat` inste
 
 **Per-step overhead.** `OnnxRun` keeps the state in two preallocated sets of buffers and binds them with
 onnxruntime's IO binding, the step reading one set and writing the other (ping-pong), with the token, mask and
-logits in bound buffers too: a step allocates nothing and copies no state outside the graph. The keys/values of
-plain layers, which the graph reads only in the ScatterElements writing the new slot (`in_place_state`, recorded
-by the export), are one buffer in both sets: onnxruntime writes the slot in place instead of copying the whole
-cache into the other set every step (a cost that grows with the capacity).
+logits in bound buffers too: a step allocates nothing and copies no state outside the graph. Every layer's
+keys/values are one buffer in both sets during decode steps: the graph reads a plain layer's only in the
+ScatterElements writing the new slot, an ATM layer's one-token step also in the Gather of the last group that
+the ScatterElements waits for (`in_place_state`, recorded by the export), so onnxruntime writes the slot in place
+instead of copying the whole cache into the other set every step (a cost that grows with the capacity). An ATM
+layer's prompt chunk rewrites its compacted groups, so the prefill reads its keys/values from one buffer and
+writes them to the other, which the decode steps then update in place (`OnnxRun.home`).
 
 **When** (`choose`). `engine="auto"` (`StaticDecoder`) runs onnxruntime when this model's export is in the cache and
 onnxruntime is installed, else torch eager: it never exports, and nothing is timed. The export is made at a known
@@ -246,30 +249,47 @@ class OnnxRun:
     def _bind(self, batch: int, capacity: int) -> None:
         from onnxruntime import OrtValue
 
-        session, run = self.session, self.session.session
-        # plain layers' keys/values are one buffer in both sets, written in place (`in_place_state`): no step copies them
-        shared = in_place_state(session)
+        session = self.session
+        # keys/values the graph updates in place are one buffer in both sets: no step copies them. Plain layers' in
+        # every step (`shared`); ATM layers' in decode steps only (`late`: a prompt chunk reads one buffer and writes
+        # the other, whose buffer the decode steps then update in place, `home`)
+        shared, decode = in_place_state(session), in_place_state(session, prefill=False)
         names = [s["name"] for s in session.meta["state"]]
+        self.late = [i for i, name in enumerate(names) if name in decode and name not in shared]
         sets = [self.state, [mine if name in shared else other for name, mine, other in zip(names, self.state, session.empty_state(batch, capacity))]]
         self.token = np.zeros((batch, 1), dtype=np.int64)
-        ones = np.ones((batch, 1), dtype=np.int64)
+        self.ones = np.ones((batch, 1), dtype=np.int64)
         self.logits = [np.empty((batch, 1, session.meta["vocab_size"]), dtype=np.float32) for _ in range(2)]
         # OrtValues over the numpy buffers (no copy on CPU); kept here so that the memory outlives the bindings
         self._values = [[OrtValue.ortvalue_from_numpy(a) for a in state] for state in sets]
-        self._io = [OrtValue.ortvalue_from_numpy(self.token), OrtValue.ortvalue_from_numpy(ones)]
+        self._io = [OrtValue.ortvalue_from_numpy(self.token), OrtValue.ortvalue_from_numpy(self.ones)]
         self._out = [OrtValue.ortvalue_from_numpy(a) for a in self.logits]
-        self.bindings = []
-        for src in (0, 1):  # binding `src` reads state set src, writes set 1 - src and logits buffer 1 - src
-            binding = run.io_binding()
-            binding.bind_ortvalue_input("input_ids", self._io[0])
-            binding.bind_ortvalue_input("attention_mask", self._io[1])
-            for name, value in zip(session.inputs, self._values[src]):
-                binding.bind_ortvalue_input(name, value)
-            binding.bind_ortvalue_output("logits", self._out[1 - src])
-            for name, value in zip(session.outputs[1:], self._values[1 - src]):
-                binding.bind_ortvalue_output(name, value)
-            self.bindings.append(binding)
+        self.home = 0  # the set whose buffers hold the `late` tensors during decode steps
+        self._decode_bindings: dict[int, list] = {}
         self.current = 0  # the set holding the state
+
+    @property
+    def bindings(self) -> list:
+        """The two decode-step bindings: binding `src` reads state set src, writes set 1 - src and logits buffer
+        1 - src; the `late` tensors read and write the `home` set's buffers in both."""
+        if self.home not in self._decode_bindings:
+            run = self.session.session
+            sets = [list(values) for values in self._values]
+            for i in self.late:
+                sets[0][i] = sets[1][i] = self._values[self.home][i]
+            pair = []
+            for src in (0, 1):
+                binding = run.io_binding()
+                binding.bind_ortvalue_input("input_ids", self._io[0])
+                binding.bind_ortvalue_input("attention_mask", self._io[1])
+                for name, value in zip(self.session.inputs, sets[src]):
+                    binding.bind_ortvalue_input(name, value)
+                binding.bind_ortvalue_output("logits", self._out[1 - src])
+                for name, value in zip(self.session.outputs[1:], sets[1 - src]):
+                    binding.bind_ortvalue_output(name, value)
+                pair.append(binding)
+            self._decode_bindings[self.home] = pair
+        return self._decode_bindings[self.home]
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         mask = torch.ones_like(ids) if mask is None else mask.long()
@@ -281,13 +301,16 @@ class OnnxRun:
         binding = run.io_binding()  # a chunk of any length: its logits in a buffer onnxruntime allocates
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
-        for name, value in zip(self.session.inputs, self._values[self.current]):
+        inputs, outputs = list(self._values[self.current]), list(self._values[1 - self.current])
+        for i in self.late:  # read the home buffers, write the others (which become home)
+            inputs[i], outputs[i] = self._values[self.home][i], self._values[1 - self.home][i]
+        for name, value in zip(self.session.inputs, inputs):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
-        for name, value in zip(self.session.outputs[1:], self._values[1 - self.current]):
+        for name, value in zip(self.session.outputs[1:], outputs):
             binding.bind_ortvalue_output(name, value)
         run.run_with_iobinding(binding)
-        self.current = 1 - self.current
+        self.current, self.home = 1 - self.current, 1 - self.home
         return torch.from_numpy(binding.get_outputs()[0].numpy()[:, -1])
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:

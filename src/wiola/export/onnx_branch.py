@@ -185,28 +185,51 @@ def split(model) -> tuple:
     return tuple(out)
 
 
+COPYING_READERS = ("Gather", "GatherElements", "GatherND")  # readers whose output is a new buffer, never a view
+
+
+def _ancestors(index: int, nodes: list, made: dict) -> set[int]:
+    """The indices of the nodes that `nodes[index]` depends on (`made`: value name -> index of the node making it)."""
+    seen, stack = set(), [index]
+    while stack:
+        for name in nodes[stack.pop()].input:
+            parent = made.get(name)
+            if parent is not None and parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
+
+
 def in_place_names(model, meta: dict, prefill: bool = True) -> list[str]:
     """The keys/values state tensors (names of `meta["state"]`, the export's metadata) that a step may update in
-    place: those whose past tensor is read by exactly one node of the body that runs, the one that writes the
-    present tensor (a ScatterElements writing the new slot: it reads every element before writing it, so input and
-    output may be one buffer). Other state, ATM layers' keys/values among it (a Gather reads them too), must
-    ping-pong between two buffers. Decode steps run the one-token body; with `prefill` the any-length body runs
-    on the same buffers too (a prompt chunk) and must allow it as well."""
+    place: those whose present tensor is written by a ScatterElements over the past tensor (it reads every element
+    before writing it, so input and output may be one buffer) and whose past tensor every other node of the body
+    that runs reads before that write: a Gather that the ScatterElements depends on (its output a new buffer, made
+    before the write; an ATM layer's one-token step gathers the last group to merge it with the new token). A plain
+    layer's keys/values qualify in both bodies; an ATM layer's in the one-token body only (its any-length body
+    rewrites the compacted groups). Other state ping-pongs between two buffers. Decode steps run the one-token
+    body; with `prefill` the any-length body runs on the same buffers too (a prompt chunk) and must allow it as
+    well."""
     past, present = meta["past_prefix"], meta["present_prefix"]
     allowed = None
     for graph in bodies(model)[(0 if prefill else -1):]:
-        readers: dict[str, list] = {}
-        for node in graph.node:
+        nodes = list(graph.node)
+        readers: dict[str, list[int]] = {}
+        for i, node in enumerate(nodes):
             for name in node.input:
-                readers.setdefault(name, []).append(node)
-        made = {out: node for node in graph.node for out in node.output}
+                readers.setdefault(name, []).append(i)
+        made = {out: i for i, node in enumerate(nodes) for out in node.output}
         writer = {outer.name: made.get(inner.name) for outer, inner in zip(model.graph.output, graph.output)}  # by position
         here = []
         for s in meta["state"]:
             name = s["name"]
-            node = writer.get(present + name)
-            if name.endswith((".keys", ".values")) and node is not None and node.op_type == "ScatterElements" \
-                    and readers.get(past + name) == [node] and node.input[0] == past + name:
+            w = writer.get(present + name)
+            if not (name.endswith((".keys", ".values")) and w is not None and nodes[w].op_type == "ScatterElements"
+                    and nodes[w].input[0] == past + name):
+                continue
+            others = [r for r in readers.get(past + name, []) if r != w]
+            before = _ancestors(w, nodes, made) if others else set()
+            if all(nodes[r].op_type in COPYING_READERS and r in before for r in others):
                 here.append(name)
         allowed = here if allowed is None else [n for n in allowed if n in here]
     return allowed or []
