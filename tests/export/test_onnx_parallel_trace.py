@@ -67,3 +67,27 @@ def test_a_failed_child_costs_time_not_the_export(model, one_by_one, tmp_path, m
     fallback, traces = _export(model, tmp_path / "fallback", monkeypatch, parallel=True)
     assert traces == 2 and fallback == one_by_one
     assert to_onnx.check_against_torch(model, tmp_path / "fallback") <= to_onnx.CHECK_TOLERANCE
+
+
+def test_a_failed_export_ends_its_child(model, tmp_path, monkeypatch):
+    """The any-length trace fails while the child still traces: the export raises, and the child is ended with it
+    (not left to trace for nothing)."""
+    started = []
+    real = to_onnx._TokenTrace.__init__
+
+    def init(self, *args):
+        real(self, *args)
+        started.append(self)
+
+    def fail(model, one_token=False):
+        raise RuntimeError("the trace fails")
+
+    monkeypatch.setenv("WIOLA_ONNX_ONE_TOKEN_BODY", "1")
+    monkeypatch.setenv(to_onnx.PARALLEL_TRACE_ENV, "1")
+    monkeypatch.setattr(to_onnx._TokenTrace, "__init__", init)
+    monkeypatch.setattr(to_onnx, "export_program", fail)
+    monkeypatch.setattr(to_onnx, "_trace_token_body", lambda model, path: __import__("time").sleep(120))  # a child still at work
+    with pytest.raises(RuntimeError, match="the trace fails"):
+        to_onnx.export_onnx(model, tmp_path / "no-tokenizer", tmp_path)
+    assert len(started) == 1 and started[0].process is not None and not started[0].process.is_alive()
+    assert list(tmp_path.iterdir()) == []  # nothing left of the child's work

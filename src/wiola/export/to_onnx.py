@@ -164,6 +164,12 @@ class _TokenTrace:
         ok = self.process.exitcode == 0 and os.path.isfile(self.path)
         return self.path if ok else None
 
+    def stop(self) -> None:
+        """End the child if it still runs."""
+        if self.process is not None and self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
 
 def save_graph(chunk_program, token_program, path: Path, meta: dict | None = None) -> dict[str, int]:
     """Write the two exported programs (any chunk, one token) to `path` as one graph (`onnx_branch.join`), each with
@@ -231,8 +237,12 @@ def export_onnx(model, model_dir: Path, folder: Path, quantize: str | None = Non
     if one_token_body():
         with tempfile.TemporaryDirectory(prefix=".trace-", dir=folder) as work:
             child = _TokenTrace(model, Path(work))
-            chunk = export_program(model)
-            save_graph(chunk, child.result() or export_program(model, one_token=True), folder / GRAPH, meta)
+            try:
+                chunk = export_program(model)
+                token = child.result() or export_program(model, one_token=True)
+            finally:
+                child.stop()  # (this trace failed or was interrupted: the child has nothing left to do)
+            save_graph(chunk, token, folder / GRAPH, meta)
     else:
         save_graph(export_program(model), None, folder / GRAPH, meta)
     (folder / METADATA).write_text(json.dumps(meta, indent=1) + "\n")
