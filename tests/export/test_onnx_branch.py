@@ -92,7 +92,7 @@ def _cache_step(reader: str | None, before_write: bool = True):
     update), with the update 2·x, or, with a `reader` op, reader(past)[slot 0]·x + x (the ATM-like case: the
     last group read, merged with the new value); `before_write` False: the reader's value feeds only the logits,
     so it may run after the write."""
-    f, i = TensorProto.FLOAT, TensorProto.INT64
+    f = TensorProto.FLOAT
     nodes = [helper.make_node("Constant", [], ["idx"], value=numpy_helper.from_array(np.array([[1]], np.int64)))]
     if reader is None:
         nodes.append(helper.make_node("Add", ["x", "x"], ["upd"]))

@@ -141,8 +141,14 @@ def seal(folder: Path, key: str, quantize: str | None = None) -> None:
     file's identity (`_identity`) when hashed."""
     files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name != RECORD]
     hashes = {p.name: _sha256(p) for p in files}
-    record = {"key": key, "quantize": quantize, "sha256": hashes, "identity": {p.name: _identity(p) for p in files}}
-    (folder / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    _write_record(folder, {"key": key, "quantize": quantize, "sha256": hashes, "identity": {p.name: _identity(p) for p in files}})
+
+
+def _write_record(folder: Path, record: dict) -> None:
+    """Write `RECORD` atomically (a reader sees the old record or the new one)."""
+    tmp = folder / f".{RECORD}.{os.getpid()}"
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, folder / RECORD)
 
 
 def _kind(quantize: str | None) -> str:
@@ -195,11 +201,8 @@ def mismatch(folder: Path, key: str, quantize: str | None = None) -> str | None:
         if blocks != BLOCK_SIZE:
             return f"its {quantize} weights are in blocks of {blocks}, not {BLOCK_SIZE}"
     if fresh:  # (a record written before identities were kept, or a file touched since: hashed once, not again)
-        record["identity"] = {**identities, **fresh}
         try:
-            tmp = folder / f".{RECORD}.{os.getpid()}"
-            tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-            os.replace(tmp, folder / RECORD)
+            _write_record(folder, {**record, "identity": {**identities, **fresh}})
         except OSError:  # a read-only cache: checked by hash every time, as before
             pass
     return None
@@ -258,11 +261,11 @@ class OnnxRun:
         self.late = [i for i, name in enumerate(names) if name in decode and name not in shared]
         sets = [self.state, [mine if name in shared else other for name, mine, other in zip(names, self.state, session.empty_state(batch, capacity))]]
         self.token = np.zeros((batch, 1), dtype=np.int64)
-        self.ones = np.ones((batch, 1), dtype=np.int64)
+        ones = np.ones((batch, 1), dtype=np.int64)
         self.logits = [np.empty((batch, 1, session.meta["vocab_size"]), dtype=np.float32) for _ in range(2)]
         # OrtValues over the numpy buffers (no copy on CPU); kept here so that the memory outlives the bindings
         self._values = [[OrtValue.ortvalue_from_numpy(a) for a in state] for state in sets]
-        self._io = [OrtValue.ortvalue_from_numpy(self.token), OrtValue.ortvalue_from_numpy(self.ones)]
+        self._io = [OrtValue.ortvalue_from_numpy(self.token), OrtValue.ortvalue_from_numpy(ones)]
         self._out = [OrtValue.ortvalue_from_numpy(a) for a in self.logits]
         self.home = 0  # the set whose buffers hold the `late` tensors during decode steps
         self._decode_bindings: dict[int, list] = {}

@@ -158,9 +158,7 @@ class _TokenTrace:
             return None
         # the child's trace is shorter than the caller's; past twice the caller's time (plus a minute) it is stuck
         self.process.join(timeout=60 + 2 * (time.perf_counter() - self.start))
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
+        self.stop()
         ok = self.process.exitcode == 0 and os.path.isfile(self.path)
         return self.path if ok else None
 
@@ -183,14 +181,13 @@ def save_graph(chunk_program, token_program, path: Path, meta: dict | None = Non
 
     bodies = []
     for program in [p for p in (chunk_program, token_program) if p is not None]:
-        if isinstance(program, str):
+        if isinstance(program, str):  # saved by the forked child (`_TokenTrace`)
             body = onnx.load(program)
-            bodies.append((body, fuse(body)))
-            continue
-        program.save(str(path))  # (weights past 2 GB go to a .data file: onnx.load reads them back)
-        body = onnx.load(str(path))
+        else:
+            program.save(str(path))  # (weights past 2 GB go to a .data file: onnx.load reads them back)
+            body = onnx.load(str(path))
+            Path(str(path) + ".data").unlink(missing_ok=True)
         bodies.append((body, fuse(body)))
-        Path(str(path) + ".data").unlink(missing_ok=True)
     model = join(bodies[0][0], bodies[1][0]) if len(bodies) == 2 else bodies[0][0]
     counts = dict(bodies[0][1])
     if meta is not None:  # what a step may update in place (`onnx_branch.in_place_names`), recorded for the runtimes
