@@ -14,6 +14,9 @@ prompt, greedy tokens/s of
   (`quantize`, onnxruntime's MatMulNBits, `wiola.export.onnx_quant`; `wiola generate --quantize int8|int4`),
   the state in IO-bound buffers; one decoder per row (session loaded once), its one-off export (and
   quantization) in the untimed warm-up run and reported;
+- the same ONNX engine (float32, int8, int4) on the LLaMA twin built as a Wiola model with every component off
+  (`llama_baseline`, the same parameter budget; random weights): set against the Wiola rows and llama.cpp's, it splits
+  the gap into what the engine costs and what Wiola's components cost in it;
 - transformers' `generate()` of the same-shape `LlamaForCausalLM` (`wiola.bench.llama_twin`);
 - CTranslate2 fp32 and int8 of that LLaMA twin (converted here; skipped with a message without
   ctranslate2);
@@ -51,7 +54,7 @@ from pathlib import Path
 import torch
 
 from wiola.bench import llama_twin
-from wiola.configuration_wiola import WiolaConfig
+from wiola.configuration_wiola import WiolaConfig, llama_baseline
 from wiola.decode import StaticDecoder
 from wiola.generate import cache_slots
 from wiola.quantize import torchao_available
@@ -157,11 +160,19 @@ def measure_shape(name: str, config: WiolaConfig, batch: int, prompt_len: int, n
 
             seconds, out = timed(steady, rounds, warmup=False)
             add("wiola generate default (auto)", seconds, out[:, prompt_len:], path=last["decoder"].last_path, export_s=export_s)
-        for engine, quantize in (("wiola onnx", None), ("wiola onnx int8", "int8"), ("wiola onnx int4", "int4")):
+        twin_model = None
+        for engine, quantize in (("wiola onnx", None), ("wiola onnx int8", "int8"), ("wiola onnx int4", "int4"),
+                                 ("llama twin onnx", None), ("llama twin onnx int8", "int8"), ("llama twin onnx int4", "int4")):
             if engine not in engines:
                 continue
+            runs = model
+            if engine.startswith("llama twin"):  # the same engine on the LLaMA twin: what Wiola's components cost in it
+                if twin_model is None:
+                    torch.manual_seed(0)
+                    twin_model = WiolaForCausalLM(llama_baseline(config)).eval()
+                runs = twin_model
             try:
-                decoder = StaticDecoder(model, max_cache_len=slots, engine="onnx", quantize=quantize)
+                decoder = StaticDecoder(runs, max_cache_len=slots, engine="onnx", quantize=quantize)
             except Exception as exc:  # int4 without onnxruntime
                 add(engine, None, skipped=f"skipped: {exc}")
                 continue
@@ -172,7 +183,8 @@ def measure_shape(name: str, config: WiolaConfig, batch: int, prompt_len: int, n
             decoder.generate(ids, max_new_tokens=new_tokens)  # warm-up: the export (once per shape) and quantization
             warm = time.perf_counter() - start
             seconds, out = timed(lambda: decoder.generate(ids, max_new_tokens=new_tokens), rounds, warmup=False)
-            add(engine, seconds, out[:, prompt_len:], path=decoder.last_path, warmup_s=warm,
+            add(engine, seconds, None if runs is not model else out[:, prompt_len:], path=decoder.last_path, warmup_s=warm,
+                params=sum(p.numel() for p in runs.parameters()),
                 export_s=decoder.onnx.export_s if decoder.onnx is not None else None)
             del decoder
         torch.manual_seed(0)
@@ -300,7 +312,7 @@ def report(rows: list[dict]) -> str:
 
 
 ENGINES = ["wiola eager", "wiola compiled", "wiola int8 eager", "wiola int8 compiled", "wiola default", "wiola onnx",
-           "wiola onnx int8", "wiola onnx int4", "hf generate",
+           "wiola onnx int8", "wiola onnx int4", "llama twin onnx", "llama twin onnx int8", "llama twin onnx int4", "hf generate",
            "ct2 float32", "ct2 int8", "onnxruntime", "llama.cpp f32", "llama.cpp q8_0", "llama.cpp q4_0"]
 
 

@@ -164,7 +164,7 @@ def test_cpu_engines_benchmark_runs_and_reports_ratios(capsys):
     bench = importlib.util.module_from_spec(spec)
     sys.modules["cpu_engines"] = bench
     spec.loader.exec_module(bench)
-    engines = ["wiola eager", "wiola int8 eager", "wiola default", "ct2 int8", "onnxruntime"]
+    engines = ["wiola eager", "wiola int8 eager", "wiola default", "ct2 int8", "onnxruntime", "wiola onnx", "llama twin onnx"]
     rows = bench.main(["--tiny", "--threads", str(torch.get_num_threads()), "--engines", *engines])
     printed = capsys.readouterr().out
     assert "| tiny | 1 | wiola eager |" in printed
@@ -172,6 +172,10 @@ def test_cpu_engines_benchmark_runs_and_reports_ratios(capsys):
         onnx = next(r for r in rows if r["engine"].startswith("onnxruntime") and r["batch"] == 1)
         eager = next(r for r in rows if r["engine"] == "wiola eager" and r["batch"] == 1)
         assert onnx["tokens_per_s"] > 0 and onnx["tokens"] == eager["tokens"]
+        # the same engine on the LLaMA twin (every component off, the same parameter budget): its own row, its own tokens
+        ours, twin = (next(r for r in rows if r["engine"] == name and r["batch"] == 1) for name in ("wiola onnx", "llama twin onnx"))
+        assert twin["tokens_per_s"] > 0 and twin["path"] == "onnx" and twin["tokens"] is None
+        assert abs(twin["params"] - ours["params"]) <= 0.02 * ours["params"]
     first = next(r for r in rows if r["engine"].startswith("wiola generate first run") and r["batch"] == 1)
     assert first["path"] == "eager"  # nothing cached: torch eager
     if importlib.util.find_spec("onnxruntime") is not None:  # the export cached: auto runs onnxruntime
