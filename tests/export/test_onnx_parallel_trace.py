@@ -91,3 +91,43 @@ def test_a_failed_export_ends_its_child(model, tmp_path, monkeypatch):
         to_onnx.export_onnx(model, tmp_path / "no-tokenizer", tmp_path)
     assert len(started) == 1 and started[0].process is not None and not started[0].process.is_alive()
     assert list(tmp_path.iterdir()) == []  # nothing left of the child's work
+
+
+def test_an_onnxruntime_session_left_for_the_collector_does_not_stall_the_child(model, one_by_one, tmp_path, monkeypatch):
+    """A process that ran an onnxruntime session and dropped it (in a reference cycle, so only the garbage collector
+    frees it) then exports: a collection in the forked child must not free it (its destructor would wait forever on
+    thread-pool threads the fork did not copy; the export would wait out the child's timeout, then trace again)."""
+    import gc
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2  # (a thread pool of its own)
+    session = ort.InferenceSession(helper.make_model(graph).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.run(None, {"x": np.ones(4, np.float32)})
+    time.sleep(0.5)  # (its worker stops spinning and waits)
+    cycle = [session]
+    cycle.append(cycle)
+    del session, cycle
+    real = to_onnx.export_program
+
+    def collecting(m, one_token=False):
+        if one_token:  # in the child: the collection a long trace runs sooner or later
+            gc.collect()
+        return real(m, one_token)
+
+    monkeypatch.setattr(to_onnx, "export_program", collecting)
+    monkeypatch.setattr(to_onnx._TokenTrace, "result", lambda self, wait=to_onnx._TokenTrace.result: (  # no minute's grace
+        self.process.join(timeout=60) if self.process is not None else None) or wait(self))
+    gc.disable()  # (the session stays uncollected here until the fork; an explicit collect still runs in the child)
+    try:
+        both, traces = _export(model, tmp_path / "after-a-session", monkeypatch, parallel=True)
+    finally:
+        gc.enable()
+        gc.collect()
+    assert traces == 1 and both == one_by_one  # the child's trace was used

@@ -22,6 +22,7 @@ checked against PyTorch's.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -129,6 +130,11 @@ PARALLEL_TRACE_ENV = "WIOLA_ONNX_PARALLEL_TRACE"  # "0": trace the two bodies on
 
 def _trace_token_body(model, path: str) -> None:
     """The forked child of `_TokenTrace`: trace the one-token step and save its program to `path`."""
+    # What the parent left for its garbage collector must not be freed here: an onnxruntime session's destructor
+    # waits for its thread pool's threads, which a fork does not copy, so it would wait forever (a process that had
+    # run a session and dropped it, as `wiola serve` or a benchmark does). gc.freeze() keeps every inherited object
+    # out of this process's collections; what the trace makes is still collected.
+    gc.freeze()
     torch.set_num_threads(1)  # (as DataLoader workers do: the parent's thread pool does not survive a fork)
     export_program(model, one_token=True).save(path)
 
