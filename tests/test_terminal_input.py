@@ -83,28 +83,29 @@ def _drain(fd: int, seen: bytearray) -> None:
 
 
 def test_chat_ctrl_c_stops_the_reply_not_the_chat(model_dir):
-    """Ctrl-C while a reply streams. Timing-proof: the chat is frozen (SIGSTOP) once its reply starts and its output
-    drained, so the test knows whether the reply is still running; Ctrl-C goes in while it is frozen and lands on
-    SIGCONT, mid-reply. A reply that ended before the freeze (a tiny model on a loaded machine) is asked again."""
+    """Ctrl-C while a reply is decoded. Timing-proof: the chat is frozen (SIGSTOP) as soon as "bot> " shows and its
+    output drained. With nothing of the reply printed yet, it is still inside the reply's `generate` (which prints the
+    reply's text itself, word by word or, for text without spaces, all at the end), so Ctrl-C goes in while it is
+    frozen and lands on SIGCONT, mid-reply. When some of the reply had been printed (it may have ended), that reply
+    is let finish and the question asked again."""
     with chat(model_dir) as (master, seen, proc):
-        for _attempt in range(5):
+        for _attempt in range(10):
             start = len(seen)
             os.write(master, b"What does the king do?\n")
             _read_until(master, b"bot> ", seen, start)
             reply = seen.index(b"bot> ", start) + len(b"bot> ")
-            while len(seen) == reply:  # wait for the reply's first bytes: it is being decoded
-                seen += os.read(master, 4096)
             proc.send_signal(signal.SIGSTOP)
             deadline = time.monotonic() + 10
             while not _frozen(proc):
                 assert time.monotonic() < deadline, "the chat did not stop on SIGSTOP"
                 time.sleep(0.01)
             _drain(master, seen)
-            if b"you> " not in seen[reply:]:
-                break  # frozen mid-reply
-            proc.send_signal(signal.SIGCONT)  # the reply had ended: ask again
+            if not seen[reply:]:
+                break  # frozen before any of the reply was printed: inside its generate
+            proc.send_signal(signal.SIGCONT)  # let this reply end, then ask again
+            _read_until(master, b"you> ", seen, reply)
         else:
-            pytest.fail("every reply ended before the chat could be frozen mid-reply")
+            pytest.fail("the chat could not be frozen before its reply printed")
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends; pending until the chat runs again
         proc.send_signal(signal.SIGCONT)
         _read_until(master, b"(reply stopped", seen, reply)

@@ -147,9 +147,9 @@ def chat_command(
             print(f"(the {dropped} oldest message(s) no longer fit the context and are left out)", flush=True)
         ids = ids.to(dev)
         new = min(max_new_tokens, context - ids.shape[1])
-        print(BOT_PROMPT, end="", flush=True)
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        try:
+        try:  # (from the reply's prompt on: a Ctrl-C as soon as "bot> " shows stops this reply too)
+            print(BOT_PROMPT, end="", flush=True)
+            streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
             if decoder is not None:
                 out = decoder.generate(ids, max_new_tokens=new, do_sample=do_sample, temperature=temperature, top_k=top_k or None,
                                        top_p=top_p, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, seed=seed + turn,
