@@ -35,13 +35,20 @@ def test_generate_refuses_a_prompt_that_is_not_utf8_in_one_line(model_dir, capsy
     assert "not valid UTF-8 text (a lone surrogate U+D800 at character 1)" in capsys.readouterr().err
 
 
+# `python -m wiola` as a terminal's foreground program runs it: Ctrl-C at its default. A test run started in the
+# background (`cmd &`, nohup, a CI runner) ignores SIGINT, its children inherit that, and Python then installs no
+# KeyboardInterrupt handler: the chat would never see the Ctrl-C these tests send.
+FOREGROUND = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "sys.argv[0] = 'wiola'; runpy.run_module('wiola', run_name='__main__', alter_sys=True)")
+
+
 @contextlib.contextmanager
 def chat(model_dir):
     """(terminal fd, bytes seen) of `wiola chat` (greedy, 900-token replies) on a pseudo-terminal, at its first prompt;
     on leaving, Ctrl-D must end it with status 0 and no traceback."""
     master, slave = pty.openpty()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "wiola", "chat", str(model_dir), "--greedy", "--device", "cpu",
+    proc = subprocess.Popen([sys.executable, "-c", FOREGROUND, "chat", str(model_dir), "--greedy", "--device", "cpu",
                              "--max-new-tokens", "900"], stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
     os.close(slave)
     seen = bytearray()
