@@ -140,15 +140,13 @@ class WiolaAttention(nn.Module):
     def _context(self, q: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """GCLA: per head, softmax over the ≤Λ layer summaries with the rotated query."""
         b, t, n, _ = context.shape
-        if t == 1:  # decoding: the same sums as two batched matmuls (onnxruntime runs a MatMul ~3× faster than an Einsum)
-            kc = self.k_ctx_proj(context).view(b, n, self.num_kv_heads, self.head_dim).to(q.dtype)
-            vc = self.v_ctx_proj(context).view(b, n, self.num_kv_heads, self.head_dim).to(q.dtype)
-            qg = q.reshape(b, self.num_kv_heads, self.n_rep, self.head_dim)
-            scores = torch.matmul(qg, kc.permute(0, 2, 3, 1)) * self.head_dim**-0.5  # [B, G, R, N]
-            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-            return torch.matmul(probs, vc.transpose(1, 2)).reshape(b, self.num_heads, 1, self.head_dim)
         kc = self.k_ctx_proj(context).view(b, t, n, self.num_kv_heads, self.head_dim).to(q.dtype)
         vc = self.v_ctx_proj(context).view(b, t, n, self.num_kv_heads, self.head_dim).to(q.dtype)
+        if t == 1:  # decoding: the same sums as two batched matmuls (onnxruntime runs a MatMul ~3× faster than an Einsum)
+            qg = q.reshape(b, self.num_kv_heads, self.n_rep, self.head_dim)
+            scores = torch.matmul(qg, kc[:, 0].permute(0, 2, 3, 1)) * self.head_dim**-0.5  # [B, G, R, N]
+            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+            return torch.matmul(probs, vc[:, 0].transpose(1, 2)).reshape(b, self.num_heads, 1, self.head_dim)
         # query head h = g·n_rep + r reads kv head g: group the queries instead of repeating the keys
         qg = q.view(b, self.num_kv_heads, self.n_rep, t, self.head_dim)
         scores = torch.einsum("bgrtd,btngd->bgrtn", qg, kc) * self.head_dim**-0.5
