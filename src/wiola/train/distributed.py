@@ -12,12 +12,16 @@ waits at most `--dist-timeout` seconds (the process group's timeout, for gloo an
 `peer_failures` turns the backend's error into one line that names the checkpoint to resume from.
 A peer whose connection closes (a killed process, a rebooted node) fails the next collective at once;
 one that just stops answering (a frozen or cut-off node) fails it after the timeout.
+A process that dies in native code (a segfault, an abort from the C heap) prints its Python stack first
+(`faulthandler`), so that the launcher's "Signal 6 received by PID ..." comes with the line it died on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -83,6 +87,8 @@ def setup(device_name: str = "auto", timeout_s: float = 1800.0) -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
     if world_size > 1:
+        if not faulthandler.is_enabled():  # a native crash of one rank names its Python line (on this rank's stderr)
+            faulthandler.enable(file=sys.stderr, all_threads=True)
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
