@@ -7,6 +7,9 @@ the Python around it; then the graph's node count after onnxruntime's optimizati
     OMP_NUM_THREADS=1 python benchmarks/onnx_step_profile.py
     OMP_NUM_THREADS=1 python benchmarks/onnx_step_profile.py --preset wiola-120m --set vocab_size=8192 --quantize int4
 
+With `--twin`, the same on the preset's LLaMA twin (every Wiola component off, the same parameter budget): run
+both to split a step's time into the engine's and the components'.
+
 With `--format-ab`, instead: the decode step on the export (graph format 3: the one-token body under an `If`)
 against the same export's any-length body alone (what graph format 2 ran for every step), on one session each,
 interleaved, best of 3 rounds of --steps steps, and whether both decode the same tokens.
@@ -36,10 +39,15 @@ cli.add_argument("--steps", type=int, default=128)
 cli.add_argument("--format-ab", action="store_true", help="time the joined graph against its any-length body alone")
 cli.add_argument("--block-ab", action="store_true", help="time today's weight blocks against blocks of 32 (int8 / int4)")
 cli.add_argument("--atm-ab", action="store_true", help="time ATM keys/values updated in place against ping-pong")
+cli.add_argument("--twin", action="store_true", help="profile the preset's LLaMA twin (every component off, the same "
+                 "parameter budget: `llama_baseline`) instead of the preset itself")
 cli.add_argument("--capacity", type=int, default=None, help="cache slots for --atm-ab (default: prompt + steps)")
 args = cli.parse_args()
 torch.set_num_threads(args.threads)
 config = WiolaConfig.from_preset(args.preset, **parse_overrides(args.set))
+if args.twin:
+    from wiola.configuration_wiola import llama_baseline
+    config = llama_baseline(config)
 torch.manual_seed(0)
 model = WiolaForCausalLM(config).eval()
 ids = torch.randint(3, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))

@@ -20,6 +20,7 @@ from tests.export.test_onnx import prompts
 from tests.train.tinyrun import FAMILIES
 from wiola import WiolaForCausalLM
 from wiola.decode import onnx_backend
+from wiola.export import to_onnx
 from wiola.cli import main
 from wiola.errors import WiolaError
 from wiola.decode import StaticDecoder
@@ -176,6 +177,36 @@ def test_export_command_fills_the_cache_for_the_next_generate(exports, monkeypat
     monkeypatch.setattr(onnx_backend.OnnxEngine, "start", lambda self, *a: starts.append(self.name) or real_start(self, *a))
     assert main(args) == 0
     assert capsys.readouterr().out == torch_text and starts == [engine.key] and calls == []
+
+
+def test_export_of_a_cached_model_copies_the_cache_and_checks_it(exports, monkeypatch, private_cache, tmp_path, capsys):
+    """With the model's export in the engine cache (as `wiola train` leaves it), `wiola export --to onnx` copies it
+    (no trace), checks it against PyTorch and adds the tokenizer; a cached graph edited since is exported again."""
+    from wiola.export.onnx_run import onnx_generate
+
+    src, _ = exports("paper")
+    assert main(["export", str(src), str(tmp_path / "first"), "--to", "onnx"]) == 0  # traced; fills the cache
+    capsys.readouterr()
+    calls, traces = counting_exports(monkeypatch), []
+    real = to_onnx.export_onnx
+    monkeypatch.setattr(to_onnx, "export_onnx", lambda *a, **k: traces.append(1) or real(*a, **k))
+    assert main(["export", str(src), str(tmp_path / "again"), "--to", "onnx"]) == 0
+    out = capsys.readouterr().out
+    model = WiolaForCausalLM.from_pretrained(src).eval()
+    engine = onnx_backend.OnnxEngine(model)
+    assert f"copied from the ONNX engine's cache ({engine.folder}" in out and "onnxruntime agrees with PyTorch to" in out
+    assert traces == [] and calls == []
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in first.iterdir())
+    assert [p.name for p in first.iterdir() if (again / p.name).read_bytes() != p.read_bytes()] == [".wiola-convert.json"]  # (its paths)
+    ids = prompts()[0]
+    expected = StaticDecoder(model, max_cache_len=CAPACITY, engine="torch").generate(ids, max_new_tokens=NEW)
+    assert torch.equal(torch.as_tensor(onnx_generate(again, ids, max_new_tokens=NEW)), expected[:, ids.shape[1]:])
+    # a cached graph changed after the export fails the cache's check: removed, and traced again
+    graph = engine.folder / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:-8] + bytes(8))
+    assert main(["export", str(src), str(tmp_path / "third"), "--to", "onnx"]) == 0
+    assert traces == [1] and "copied from" not in capsys.readouterr().out
 
 
 def test_missing_onnxruntime_or_failed_export_falls_back_to_torch(exports, monkeypatch, capsys):

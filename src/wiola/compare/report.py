@@ -60,8 +60,8 @@ def entrant_notes(entrants: list[dict[str, Any]]) -> list[str]:
 
 
 def write_reports(*, spec: Spec, out: Path, data_dir: Path, manifest: dict[str, Any], options: dict[str, Any],
-                  entrants: list[Entrant]) -> None:
-    """results.json, results.md and val_loss.png from the finished entrants (in spec order)."""
+                  entrants: list[Entrant], plot: bool = True) -> None:
+    """results.json, results.md and (with `plot`) val_loss.png from the finished entrants (in spec order)."""
     rows, pending = [], []
     for e in entrants:
         row = _read_json(out / "runs" / e.slug / "result.json")
@@ -78,7 +78,8 @@ def write_reports(*, spec: Spec, out: Path, data_dir: Path, manifest: dict[str, 
     }
     _write_json(out / "results.json", summary)
     (out / "results.md").write_text(markdown_report(summary), encoding="utf-8")
-    plot_val_curves(rows, out / "val_loss.png")
+    if plot:
+        plot_val_curves(rows, out / "val_loss.png")
 
 
 def _fmt(value: Any, spec: str = ",.0f", none: str = "–") -> str:

@@ -6,7 +6,8 @@
   function over explicit state (`wiola.export.onnx_step`), run with onnxruntime by `wiola.export.onnx_run`;
   `--quantize int8|int4` gives its large MatMuls block-wise weights (`wiola.export.onnx_quant`). The folder is also
   placed into the ONNX engine's cache (`wiola.decode.onnx_backend`), so the next `wiola generate` on CPU runs it
-  (`--no-engine-cache`: not).
+  (`--no-engine-cache`: not). When the cache already holds this model's export (the end of `wiola train` puts it
+  there), that export is copied instead of traced again, and checked against PyTorch all the same.
 * `--to gguf` (`wiola.export.gguf`): the models `--to llama` takes, as one GGUF file for llama.cpp
   (`--gguf-type f32|f16|q8_0|q4_0`, default f16), with a tokenizer description under which llama.cpp tokenizes as
   we do; `wiola.export.llama_cpp` finds a llama.cpp build to run it with.
@@ -64,6 +65,7 @@ def export_model(model_dir: str | Path, out: str | Path, to: str, force: bool = 
     model, _, src = load_for_inference(src, torch.device("cpu"))
     if getattr(model.config, "model_type", None) != "wiola":
         raise WiolaError(f"{src} holds a {model.config.model_type!r} model, not a Wiola one")
+    cached = None  # --to onnx: the engine cache's folder of this very export, when it has one
     if to in ("llama", "gguf"):
         from wiola.export.llama import export_llama, llama_blockers
 
@@ -80,7 +82,11 @@ def export_model(model_dir: str | Path, out: str | Path, to: str, force: bool = 
     else:
         from wiola.export.to_onnx import export_onnx
 
+        cached = cached_onnx_export(model, quantize)
+
         def write_to(model, src, folder):
+            if cached is not None:  # this model's export is in the engine's cache (`wiola train` put it there, say)
+                return copy_onnx_export(model, src, cached, folder)
             return export_onnx(model, src, folder, quantize=quantize)
     notes: list[str] = []
 
@@ -91,11 +97,53 @@ def export_model(model_dir: str | Path, out: str | Path, to: str, force: bool = 
     with DirLock(dst.parent / f".{dst.name}.wiola.lock", "wiola export"):
         _check_destination(src, dst, force)
         written = write_destination(dst, write)
-    if to == "onnx" and engine_cache:
+    if to == "onnx" and engine_cache and cached is None:
         notes.append(place_in_engine_cache(model, dst, quantize))
     if not quiet:
         print(f"Exported {src} to {dst} ({to}): " + "; ".join(notes) + ".")
     return written
+
+
+def cached_onnx_export(model, quantize: str | None) -> Path | None:
+    """The ONNX engine's cache folder holding `model`'s export with `quantize` weights, verified against the
+    model's key (weights, config, exporter) and the files' recorded hashes; None when there is none."""
+    import json
+
+    try:
+        from wiola.decode.onnx_backend import OnnxEngine
+        from wiola.export.to_onnx import METADATA, graph_format
+
+        engine = OnnxEngine(model, quantize)
+        if not engine.cached():
+            return None
+        # the graph this exporter writes now (WIOLA_ONNX_ONE_TOKEN_BODY=0: the any-length body alone)
+        return engine.folder if json.loads((engine.folder / METADATA).read_text()).get("format") == graph_format() else None
+    except Exception:  # noqa: BLE001 - an unreadable cache: export from the model instead
+        return None
+
+
+def copy_onnx_export(model, model_dir: Path, cached: Path, folder: Path) -> list[str]:
+    """`wiola export --to onnx` from the engine's cache: its graph and metadata copied into `folder`, the
+    tokenizer files from `model_dir`, and onnxruntime checked against PyTorch on the copy (as after an export)."""
+    import shutil
+
+    from wiola.convert import TOKENIZER_FILES
+    from wiola.decode.onnx_backend import RECORD
+    from wiola.export.onnx_quant import quantized_kind
+    from wiola.export.to_onnx import CHECK_TOLERANCE, check_against_torch
+
+    for item in sorted(cached.iterdir()):
+        if item.is_file() and not item.is_symlink() and item.name != RECORD:
+            shutil.copyfile(item, folder / item.name)
+    diff = check_against_torch(model, folder, relative=quantized_kind(folder) is not None)
+    if quantized_kind(folder) is None and not diff <= CHECK_TOLERANCE:
+        raise WiolaError(f"the cached export's logits differ from PyTorch's by {diff:.3g}; remove {cached} and export again")
+    copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file() and not (model_dir / name).is_symlink()]
+    for name in copied:
+        shutil.copyfile(model_dir / name, folder / name)
+    agree = f"logits within {diff:.1%} of PyTorch's float32" if quantized_kind(folder) else f"onnxruntime agrees with PyTorch to {diff:.1e}"
+    return [f"copied from the ONNX engine's cache ({cached}: this model's export, verified by its key); {agree} on the export check",
+            f"tokenizer files: {', '.join(copied)}" if copied else "no tokenizer files found to copy"]
 
 
 def place_in_engine_cache(model, folder: Path, quantize: str | None) -> str:
