@@ -22,7 +22,10 @@ from pathlib import Path
 
 import torch
 
-os.environ.setdefault("WIOLA_ONNX_CACHE", tempfile.mkdtemp())  # (a cache of your own: its exports are reused)
+if "WIOLA_ONNX_CACHE" not in os.environ:  # this run's own ONNX cache, removed at exit (a 120M export is ~1 GB);
+    import atexit, shutil  # set WIOLA_ONNX_CACHE to a folder of your own to keep the exports and reuse them
+    os.environ["WIOLA_ONNX_CACHE"] = tempfile.mkdtemp(prefix="wiola-bench-onnx-")
+    atexit.register(shutil.rmtree, os.environ["WIOLA_ONNX_CACHE"], True)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_engines import cpu_model  # noqa: E402
 

@@ -24,7 +24,11 @@ way, and whether both decode the same tokens.
 """
 import argparse, json, os, sys, time, tempfile, collections
 import torch
-os.environ.setdefault("WIOLA_ONNX_CACHE", tempfile.mkdtemp())  # (a cache of your own: its exports are reused)
+import atexit, shutil
+tempfile.tempdir = tempfile.mkdtemp(prefix="wiola-bench-")  # every temporary file of this run, removed at exit (a 120M
+atexit.register(shutil.rmtree, tempfile.tempdir, True)  # export and its optimized copy are ~1 GB each)
+# the run's own ONNX cache; set WIOLA_ONNX_CACHE to a folder of your own to keep the exports and reuse them
+os.environ.setdefault("WIOLA_ONNX_CACHE", tempfile.mkdtemp())
 from wiola.configuration_wiola import WiolaConfig
 from wiola.modeling_wiola import WiolaForCausalLM
 from wiola.decode import onnx_backend
