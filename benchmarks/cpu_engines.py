@@ -244,11 +244,9 @@ def llama_cpp_rows(llama, vocab_size: int, prompt_len: int, new_tokens: int, rou
         for kind in types:
             add(f"llama.cpp {kind} (llama twin)", None, skipped=f"skipped: {llama_cpp.missing_reason()}")
         return
-    from wiola.export.gguf import GgufVocabulary, byte_level_alphabet, write_gguf
+    from wiola.export.gguf import write_gguf
 
-    alphabet = list(byte_level_alphabet().values())
-    tokens = (alphabet + [f"<t{i}>" for i in range(len(alphabet), vocab_size)])[:vocab_size]
-    vocab = GgufVocabulary("bpe", tokens, [1] * len(tokens), [f"{tokens[0]} {tokens[0]}"])
+    vocab = twin_vocabulary(vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
         for kind in types:
             path = Path(tmp) / f"twin-{kind}.gguf"
@@ -258,6 +256,15 @@ def llama_cpp_rows(llama, vocab_size: int, prompt_len: int, new_tokens: int, rou
             best = max(record["samples_ts"])  # (prompt + new) tokens / s of the fastest repetition, as our best-of-rounds
             add(f"llama.cpp {kind} (llama twin)", (prompt_len + new_tokens) / best, build=llama_cpp.build_version())
             path.unlink()
+
+
+def twin_vocabulary(vocab_size: int):
+    """A GGUF vocabulary of `vocab_size` tokens for the random-weight twin: the byte-level alphabet, then <tN>."""
+    from wiola.export.gguf import GgufVocabulary, byte_level_alphabet
+
+    alphabet = list(byte_level_alphabet().values())
+    tokens = (alphabet + [f"<t{i}>" for i in range(len(alphabet), vocab_size)])[:vocab_size]
+    return GgufVocabulary("bpe", tokens, [1] * len(tokens), [f"{tokens[0]} {tokens[0]}"])
 
 
 def cpu_model() -> str:

@@ -27,7 +27,7 @@ if "WIOLA_ONNX_CACHE" not in os.environ:  # this run's own ONNX cache, removed a
     os.environ["WIOLA_ONNX_CACHE"] = tempfile.mkdtemp(prefix="wiola-bench-onnx-")
     atexit.register(shutil.rmtree, os.environ["WIOLA_ONNX_CACHE"], True)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_engines import cpu_model  # noqa: E402
+from cpu_engines import cpu_model, twin_vocabulary  # noqa: E402
 
 from wiola.configuration_wiola import WiolaConfig, llama_baseline  # noqa: E402
 from wiola.decode.decoder import StaticDecoder  # noqa: E402
@@ -80,16 +80,14 @@ with torch.no_grad():
 
         from wiola.bench import llama_twin
         from wiola.export import llama_cpp
-        from wiola.export.gguf import GgufVocabulary, byte_level_alphabet, write_gguf
+        from wiola.export.gguf import write_gguf
 
         if llama_cpp.find_llama_cpp() is None:
             print(f"llama.cpp: skipped: {llama_cpp.missing_reason()}", flush=True)
         else:
             torch.manual_seed(0)
             llama = LlamaForCausalLM(llama_twin(config)).eval()
-            alphabet = list(byte_level_alphabet().values())
-            tokens = (alphabet + [f"<t{i}>" for i in range(len(alphabet), config.vocab_size)])[:config.vocab_size]
-            vocab = GgufVocabulary("bpe", tokens, [1] * len(tokens), [f"{tokens[0]} {tokens[0]}"])
+            vocab = twin_vocabulary(config.vocab_size)
             with tempfile.TemporaryDirectory() as tmp:
                 for quantize in args.quantize:
                     path = Path(tmp) / f"twin-{GGUF_TYPE[quantize]}.gguf"

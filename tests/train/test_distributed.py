@@ -50,8 +50,7 @@ def torchrun_train(config: Path, data: Path, out: Path, options: list[str]) -> s
     proc = torchrun([str(config), str(data), str(out), *options])
     if proc.returncode != 0 and NATIVE_CRASH.search(proc.stderr):
         crash = proc.stderr[-4000:]
-        warnings.warn(f"a torchrun worker crashed in native code; running once more\n{crash}")
-        print(f"torchrun worker crash (retried once):\n{crash}", file=sys.stderr)
+        warnings.warn(f"a torchrun worker crashed in native code; running once more\n{crash}")  # (in pytest's summary)
         out = out.with_name(out.name + "-again")
         proc = torchrun([str(config), str(data), str(out), *options])
     proc.out_dir = out

@@ -82,7 +82,10 @@ def export_model(model_dir: str | Path, out: str | Path, to: str, force: bool = 
     else:
         from wiola.export.to_onnx import export_onnx
 
-        cached = cached_onnx_export(model, quantize)
+        from wiola.decode.onnx_backend import OnnxEngine
+
+        engine = OnnxEngine(model, quantize)  # (its key hashes the weights once, for the lookup and the placing)
+        cached = cached_onnx_export(engine)
 
         def write_to(model, src, folder):
             if cached is not None:  # this model's export is in the engine's cache (`wiola train` put it there, say)
@@ -98,25 +101,24 @@ def export_model(model_dir: str | Path, out: str | Path, to: str, force: bool = 
         _check_destination(src, dst, force)
         written = write_destination(dst, write)
     if to == "onnx" and engine_cache and cached is None:
-        notes.append(place_in_engine_cache(model, dst, quantize))
+        notes.append(place_in_engine_cache(engine, dst))
     if not quiet:
         print(f"Exported {src} to {dst} ({to}): " + "; ".join(notes) + ".")
     return written
 
 
-def cached_onnx_export(model, quantize: str | None) -> Path | None:
-    """The ONNX engine's cache folder holding `model`'s export with `quantize` weights, verified against the
-    model's key (weights, config, exporter) and the files' recorded hashes; None when there is none."""
+def cached_onnx_export(engine) -> Path | None:
+    """The ONNX engine's cache folder holding the export of `engine` (a `wiola.decode.onnx_backend.OnnxEngine`: a model
+    and its weight type), verified against the model's key (weights, config, exporter) and the files' recorded
+    hashes, and of the graph format this exporter writes now; None when there is none."""
     import json
 
     try:
-        from wiola.decode.onnx_backend import OnnxEngine
         from wiola.export.to_onnx import METADATA, graph_format
 
-        engine = OnnxEngine(model, quantize)
         if not engine.cached():
             return None
-        # the graph this exporter writes now (WIOLA_ONNX_ONE_TOKEN_BODY=0: the any-length body alone)
+        # (WIOLA_ONNX_ONE_TOKEN_BODY=0 writes the any-length body alone: another format)
         return engine.folder if json.loads((engine.folder / METADATA).read_text()).get("format") == graph_format() else None
     except Exception:  # noqa: BLE001 - an unreadable cache: export from the model instead
         return None
@@ -127,33 +129,28 @@ def copy_onnx_export(model, model_dir: Path, cached: Path, folder: Path) -> list
     tokenizer files from `model_dir`, and onnxruntime checked against PyTorch on the copy (as after an export)."""
     import shutil
 
-    from wiola.convert import TOKENIZER_FILES
     from wiola.decode.onnx_backend import RECORD
     from wiola.export.onnx_quant import quantized_kind
-    from wiola.export.to_onnx import CHECK_TOLERANCE, check_against_torch
+    from wiola.export.to_onnx import CHECK_TOLERANCE, check_against_torch, copy_tokenizer_files
 
     for item in sorted(cached.iterdir()):
         if item.is_file() and not item.is_symlink() and item.name != RECORD:
             shutil.copyfile(item, folder / item.name)
-    diff = check_against_torch(model, folder, relative=quantized_kind(folder) is not None)
-    if quantized_kind(folder) is None and not diff <= CHECK_TOLERANCE:
+    quantized = quantized_kind(folder) is not None
+    diff = check_against_torch(model, folder, relative=quantized)
+    if not quantized and not diff <= CHECK_TOLERANCE:
         raise WiolaError(f"the cached export's logits differ from PyTorch's by {diff:.3g}; remove {cached} and export again")
-    copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file() and not (model_dir / name).is_symlink()]
-    for name in copied:
-        shutil.copyfile(model_dir / name, folder / name)
-    agree = f"logits within {diff:.1%} of PyTorch's float32" if quantized_kind(folder) else f"onnxruntime agrees with PyTorch to {diff:.1e}"
+    agree = f"logits within {diff:.1%} of PyTorch's float32" if quantized else f"onnxruntime agrees with PyTorch to {diff:.1e}"
     return [f"copied from the ONNX engine's cache ({cached}: this model's export, verified by its key); {agree} on the export check",
-            f"tokenizer files: {', '.join(copied)}" if copied else "no tokenizer files found to copy"]
+            copy_tokenizer_files(model_dir, folder)]
 
 
-def place_in_engine_cache(model, folder: Path, quantize: str | None) -> str:
-    """Copy the ONNX export in `folder` of `model` into the ONNX engine's cache (`wiola.onnx_backend.OnnxEngine.adopt`),
+def place_in_engine_cache(engine, folder: Path) -> str:
+    """Copy the ONNX export in `folder` of `engine`'s model into the ONNX engine's cache (`OnnxEngine.adopt`),
     where `wiola generate --engine auto` finds it; returns the note to print. Best effort: a cache that cannot be
     written is said, not raised (the export itself is done)."""
-    from wiola.decode.onnx_backend import OnnxEngine
-
     try:
-        cached = OnnxEngine(model, quantize).adopt(folder)
+        cached = engine.adopt(folder)
     except OSError as exc:
         return f"not placed in the ONNX engine's cache ({type(exc).__name__}: {exc})"
     return f"placed in the ONNX engine's cache ({cached}), which wiola generate on CPU uses"

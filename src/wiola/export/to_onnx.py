@@ -233,8 +233,6 @@ def check_against_torch(model, folder: Path, relative: bool = False) -> float:
 def export_onnx(model, model_dir: Path, folder: Path, quantize: str | None = None) -> list[str]:
     """Write the ONNX step graph of `model` (loaded from `model_dir`) with its metadata into `folder`; with
     `quantize` ("int8" or "int4") its large MatMuls then get block-wise weights (`wiola.export.onnx_quant`)."""
-    from wiola.convert import TOKENIZER_FILES
-
     require_onnx()
     meta = metadata(model)
     if one_token_body():
@@ -252,9 +250,7 @@ def export_onnx(model, model_dir: Path, folder: Path, quantize: str | None = Non
     diff = check_against_torch(model, folder)
     if not diff <= CHECK_TOLERANCE:
         raise WiolaError(f"onnxruntime's logits differ from PyTorch's by {diff:.3g} on the export check; nothing written")
-    copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file() and not (model_dir / name).is_symlink()]
-    for name in copied:
-        shutil.copyfile(model_dir / name, folder / name)
+    tokenizer_note = copy_tokenizer_files(model_dir, folder)
     state = state_spec(model.config)
     notes = []
     if quantize:
@@ -266,4 +262,14 @@ def export_onnx(model, model_dir: Path, folder: Path, quantize: str | None = Non
                      f"logits within {error:.1%} of PyTorch's float32 (largest difference over the largest logit) on the export check")
     return [f"{GRAPH}: one step graph (prompt chunk, or decode step on its one-token body), {len(state)} state tensors in and out; "
             f"onnxruntime agrees with PyTorch to {diff:.1e} on the export check", *notes,
-            f"tokenizer files: {', '.join(copied)}" if copied else "no tokenizer files found to copy"]
+            tokenizer_note]
+
+
+def copy_tokenizer_files(model_dir: Path, folder: Path) -> str:
+    """Copy the model folder's tokenizer files (real files, not links) into the export `folder`; returns the note."""
+    from wiola.convert import TOKENIZER_FILES
+
+    copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file() and not (model_dir / name).is_symlink()]
+    for name in copied:
+        shutil.copyfile(model_dir / name, folder / name)
+    return f"tokenizer files: {', '.join(copied)}" if copied else "no tokenizer files found to copy"
